@@ -1,0 +1,190 @@
+"""Grouped-query attention: a plain XLA reference and a chunked, memory-bounded (flash-style) version.
+
+Layout is head-major by KV group so a tensor-parallel split keeps heads whole:
+  q: [batch, q_time, kv_heads, q_per_kv, head_dim]   k, v: [batch, kv_time, kv_heads, head_dim]
+Which keys a query sees is decided by positions and segment ids only, so the same code serves
+packed training rows (segments never attend across each other), sliding windows and a KV cache
+(cache slots carry the position and segment of the token stored there; segment 0 = empty/padding).
+Scores, softmax and the log-sum-exp are float32 in every mode. Rows that see no key return 0.
+
+Accelerator kernels (splash attention on TPU, cuDNN on GPU) plug in with `register_attention_impl`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite, so fully-masked blocks never produce inf - inf = NaN
+_NO_WINDOW = 2**30
+
+
+class AttentionFn(Protocol):
+    """`window` is None, a Python int, or an int32 scalar array (per-layer, traced under the scan)."""
+
+    def __call__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window, scale: float) -> jax.Array: ...
+
+
+def attention_mask(q_pos, kv_pos, q_seg, kv_seg, window: int | None) -> jax.Array:
+    """[batch, 1, 1, q_time, kv_time] bool: causal by position, same non-zero segment, optional window."""
+    qp, kp = q_pos[:, :, None], kv_pos[:, None, :]
+    allowed = (kp <= qp) & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    if window is not None:
+        allowed &= qp - kp < window  # transformers: kv_idx > q_idx - sliding_window
+    return allowed[:, None, None]
+
+
+def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, scale=1.0):
+    """Materialises all [q_time, kv_time] scores; the ground truth the other implementations match."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(q_pos, kv_pos, q_seg, kv_seg, window)
+    probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
+    probs = probs * jnp.any(mask, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def _blocks(x, block: int):
+    """[batch, time, ...] -> [time // block, batch, block, ...]."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape((b, t // block, block) + x.shape[2:]), 1, 0)
+
+
+def _unblock(x):
+    """Inverse of `_blocks`."""
+    n, b, blk = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape((b, n * blk) + x.shape[3:])
+
+
+def _pad_time(x, multiple: int, value=0):
+    t = x.shape[1]
+    pad = (-t) % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _block_scores(qi, kj, qpos, kpos, qseg, kseg, window, scale):
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(qpos, kpos, qseg, kseg, window)
+    return jnp.where(mask, s, _NEG), mask
+
+
+def _flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, scale, q_block, kv_block):
+    b, _, kh, g, d = q.shape
+    kb = (_blocks(k, kv_block), _blocks(v, kv_block), _blocks(kv_pos, kv_block), _blocks(kv_seg, kv_block))
+
+    def one_query_block(args):
+        qi, qpos, qseg = args
+
+        def kv_step(carry, kv):
+            kj, vj, kpos, kseg = kv
+
+            def update(carry):
+                m, l, acc = carry
+                s, mask = _block_scores(qi, kj, qpos, kpos, qseg, kseg, window, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m - m_new)
+                l = l * corr + p.sum(-1)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+                return m_new, l, acc * corr[..., None] + pv
+
+            # Causal block skipping: a key block no query of this block may see is never computed.
+            visible = jnp.any(attention_mask(qpos, kpos, qseg, kseg, window))
+            return jax.lax.cond(visible, update, lambda c: c, carry), None
+
+        init = (
+            jnp.full((b, kh, g, q_block), _NEG, jnp.float32),
+            jnp.zeros((b, kh, g, q_block), jnp.float32),
+            jnp.zeros((b, kh, g, q_block, d), jnp.float32),
+        )
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, kb)
+        l_safe = jnp.where(l == 0, 1.0, l)
+        out = jnp.einsum("bkgqd->bqkgd", acc / l_safe[..., None])
+        return out.astype(q.dtype), m + jnp.log(l_safe)
+
+    out, lse = jax.lax.map(one_query_block, (_blocks(q, q_block), _blocks(q_pos, q_block), _blocks(q_seg, q_block)))
+    return _unblock(out), lse  # lse: [n_q_blocks, batch, kv_heads, q_per_kv, q_block]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, scale, q_block, kv_block):
+    return _flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, scale, q_block, kv_block)[0]
+
+
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, scale, q_block, kv_block):
+    out, lse = _flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, scale, q_block, kv_block)
+    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, out, lse)
+
+
+def _flash_bwd(scale, q_block, kv_block, res, d_out):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, out, lse = res
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    qb = (_blocks(q, q_block), _blocks(q_pos, q_block), _blocks(q_seg, q_block), _blocks(d_out, q_block))
+    qb += (lse, jnp.moveaxis(delta.reshape(delta.shape[:3] + (-1, q_block)), 3, 0))
+    kb = (_blocks(k, kv_block), _blocks(v, kv_block), _blocks(kv_pos, kv_block), _blocks(kv_seg, kv_block))
+
+    def probs_and_ds(qi, qpos, qseg, doi, lsei, deltai, kj, vj, kpos, kseg):
+        s, mask = _block_scores(qi, kj, qpos, kpos, qseg, kseg, window, scale)
+        p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+        return p, p * (dp - deltai[..., None])
+
+    def dq_block(qargs):
+        def step(dq, kargs):
+            _, ds = probs_and_ds(*qargs, *kargs)
+            return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kargs[0], preferred_element_type=jnp.float32), None
+
+        dq0 = jnp.zeros(qargs[0].shape, jnp.float32)
+        return jax.lax.scan(step, dq0, kb)[0] * scale
+
+    def dkv_block(kargs):
+        def step(carry, qargs):
+            dk, dv = carry
+            p, ds = probs_and_ds(*qargs, *kargs)
+            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(qargs[3].dtype), qargs[3], preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qargs[0], preferred_element_type=jnp.float32)
+            return (dk, dv), None
+
+        zeros = jnp.zeros(kargs[0].shape, jnp.float32)
+        dk, dv = jax.lax.scan(step, (zeros, zeros), qb)[0]
+        return dk * scale, dv
+
+    dq = _unblock(jax.lax.map(dq_block, qb))
+    dk, dv = jax.lax.map(dkv_block, kb)
+    return (dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype)) + (None,) * 5
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def chunked_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, scale=1.0, q_block=512, kv_block=512):
+    """Flash-style attention: memory O(block²) per step, forward and backward (custom VJP)."""
+    t, s = q.shape[1], k.shape[1]
+    q_block, kv_block = min(q_block, t), min(kv_block, s)
+    qp = [_pad_time(x, q_block) for x in (q, q_pos, q_seg)]
+    kp = [_pad_time(x, kv_block) for x in (k, v, kv_pos)] + [_pad_time(kv_seg, kv_block)]  # pad seg 0 = masked
+    # The window travels as an array (a traced per-layer value under the layer scan); None = unbounded.
+    window = jnp.asarray(_NO_WINDOW if window is None else window, jnp.int32)
+    out = _flash(qp[0], kp[0], kp[1], qp[1], kp[2], qp[2], kp[3], window, float(scale), q_block, kv_block)
+    return out[:, :t]
+
+
+_IMPLS: dict[str, Callable] = {"xla": reference_attention, "chunked": chunked_attention}
+
+
+def register_attention_impl(name: str, fn: AttentionFn) -> None:
+    """Plugs in an accelerator kernel (e.g. splash on TPU, cuDNN on GPU) under `model.attention_impl`."""
+    _IMPLS[name] = fn
+
+
+def get_attention_impl(name: str) -> Callable:
+    if name not in _IMPLS:
+        raise ValueError(f"model.attention_impl={name!r} is unknown; valid: {', '.join(sorted(_IMPLS))}")
+    return _IMPLS[name]

@@ -1,0 +1,305 @@
+"""Hugging Face checkpoints in (sharded, slice by slice) and merged checkpoints out.
+
+Import builds the model abstractly (`nnx.eval_shape`) and creates every parameter already
+sharded with `jax.make_array_from_callback`: each device's callback reads just its slice of the
+memory-mapped safetensors (q/k/v and gate/up fused on the fly). No random init is overwritten and
+no full host copy of the model is made.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from lora_jax.lora import LoraSpec
+from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.model_config import ModelConfig, load_hf_model_config
+from lora_jax.safetensors_io import SafetensorsFile, write_safetensors
+from lora_jax.sharding import variable_sharding
+
+_LAYER = "model.layers.{}."
+
+
+def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this config holds, with its shape."""
+    e, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    hd, kd = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, e), "model.norm.weight": (e,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, e)
+    for i in range(cfg.num_layers):
+        p = _LAYER.format(i)
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (e,),
+                p + "post_attention_layernorm.weight": (e,),
+                p + "self_attn.q_proj.weight": (hd, e),
+                p + "self_attn.k_proj.weight": (kd, e),
+                p + "self_attn.v_proj.weight": (kd, e),
+                p + "self_attn.o_proj.weight": (e, hd),
+                p + "mlp.gate_proj.weight": (m, e),
+                p + "mlp.up_proj.weight": (m, e),
+                p + "mlp.down_proj.weight": (e, m),
+            }
+        )
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (hd,), p + "self_attn.k_proj.bias": (kd,)})
+            shapes[p + "self_attn.v_proj.bias"] = (kd,)
+    return shapes
+
+
+class HFCheckpoint:
+    """A local Hugging Face checkpoint directory: config.json + *.safetensors (optionally indexed)."""
+
+    def __init__(self, hf_dir: str):
+        self.dir = str(hf_dir)
+        if not os.path.isdir(self.dir):
+            raise FileNotFoundError(f"{self.dir}: Hugging Face checkpoint directory does not exist")
+        self.config = load_hf_model_config(self.dir)
+        with open(os.path.join(self.dir, "config.json")) as f:
+            self.raw_config = json.load(f)
+        index = os.path.join(self.dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.dir, "*.safetensors")))
+            weight_map = None
+        if not files:
+            legacy = [p for p in os.listdir(self.dir) if p.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            if legacy:
+                raise ValueError(
+                    f"{self.dir}: only PyTorch pickle weights ({legacy[0]}); safetensors are required — convert "
+                    "with transformers: AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True)"
+                )
+            raise FileNotFoundError(f"{self.dir}: no *.safetensors weight files")
+        self.files = {}
+        for name in files:
+            path = os.path.join(self.dir, name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: listed in model.safetensors.index.json but missing")
+            self.files[name] = SafetensorsFile(path)
+        self.location = {}
+        for fname, f in self.files.items():
+            for key in f.keys():
+                if weight_map is None or weight_map.get(key) == fname:
+                    self.location[key] = f
+        self._validate()
+
+    def _validate(self) -> None:
+        for name, shape in hf_tensor_shapes(self.config).items():
+            if name not in self.location:
+                raise ValueError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+            got = self.location[name].shape(name)
+            if got != shape:
+                raise ValueError(
+                    f"{self.location[name].path}: tensor {name} has shape {got}, but config.json implies {shape}"
+                )
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self.location[name].tensor(name)
+
+    def source_dtype(self) -> np.dtype:
+        return self.location["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
+
+    def fingerprint(self) -> str:
+        """Identifies the base weights cheaply: config + every tensor's name, shape, dtype and a few bytes."""
+        h = hashlib.sha256(json.dumps(self.raw_config, sort_keys=True).encode())
+        for name in sorted(self.location):
+            f = self.location[name]
+            h.update(f"{name}{f.shape(name)}{f.dtype(name)}".encode())
+            flat = f.tensor(name).reshape(-1)
+            h.update(np.ascontiguousarray(flat[:64]).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _slice_reader(ckpt: HFCheckpoint, cfg: ModelConfig, path: tuple[str, ...]):
+    """For one of our parameters: fn(layer | None, index_slices) -> numpy block of that parameter."""
+    k, g, d, e = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
+    t = ckpt.tensor
+
+    def attn(layer, name):
+        return t(_LAYER.format(layer) + f"self_attn.{name}")
+
+    def mlp(layer, name):
+        return t(_LAYER.format(layer) + f"mlp.{name}.weight")
+
+    if path == ("embed",):
+        return lambda _, s: t("model.embed_tokens.weight")[s[0], s[1]]
+    if path == ("lm_head",):
+        return lambda _, s: t("lm_head.weight")[s[1], s[0]].T
+    if path == ("final_norm",):
+        return lambda _, s: t("model.norm.weight")[s[0]]
+    name = path[1:]
+    if name == ("attn_norm",):
+        return lambda i, s: t(_LAYER.format(i) + "input_layernorm.weight")[s[0]]
+    if name == ("mlp_norm",):
+        return lambda i, s: t(_LAYER.format(i) + "post_attention_layernorm.weight")[s[0]]
+    if name == ("qkv", "kernel"):
+
+        def qkv(i, s):
+            es, ks, js, ds = s
+            q = attn(i, "q_proj.weight").reshape(k, g, d, e)[ks, :, ds, es]
+            kk = attn(i, "k_proj.weight").reshape(k, d, e)[ks, ds, es][:, None]
+            vv = attn(i, "v_proj.weight").reshape(k, d, e)[ks, ds, es][:, None]
+            return np.concatenate([q, kk, vv], axis=1)[:, js].transpose(3, 0, 1, 2)
+
+        return qkv
+    if name == ("qkv", "bias"):
+
+        def qkv_bias(i, s):
+            ks, js, ds = s
+            q = attn(i, "q_proj.bias").reshape(k, g, d)[ks, :, ds]
+            kk = attn(i, "k_proj.bias").reshape(k, d)[ks, ds][:, None]
+            vv = attn(i, "v_proj.bias").reshape(k, d)[ks, ds][:, None]
+            return np.concatenate([q, kk, vv], axis=1)[:, js]
+
+        return qkv_bias
+    if name == ("o_proj", "kernel"):
+        return lambda i, s: attn(i, "o_proj.weight").reshape(e, k, g, d)[s[3], s[0], s[1], s[2]].transpose(1, 2, 3, 0)
+    if name == ("fc1", "kernel"):
+
+        def fc1(i, s):
+            es, js, ms = s
+            both = np.stack([mlp(i, "gate_proj")[ms, es], mlp(i, "up_proj")[ms, es]])[js]
+            return both.transpose(2, 0, 1)
+
+        return fc1
+    if name == ("fc2", "kernel"):
+        return lambda i, s: mlp(i, "down_proj")[s[1], s[0]].T
+    raise KeyError(f"no checkpoint tensor for parameter {'.'.join(path)}")
+
+
+def _concrete(index, shape):
+    return tuple(slice(*sl.indices(n)) for sl, n in zip(index, shape))
+
+
+def load_hf_model(
+    hf_dir: str,
+    lora: LoraSpec | None,
+    options: RuntimeOptions,
+    mesh: Mesh,
+    seed: int = 0,
+    ckpt: HFCheckpoint | None = None,
+) -> Transformer:
+    """The model with base weights from `hf_dir`, created sharded on `mesh`, and fresh LoRA adapters."""
+    ckpt = ckpt or HFCheckpoint(hf_dir)
+    cfg = ckpt.config
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, lora, options, rngs=nnx.Rngs(seed)))
+    for path, var in nnx.to_flat_state(nnx.state(abstract)):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        sharding = variable_sharding(var, mesh)
+        if isinstance(var, nnx.LoRAParam):
+            var.set_value(_init_lora(path, shape, seed, sharding, zeros=path[-1] == "lora_b"))
+            continue
+        read = _slice_reader(ckpt, cfg, tuple(str(p) for p in path))
+        stacked = path[0] == "layers"
+
+        def callback(index, read=read, shape=shape, dtype=dtype, stacked=stacked):
+            index = _concrete(index, shape)
+            if not stacked:
+                return np.asarray(read(None, index), dtype=dtype)
+            layers = range(*index[0].indices(shape[0]))
+            return np.stack([np.asarray(read(i, index[1:]), dtype=dtype) for i in layers])
+
+        var.set_value(jax.make_array_from_callback(shape, sharding, callback))
+    return abstract
+
+
+def _init_lora(path, shape, seed, sharding, zeros):
+    if zeros:
+        return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
+    fan_in = int(np.prod(shape[1:-1]))
+    bound = 1.0 / np.sqrt(fan_in)
+    key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))
+    init = lambda: jax.random.uniform(key, shape, jnp.float32, -bound, bound)  # noqa: E731
+    return jax.jit(init, out_shardings=sharding)()
+
+
+# -- merged export -------------------------------------------------------------------------------
+
+
+def merged_layer_kernels(model: Transformer, layer: int) -> dict[str, np.ndarray]:
+    """Our fused kernels of one layer with the LoRA deltas folded in, as float32 numpy."""
+    out = {}
+    spec = None if model.merged else model.lora
+    for name in ("qkv", "o_proj", "fc1", "fc2"):
+        proj = getattr(model.layers, name)
+        w = np.asarray(jax.device_get(proj.kernel[layer]), np.float32)
+        if spec is not None and proj.lora_a is not None:
+            a = np.asarray(jax.device_get(proj.lora_a[layer]), np.float32)
+            b = np.asarray(jax.device_get(proj.lora_b[layer]), np.float32)
+            r = a.shape[-1]
+            delta = a.reshape(-1, r) @ b.reshape(r, -1) * spec.scale_for(name)
+            w = w + delta.reshape(w.shape)
+        out[name] = w
+    return out
+
+
+def hf_tensors_of_layer(cfg: ModelConfig, kernels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fused kernels of one layer -> the Hugging Face weight tensors (suffixes after 'model.layers.i.')."""
+    e, g = cfg.hidden_size, cfg.q_per_kv
+    qkv, o, fc1, fc2 = kernels["qkv"], kernels["o_proj"], kernels["fc1"], kernels["fc2"]
+    return {
+        "self_attn.q_proj.weight": qkv[:, :, :g, :].reshape(e, -1).T,
+        "self_attn.k_proj.weight": qkv[:, :, g, :].reshape(e, -1).T,
+        "self_attn.v_proj.weight": qkv[:, :, g + 1, :].reshape(e, -1).T,
+        "self_attn.o_proj.weight": o.reshape(-1, e).T,
+        "mlp.gate_proj.weight": fc1[:, 0, :].T,
+        "mlp.up_proj.weight": fc1[:, 1, :].T,
+        "mlp.down_proj.weight": fc2.T,
+    }
+
+
+def export_merged(model: Transformer, out_dir: str, source_dir: str) -> None:
+    """Writes a full HF checkpoint with adapters merged, one tensor at a time, in the source dtype.
+
+    config.json and tokenizer files are copied from `source_dir`. Call on process 0.
+    """
+    src = HFCheckpoint(source_dir)
+    cfg, dtype = src.config, src.source_dtype()
+    os.makedirs(out_dir, exist_ok=True)
+    shapes = hf_tensor_shapes(cfg)
+    g = cfg.q_per_kv
+    cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def produce(name: str) -> np.ndarray:
+        get = lambda v: np.asarray(jax.device_get(v), np.float32)  # noqa: E731
+        if name == "model.embed_tokens.weight":
+            return get(model.embed.get_value())
+        if name == "lm_head.weight":
+            return get(model.lm_head.get_value()).T
+        if name == "model.norm.weight":
+            return get(model.final_norm.get_value())
+        i = int(name.split(".")[2])
+        suffix = name[len(_LAYER.format(i)) :]
+        if suffix == "input_layernorm.weight":
+            return get(model.layers.attn_norm[i])
+        if suffix == "post_attention_layernorm.weight":
+            return get(model.layers.mlp_norm[i])
+        if suffix.endswith(".bias"):
+            bias = get(model.layers.qkv.bias[i])
+            part = {"q_proj": bias[:, :g], "k_proj": bias[:, g], "v_proj": bias[:, g + 1]}[suffix.split(".")[1]]
+            return part.reshape(-1)
+        if i not in cache:
+            cache.clear()  # one layer's kernels at a time
+            cache[i] = hf_tensors_of_layer(cfg, merged_layer_kernels(model, i))
+        return cache[i][suffix]
+
+    specs = [(n, s, dtype) for n, s in shapes.items()]
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), specs, produce)
+    for fname in os.listdir(source_dir):
+        if fname.endswith((".json", ".model", ".txt", ".jinja")) and fname != "model.safetensors.index.json":
+            shutil.copy(os.path.join(source_dir, fname), os.path.join(out_dir, fname))

@@ -1,0 +1,93 @@
+"""LoRA targets with the study's names, their hyper-parameters, and the LoRA math as one pure function.
+
+The four targets:  qkv (fused query/key/value), o_proj (attention output), fc1 (fused gate+up),
+fc2 (down). `lora_delta(x, a, b, scale)` is the whole adapter computation; a leading adapter axis
+(several adapters over one frozen base) is a `jax.vmap` of it, with no change to the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+TARGETS = ("qkv", "o_proj", "fc1", "fc2")
+
+
+def validate_targets(targets: Iterable[str]) -> tuple[str, ...]:
+    """Returns the targets in canonical order; an unknown name is a ValueError naming the valid ones."""
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets: {', '.join(TARGETS)}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"duplicate LoRA targets in {targets}")
+    return tuple(t for t in TARGETS if t in targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Per-target rank, alpha and scaling of one adapter."""
+
+    targets: tuple[str, ...]
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    # Stored as sorted (target, value) pairs so the spec is hashable (it is static model metadata).
+    rank_overrides: Mapping[str, int] | tuple = ()
+    alpha_overrides: Mapping[str, float] | tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", validate_targets(self.targets))
+        for name in ("rank_overrides", "alpha_overrides"):
+            overrides = dict(getattr(self, name))
+            bad = [k for k in overrides if k not in TARGETS]
+            if bad:
+                raise ValueError(f"lora.{name} has unknown key(s) {bad}; valid: {', '.join(TARGETS)}")
+            object.__setattr__(self, name, tuple(sorted((k, v) for k, v in overrides.items() if v is not None)))
+        for t in self.targets:
+            if self.rank_for(t) <= 0:
+                raise ValueError(f"LoRA rank for {t} must be positive, got {self.rank_for(t)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def rank_for(self, target: str) -> int:
+        return int(dict(self.rank_overrides).get(target, self.rank))
+
+    def alpha_for(self, target: str) -> float:
+        return float(dict(self.alpha_overrides).get(target, self.alpha))
+
+    def scale_for(self, target: str) -> float:
+        """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+        r = self.rank_for(target)
+        return self.alpha_for(target) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """The adapter's contribution `scale * (x @ A) @ B`.
+
+    x: [..., *in_dims]; a: [*in_dims, rank]; b: [rank, *out_dims] -> [..., *out_dims].
+    Computed in x's dtype with float32 accumulation.
+    """
+    n_in = a.ndim - 1
+    h = jnp.tensordot(x, a.astype(x.dtype), axes=n_in, preferred_element_type=jnp.float32).astype(x.dtype)
+    out = jnp.tensordot(h, b.astype(x.dtype), axes=1, preferred_element_type=jnp.float32)
+    return (out * scale).astype(x.dtype)
+
+
+def dropout_key(seed: int | jax.Array, step: int | jax.Array) -> jax.Array:
+    """The dropout key of one training step: a pure function of (seed, step), so a resumed run repeats it."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def lora_dropout(x: jax.Array, rate: float, key: jax.Array | None, layer: jax.Array, target: str) -> jax.Array:
+    """Inverted dropout on the LoRA input; randomness from (step key, layer, target)."""
+    if key is None or rate == 0.0:
+        return x
+    k = jax.random.fold_in(jax.random.fold_in(key, layer), TARGETS.index(target))
+    keep = jax.random.bernoulli(k, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)

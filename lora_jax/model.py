@@ -1,0 +1,288 @@
+"""Llama-family decoder (Llama 3, Qwen2/2.5, Mistral) in Flax NNX with per-submodule LoRA.
+
+Parameters of all layers are stacked on a leading `layers` axis and the layers run under
+`jax.lax.scan`, so the compiled program does not grow with depth. NNX modules hold the variables
+(frozen base = `nnx.Param`, adapters = `nnx.LoRAParam`, each with `logical_axes` metadata for
+sharding); the math is plain functions of arrays.
+
+Fused layouts keep heads whole under a tensor-parallel split of the kv-head axis:
+  qkv    [layers, embed, kv_heads, q_per_kv + 2, head_dim]   (slots: q_0..q_{g-1}, k, v)
+  o_proj [layers, kv_heads, q_per_kv, head_dim, embed]
+  fc1    [layers, embed, 2, mlp]                               (gate, up)
+  fc2    [layers, mlp, embed]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_jax import attention as attention_lib
+from lora_jax.lora import LoraSpec, lora_delta, lora_dropout
+from lora_jax.model_config import ModelConfig
+from lora_jax.rope import apply_rope, inverse_frequencies, rope_angles
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How the model runs (not what it is): dtypes, attention kernel, layer scan, remat."""
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        attention_lib.get_attention_impl(self.attention_impl)  # validates the name
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}")
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple, tuple]]:
+    """For each LoRA target: (in_dims, out_dims, in_axes, out_axes) of its kernel, per layer."""
+    e, k, g, d, m = cfg.hidden_size, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.intermediate_size
+    return {
+        "qkv": ((e,), (k, g + 2, d), ("embed",), ("kv_heads", "qkv_slot", "head_dim")),
+        "o_proj": ((k, g, d), (e,), ("kv_heads", "q_slot", "head_dim"), ("embed",)),
+        "fc1": ((e,), (2, m), ("embed",), ("gate_up", "mlp")),
+        "fc2": ((m,), (e,), ("mlp",), ("embed",)),
+    }
+
+
+class Projection(nnx.Module):
+    """One frozen kernel stacked over layers, with an optional bias and an optional LoRA adapter."""
+
+    def __init__(self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs):
+        fan_in = int(np.prod(in_dims))
+        shape = (num_layers, *in_dims, *out_dims)
+        init = jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02
+        self.kernel = nnx.Param(init.astype(param_dtype), logical_axes=("layers", *in_axes, *out_axes))
+        zeros = jnp.zeros((num_layers, *out_dims), param_dtype)
+        self.bias = nnx.Param(zeros, logical_axes=("layers", *out_axes)) if bias else None
+        # As PEFT: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0.
+        self.lora_a = self.lora_b = None
+        if lora_rank:
+            bound = 1.0 / np.sqrt(fan_in)
+            a = jax.random.uniform(rngs.params(), (num_layers, *in_dims, lora_rank), jnp.float32, -bound, bound)
+            b = jnp.zeros((num_layers, lora_rank, *out_dims), jnp.float32)
+            self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=("layers", *in_axes, "lora_rank")))
+            self.lora_b = nnx.data(nnx.LoRAParam(b, logical_axes=("layers", "lora_rank", *out_axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        out = {"kernel": self.kernel.get_value()}
+        for name in ("bias", "lora_a", "lora_b"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).get_value()
+        return out
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' parameters, stacked."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraSpec | None, param_dtype, rngs: nnx.Rngs):
+        n = cfg.num_layers
+        ones = jnp.ones((n, cfg.hidden_size), param_dtype)
+        self.attn_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
+        self.mlp_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
+        for name, (in_dims, out_dims, in_axes, out_axes) in target_shapes(cfg).items():
+            rank = lora.rank_for(name) if lora and name in lora.targets else 0
+            bias = cfg.qkv_bias and name == "qkv"
+            proj = Projection(
+                n, in_dims, out_dims, in_axes, out_axes, bias=bias, lora_rank=rank, param_dtype=param_dtype, rngs=rngs
+            )
+            setattr(self, name, proj)
+
+    def arrays(self) -> dict[str, Any]:
+        return {
+            "attn_norm": self.attn_norm.get_value(),
+            "mlp_norm": self.mlp_norm.get_value(),
+            **{name: getattr(self, name).arrays() for name in ("qkv", "o_proj", "fc1", "fc2")},
+        }
+
+
+def rms_norm(x, weight, eps):
+    """As transformers: statistics in float32, normalised value cast back before the weight."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `__call__` gives float32 logits; `hidden_states` the final normed activations."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraSpec | None = None, options=RuntimeOptions(), *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.lora = lora
+        self.options = options
+        self.merged = False  # True after merge_lora: adapters are folded into the kernels
+        pdt = options.param_dtype
+        emb = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02
+        self.embed = nnx.Param(emb.astype(pdt), logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayers(cfg, lora, pdt, rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pdt), logical_axes=("norm",))
+        self.lm_head = None  # tied: the transposed embedding
+        if not cfg.tie_word_embeddings:
+            head = jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
+            self.lm_head = nnx.data(nnx.Param(head.astype(pdt), logical_axes=("embed", "vocab")))
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def lm_head_kernel(self) -> jax.Array:
+        """[embed, vocab], in the parameter dtype (the transposed embedding when tied)."""
+        return self.embed.get_value().T if self.lm_head is None else self.lm_head.get_value()
+
+    def logits_from_hidden(self, hidden_btd: jax.Array) -> jax.Array:
+        """float32 logits [batch, time, vocab]. For training use `loss.chunked_cross_entropy` instead."""
+        w = self.lm_head_kernel().astype(hidden_btd.dtype)
+        return jnp.einsum("btd,dv->btv", hidden_btd, w, preferred_element_type=jnp.float32)
+
+    def check_length(self, length: int) -> None:
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, *, cache=None, dropout_key=None):
+        """tokens/positions/segment_ids: [batch, time] int32 -> (hidden [batch, time, embed], new cache).
+
+        Without a cache the keys are the tokens themselves (training, scoring). With a cache (see
+        `decode.init_cache`) the tokens' k/v are written at `cache["index"]` and queries attend to
+        every filled slot.
+        """
+        cfg, opts = self.config, self.options
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        self.check_length(t if cache is None else cache["k"].shape[2])
+        cdt = opts.compute_dtype
+        h = jnp.take(self.embed.get_value(), tokens, axis=0).astype(cdt)
+        cos, sin = rope_angles(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
+        if cache is not None:
+            # Slots written by this call take the tokens' positions and segments; then all layers
+            # read the same slot metadata.
+            idx = cache["index"]
+            cache = dict(
+                cache,
+                positions=jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, idx, axis=1),
+                segment_ids=jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, idx, axis=1),
+            )
+        windows = None
+        if cfg.has_sliding_window:
+            windows = jnp.asarray([w if w is not None else 2**30 for w in cfg.sliding_windows], jnp.int32)
+        ctx = _LayerContext(
+            cfg=cfg,
+            lora=None if self.merged else self.lora,
+            attn=attention_lib.get_attention_impl(opts.attention_impl),
+            compute_dtype=cdt,
+            cos=cos,
+            sin=sin,
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            dropout_key=dropout_key,
+        )
+        params = self.layers.arrays()
+        xs = {"params": params, "layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
+        if windows is not None:
+            xs["window"] = windows
+        if cache is not None:
+            xs["k"], xs["v"] = cache["k"], cache["v"]
+
+        body = make_layer_fn(ctx)
+        if opts.remat == "full":
+            body = jax.checkpoint(body)
+        elif opts.remat == "dots":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        if opts.scan_layers:
+            h, ys = jax.lax.scan(body, h, xs)
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                h, y = body(h, jax.tree.map(lambda x, i=i: x[i], xs))
+                outs.append(y)
+            ys = jax.tree.map(lambda *x: jnp.stack(x), *outs) if cache is not None else None
+        h = rms_norm(h, self.final_norm.get_value(), cfg.rms_norm_eps)
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(cache, k=ys["k"], v=ys["v"], index=cache["index"] + t)
+        return h, new_cache
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
+        """float32 logits [batch, time, vocab] (no cache)."""
+        h, _ = self.hidden_states(tokens, positions, segment_ids, dropout_key=dropout_key)
+        return self.logits_from_hidden(h)
+
+
+@dataclasses.dataclass
+class _LayerContext:
+    cfg: ModelConfig
+    lora: LoraSpec | None
+    attn: Any
+    compute_dtype: Any
+    cos: jax.Array
+    sin: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    cache: dict | None
+    dropout_key: jax.Array | None
+
+
+def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
+    """Frozen kernel (+ bias) + LoRA delta. x: [..., *in_dims] -> [..., *out_dims] in compute dtype."""
+    cdt = ctx.compute_dtype
+    y = jnp.tensordot(x, p["kernel"].astype(cdt), axes=n_in, preferred_element_type=jnp.float32).astype(cdt)
+    if "bias" in p:
+        y = y + p["bias"].astype(cdt)
+    if ctx.lora is not None and "lora_a" in p:
+        x_in = lora_dropout(x, ctx.lora.dropout, ctx.dropout_key, layer, target)
+        y = y + lora_delta(x_in, p["lora_a"], p["lora_b"], ctx.lora.scale_for(target))
+    return y
+
+
+def make_layer_fn(ctx: _LayerContext):
+    """The scan body: one decoder layer, (h, per-layer xs) -> (h, per-layer ys)."""
+    cfg = ctx.cfg
+    g = cfg.q_per_kv
+
+    def layer(h, xs):
+        p, idx = xs["params"], xs["layer"]
+        window = xs.get("window")
+        x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+        qkv = _project(x, p["qkv"], "qkv", 1, ctx, idx)  # [b, t, kv, g+2, d]
+        q = apply_rope(qkv[..., :g, :], ctx.cos, ctx.sin)
+        k = apply_rope(qkv[..., g, :], ctx.cos, ctx.sin)
+        v = qkv[..., g + 1, :]
+        ys = {}
+        if ctx.cache is None:
+            kv_pos, kv_seg, keys, values = ctx.positions, ctx.segment_ids, k, v
+        else:
+            start = ctx.cache["index"]
+            keys = jax.lax.dynamic_update_slice_in_dim(xs["k"], k.astype(xs["k"].dtype), start, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(xs["v"], v.astype(xs["v"].dtype), start, axis=1)
+            kv_pos, kv_seg = ctx.cache["positions"], ctx.cache["segment_ids"]
+            ys = {"k": keys, "v": values}
+            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        attn = ctx.attn(
+            q, keys, values, ctx.positions, kv_pos, ctx.segment_ids, kv_seg, window=window, scale=cfg.head_dim**-0.5
+        )
+        h = h + _project(attn, p["o_proj"], "o_proj", 3, ctx, idx)
+        x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
+        gate_up = _project(x, p["fc1"], "fc1", 1, ctx, idx)  # [b, t, 2, mlp]
+        act = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        h = h + _project(act, p["fc2"], "fc2", 1, ctx, idx)
+        return h, ys
+
+    return layer

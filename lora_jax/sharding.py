@@ -1,0 +1,111 @@
+"""Logical axis names -> the ("data", "fsdp", "tensor") mesh, in one small rules table.
+
+Every parameter carries `logical_axes` metadata. A dimension that does not divide its mesh axis is
+replicated with a warning (not an error), so odd vocabularies and tiny test models still shard.
+The LoRA rank axis is never sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+_WARNED: set = set()
+
+# logical axis -> mesh axis (None = replicated).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "norm": None,
+    "kv_heads": "tensor",
+    "qkv_slot": None,
+    "q_slot": None,
+    "head_dim": None,
+    "gate_up": None,
+    "mlp": "tensor",
+    "lora_rank": None,
+}
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """`mesh.shape` with at most one -1 ("the rest") -> concrete sizes; ValueError if it cannot fit."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh.shape {shape}: sizes must be positive, with at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape {shape} does not fit {num_devices} devices")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh.shape {shape} needs {int(np.prod(shape))} devices, but {num_devices} are available")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with Auto axes (GSPMD propagation, see STACK_NOTES)."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(
+        sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec for one array; indivisible dimensions are replicated with a warning."""
+    spec, used = [], set()
+    for name, dim in zip(logical_axes, shape):
+        mesh_axes = LOGICAL_RULES.get(name) if name is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if size == 1:
+            spec.append(None)
+        elif dim % size:
+            if (name, dim, size) not in _WARNED:
+                _WARNED.add((name, dim, size))
+                logging.warning("axis %r of size %d does not divide mesh axes %s (%d); replicating", name, dim, mesh_axes, size)
+            spec.append(None)
+        else:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    axes = var.get_metadata().get("logical_axes")
+    shape = var.get_value().shape
+    if axes is None:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """A pytree of NamedShardings matching `state` (of Variables, abstract or concrete)."""
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays [batch, ...]: the batch axis split over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> None:
+    """Moves every variable of `model` onto its sharding (in place)."""
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh)))

@@ -1,0 +1,92 @@
+"""Tiny random transformers checkpoints for parity tests (torch imported lazily: it is slow to load)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+
+VARIANTS = {
+    "llama": dict(
+        model_type="llama",
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    "mistral": dict(model_type="mistral", sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    "mistral_sw8": dict(model_type="mistral", sliding_window=8, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    "qwen2_sw8": dict(
+        model_type="qwen2",
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    """A transformers model with random weights, norms and biases perturbed away from their init."""
+    import torch
+    import transformers
+
+    kwargs = dict(TINY, **VARIANTS[variant])
+    model_type = kwargs.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def saved_hf_dir(variant: str) -> str:
+    """The variant saved as safetensors in a temp dir (cached for the test session)."""
+    d = tempfile.mkdtemp(prefix=f"hf_{variant}_")
+    make_hf_model(variant).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def hf_logits(hf_dir: str, tokens, attention_mask=None, adapter_dir: str | None = None):
+    import numpy as np
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    if adapter_dir is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        am = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
+        return model(input_ids=t, attention_mask=am).logits.float().numpy()
+
+
+def list_dir(d: str) -> list[str]:
+    return sorted(os.listdir(d))
