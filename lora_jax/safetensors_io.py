@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -71,6 +72,14 @@ class SafetensorsFile:
         return raw.view(self.dtype(name)).reshape(self.shape(name))
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Writes a text file under a temporary name, then renames it into place."""
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_safetensors(
     path: str,
     specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
@@ -88,9 +97,10 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)  # alignment, as the reference writer does
-    tmp = f"{path}.tmp-{os.getpid()}"
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with tmp.open("wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name, shape, dtype in specs:
@@ -98,7 +108,7 @@ def write_safetensors(
                 if arr.shape != tuple(shape):
                     raise ValueError(f"{path}: tensor {name} has shape {arr.shape}, declared {tuple(shape)}")
                 f.write(arr.tobytes())
-        os.replace(tmp, path)
+        tmp.replace(path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
