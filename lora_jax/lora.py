@@ -16,6 +16,19 @@ import jax.numpy as jnp
 
 TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 
+# The study's nine arms, by the token used in config file names (DESIGN.md).
+ARMS: dict[str, tuple[str, ...]] = {
+    "qkv": ("qkv",),
+    "oproj": ("o_proj",),
+    "fc1": ("fc1",),
+    "fc2": ("fc2",),
+    "oproj_fc1": ("o_proj", "fc1"),
+    "qkv_fc1": ("qkv", "fc1"),
+    "oproj_fc2": ("o_proj", "fc2"),
+    "qkv_fc2": ("qkv", "fc2"),
+    "all": TARGETS,
+}
+
 
 def validate_targets(targets: Iterable[str]) -> tuple[str, ...]:
     """Returns the targets in canonical order; an unknown name is a ValueError naming the valid ones."""

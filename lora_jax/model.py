@@ -63,7 +63,10 @@ class Projection(nnx.Module):
     def __init__(self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs):
         fan_in = int(np.prod(in_dims))
         shape = (num_layers, *in_dims, *out_dims)
-        init = jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02
+        # Base and adapter draws come from one key per projection, so the base weights do not
+        # depend on which targets carry adapters (every arm starts from the same base).
+        key = rngs.params()
+        init = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32) * 0.02
         self.kernel = nnx.Param(init.astype(param_dtype), logical_axes=("layers", *in_axes, *out_axes))
         zeros = jnp.zeros((num_layers, *out_dims), param_dtype)
         self.bias = nnx.Param(zeros, logical_axes=("layers", *out_axes)) if bias else None
@@ -71,7 +74,8 @@ class Projection(nnx.Module):
         self.lora_a = self.lora_b = None
         if lora_rank:
             bound = 1.0 / np.sqrt(fan_in)
-            a = jax.random.uniform(rngs.params(), (num_layers, *in_dims, lora_rank), jnp.float32, -bound, bound)
+            a_shape = (num_layers, *in_dims, lora_rank)
+            a = jax.random.uniform(jax.random.fold_in(key, 1), a_shape, jnp.float32, -bound, bound)
             b = jnp.zeros((num_layers, lora_rank, *out_dims), jnp.float32)
             self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=("layers", *in_axes, "lora_rank")))
             self.lora_b = nnx.data(nnx.LoRAParam(b, logical_axes=("layers", "lora_rank", *out_axes)))
@@ -286,3 +290,34 @@ def make_layer_fn(ctx: _LayerContext):
         return h, ys
 
     return layer
+
+
+def _fold_lora(model: Transformer, sign: float) -> None:
+    spec = model.lora
+    for target in spec.targets if spec else ():
+        proj = getattr(model.layers, target)
+        a, b, w = proj.lora_a.get_value(), proj.lora_b.get_value(), proj.kernel.get_value()
+        r = a.shape[-1]
+        n = w.shape[0]
+        delta = jnp.einsum("lir,lro->lio", a.reshape(n, -1, r), b.reshape(n, r, -1)).reshape(w.shape)
+        merged = (w.astype(jnp.float32) + sign * spec.scale_for(target) * delta).astype(w.dtype)
+        proj.kernel.set_value(jax.device_put(merged, w.sharding))
+
+
+def merge_lora(model: Transformer) -> None:
+    """Folds the adapters into the kernels (W + scale·A·B); the forward then skips the LoRA path.
+
+    Exact in float32; with a bfloat16 base the merged kernel is rounded to bfloat16.
+    """
+    if model.merged:
+        raise ValueError("adapters are already merged")
+    _fold_lora(model, +1.0)
+    model.merged = True
+
+
+def unmerge_lora(model: Transformer) -> None:
+    """Subtracts the adapters again (exact up to float rounding of the kernel dtype)."""
+    if not model.merged:
+        raise ValueError("adapters are not merged")
+    _fold_lora(model, -1.0)
+    model.merged = False

@@ -1,0 +1,98 @@
+"""Trainable-parameter counts and FLOPs, with the one definition of MFU used everywhere (DESIGN.md).
+
+Per token:
+  forward  = 2 x (every matmul weight, LoRA included, LM head included, embedding gather excluded)
+             + causal attention 2 x 2 x layers x (T/2) x heads x head_dim
+  frozen-base LoRA training step = forward
+             + input-gradient backward (= forward's matmul term, 2 x forward's attention term)
+             + LoRA weight-gradient terms (2 x LoRA params)
+MFU = achieved FLOP/s / the best of >= 5 timed float32 2048^3 matmuls in the same process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.lora import LoraSpec
+from lora_jax.model import target_shapes
+from lora_jax.model_config import ModelConfig
+
+
+def lora_params_per_target(cfg: ModelConfig, spec: LoraSpec | None) -> dict[str, int]:
+    """Trainable LoRA parameters of each target over all layers (fused qkv/fc1 share one A)."""
+    if spec is None:
+        return {}
+    out = {}
+    for t in spec.targets:
+        in_dims, out_dims, _, _ = target_shapes(cfg)[t]
+        n_in, n_out = _prod(in_dims), _prod(out_dims)
+        out[t] = cfg.num_layers * spec.rank_for(t) * (n_in + n_out)
+    return out
+
+
+def peft_equivalent_params_per_target(cfg: ModelConfig, spec: LoraSpec) -> dict[str, int]:
+    """What PEFT's separate q/k/v (gate/up) adapters of the same rank would train, for comparison."""
+    e, d = cfg.hidden_size, cfg.head_dim
+    split = {
+        "qkv": [(e, cfg.num_heads * d), (e, cfg.num_kv_heads * d), (e, cfg.num_kv_heads * d)],
+        "o_proj": [(cfg.num_heads * d, e)],
+        "fc1": [(e, cfg.intermediate_size)] * 2,
+        "fc2": [(cfg.intermediate_size, e)],
+    }
+    return {
+        t: cfg.num_layers * sum(spec.rank_for(t) * (i + o) for i, o in split[t]) for t in spec.targets
+    }
+
+
+def base_matmul_params(cfg: ModelConfig) -> int:
+    """Frozen matmul weights: all projections of all layers + the LM head (the embedding is a gather)."""
+    per_layer = sum(_prod(i) * _prod(o) for i, o, _, _ in target_shapes(cfg).values())
+    return cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return 2 * 2 * cfg.num_layers * (seq_len / 2) * cfg.num_heads * cfg.head_dim
+
+
+def forward_flops_per_token(cfg: ModelConfig, spec: LoraSpec | None, seq_len: int) -> float:
+    lora = sum(lora_params_per_target(cfg, spec).values())
+    return 2 * (base_matmul_params(cfg) + lora) + attention_flops_per_token(cfg, seq_len)
+
+
+def train_flops_per_token(cfg: ModelConfig, spec: LoraSpec | None, seq_len: int) -> float:
+    lora = sum(lora_params_per_target(cfg, spec).values())
+    matmul = 2 * (base_matmul_params(cfg) + lora)
+    attn = attention_flops_per_token(cfg, seq_len)
+    return (matmul + attn) + (matmul + 2 * attn) + 2 * lora
+
+
+def train_flops_per_step(cfg: ModelConfig, spec: LoraSpec | None, batch: int, seq_len: int) -> float:
+    return train_flops_per_token(cfg, spec, seq_len) * batch * seq_len
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, device=None) -> float:
+    """FLOP/s of the best of `repeats` timed float32 n^3 matmuls on one device."""
+    device = device or jax.devices()[0]
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(max(repeats, 5)):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, num_devices: int = 1) -> float:
+    return flops_per_step / step_seconds / (peak_flops_per_device * num_devices)
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out

@@ -1,0 +1,132 @@
+"""Per-submodule LoRA on a tiny random model: placement, zero-init, frozen base, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lora_jax.lora import ARMS, TARGETS, LoraSpec, dropout_key, lora_delta
+from lora_jax.model import RuntimeOptions, Transformer, merge_lora, unmerge_lora
+from lora_jax.model_config import ModelConfig
+
+CFG = ModelConfig(
+    vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    max_position_embeddings=64, qkv_bias=True,
+)
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 61, size=(2, 16)))
+
+
+def _loss(model, tokens, key=None):
+    logits = model(tokens[:, :-1], dropout_key=key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+@nnx.jit
+def _train_step(model, optimizer, tokens, key):
+    loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, tokens, key)
+    optimizer.update(model, grads)
+    return loss, grads
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
+
+
+def _lora_paths(model):
+    return sorted(tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+
+
+@pytest.fixture(scope="module")
+def base_logits():
+    return np.asarray(_forward(Transformer(CFG, None, rngs=nnx.Rngs(0)), TOKENS))
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_arm_placement_zero_init_frozen_base_and_gradients(arm, base_logits):
+    targets = ARMS[arm]
+    model = Transformer(CFG, LoraSpec(targets=targets, rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(0))
+    assert _lora_paths(model) == sorted(
+        [("layers", t, "lora_a") for t in targets] + [("layers", t, "lora_b") for t in targets]
+    )
+    # b = 0: identical to the base model (same seed draws the same base weights first)
+    np.testing.assert_array_equal(np.asarray(_forward(model, TOKENS)), base_logits)
+
+    frozen = jax.tree.map(np.array, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+    opt_leaves = jax.tree.leaves(nnx.state(optimizer, nnx.OptState))
+    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    assert sum(x.size for x in opt_leaves if x.ndim > 0) == 2 * n_lora  # Adam mu + nu of LoRA leaves only
+
+    _, grads0 = _train_step(model, optimizer, TOKENS, dropout_key(0, 0))
+    for t in targets:
+        assert np.abs(grads0["layers"][t]["lora_b"].get_value()).max() > 0  # dB != 0 at step 0
+        assert np.abs(grads0["layers"][t]["lora_a"].get_value()).max() == 0  # dA = 0 while B = 0
+    _, grads1 = _train_step(model, optimizer, TOKENS, dropout_key(0, 1))
+    for t in targets:
+        assert np.abs(grads1["layers"][t]["lora_a"].get_value()).max() > 0  # dA != 0 after one update
+    _train_step(model, optimizer, TOKENS, dropout_key(0, 2))
+    after = jax.tree.map(np.array, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(x, y)  # bitwise unchanged
+
+
+def test_unknown_target_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid targets: qkv, o_proj, fc1, fc2"):
+        LoraSpec(targets=("q_proj",))
+    with pytest.raises(ValueError, match="unknown key"):
+        LoraSpec(targets=("qkv",), rank_overrides={"attn": 4})
+
+
+def test_scales_overrides_and_rslora():
+    spec = LoraSpec(targets=TARGETS, rank=16, alpha=32, rank_overrides={"fc2": 4}, alpha_overrides={"qkv": 8.0})
+    assert spec.scale_for("o_proj") == 2.0 and spec.scale_for("fc2") == 8.0 and spec.scale_for("qkv") == 0.5
+    assert LoraSpec(targets=("fc2",), rank=16, alpha=32, use_rslora=True).scale_for("fc2") == 8.0
+    model = Transformer(CFG, spec, rngs=nnx.Rngs(0))
+    assert model.layers.fc2.lora_a.get_value().shape == (2, 48, 4)
+    assert model.layers.qkv.lora_b.get_value().shape == (2, 16, 2, 4, 8)
+
+
+def test_lora_delta_is_the_plain_formula_and_vmaps_over_adapters():
+    rng = np.random.default_rng(0)
+    x, a, b = rng.normal(size=(3, 5)), rng.normal(size=(5, 2)), rng.normal(size=(2, 4))
+    np.testing.assert_allclose(lora_delta(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), 0.5), 0.5 * x @ a @ b, rtol=1e-5)
+    a3, b3 = jnp.stack([a] * 3), jnp.stack([b, 2 * b, 3 * b])  # a leading adapter axis
+    out = jax.vmap(lora_delta, in_axes=(None, 0, 0, None))(jnp.asarray(x), a3, b3, 1.0)
+    np.testing.assert_allclose(out[2], 3 * x @ a @ b, rtol=1e-5)
+
+
+def test_dropout_is_a_function_of_seed_and_step():
+    spec = LoraSpec(targets=("o_proj",), rank=4, alpha=8, dropout=0.5)
+    model = Transformer(CFG, spec, rngs=nnx.Rngs(0))
+    b = model.layers.o_proj.lora_b
+    b.set_value(jnp.ones_like(b.get_value()) * 0.1)
+    f = jax.jit(lambda m, k: m(TOKENS, dropout_key=k))
+    same = [np.asarray(f(model, dropout_key(3, 7))) for _ in range(2)]
+    np.testing.assert_array_equal(*same)
+    assert np.abs(np.asarray(f(model, dropout_key(3, 8))) - same[0]).max() > 0
+    assert np.abs(np.asarray(_forward(model, TOKENS)) - same[0]).max() > 0  # no key = no dropout (eval)
+
+
+def test_merge_and_unmerge():
+    spec = LoraSpec(targets=TARGETS, rank=4, alpha=8)
+    model = Transformer(CFG, spec, rngs=nnx.Rngs(0))
+    for t in TARGETS:
+        b = getattr(model.layers, t).lora_b
+        b.set_value(jnp.asarray(np.random.default_rng(1).normal(size=b.get_value().shape) * 0.1, jnp.float32))
+    before = np.asarray(_forward(model, TOKENS))
+    kernel = np.asarray(model.layers.qkv.kernel.get_value())
+    merge_lora(model)
+    np.testing.assert_allclose(np.asarray(_forward(model, TOKENS)), before, atol=1e-5)
+    unmerge_lora(model)
+    np.testing.assert_allclose(np.asarray(model.layers.qkv.kernel.get_value()), kernel, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_forward(model, TOKENS)), before, atol=1e-5)
+    with pytest.raises(ValueError, match="not merged"):
+        unmerge_lora(model)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="model.remat"):
+        RuntimeOptions(remat="sometimes")

@@ -1,0 +1,100 @@
+"""The compiled step loops over layers once whatever the depth; parameter and FLOP accounting."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lora_jax import accounting
+from lora_jax.lora import ARMS, LoraSpec
+from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.model_config import ModelConfig
+
+CFG = ModelConfig(
+    vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    max_position_embeddings=64,
+)
+
+
+def _lowered_train_step(num_layers, impl="xla", remat="none"):
+    cfg = dataclasses.replace(CFG, num_layers=num_layers)
+    spec = LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8)
+    opts = RuntimeOptions(attention_impl=impl, remat=remat)
+    model = nnx.eval_shape(lambda: Transformer(cfg, spec, opts, rngs=nnx.Rngs(0)))
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+
+    def step(lora, frozen, tokens):
+        def loss(lora):
+            m = nnx.merge(graphdef, lora, frozen)
+            return m(tokens).mean()
+
+        return jax.grad(loss)(lora)
+
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    return jax.jit(step).lower(lora, frozen, tokens).as_text()
+
+
+@pytest.mark.parametrize("impl,remat", [("xla", "none"), ("chunked", "dots")])
+def test_one_loop_over_layers_whatever_the_depth(impl, remat):
+    shallow, deep = _lowered_train_step(2, impl, remat), _lowered_train_step(8, impl, remat)
+    loops = [len(re.findall(r"stablehlo\.while", t)) for t in (shallow, deep)]
+    assert loops[0] == loops[1] >= 2  # a forward and a backward loop, the same count at 2 and 8 layers
+    assert abs(len(deep) - len(shallow)) / len(shallow) < 0.02  # program size does not grow with depth
+
+
+def test_unrolled_layers_do_grow_the_program():
+    """Control: without the scan the same check sees the program grow (so the test above can fail)."""
+    def size(n):
+        cfg = dataclasses.replace(CFG, num_layers=n)
+        m = nnx.eval_shape(lambda: Transformer(cfg, None, RuntimeOptions(scan_layers=False), rngs=nnx.Rngs(0)))
+        g, s = nnx.split(m)
+        return len(jax.jit(lambda s, t: nnx.merge(g, s)(t)).lower(s, jax.ShapeDtypeStruct((1, 8), jnp.int32)).as_text())
+
+    assert size(8) > 2 * size(2)
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_trainable_param_counts_match_the_model(arm):
+    spec = LoraSpec(targets=ARMS[arm], rank=4, alpha=8, rank_overrides={"fc1": 2})
+    model = nnx.eval_shape(lambda: Transformer(CFG, spec, rngs=nnx.Rngs(0)))
+    actual = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        actual[path[1]] = actual.get(path[1], 0) + int(np.prod(var.get_value().shape))
+    assert accounting.lora_params_per_target(CFG, spec) == actual
+    peft = accounting.peft_equivalent_params_per_target(CFG, spec)
+    if "qkv" in spec.targets:  # one shared A instead of three
+        assert actual["qkv"] < peft["qkv"]
+        assert peft["qkv"] - actual["qkv"] == 2 * CFG.num_layers * 4 * CFG.hidden_size
+
+
+def test_forward_flops_agree_with_xla_cost_analysis():
+    """XLA counts the full (not causal-half) score matrix, so add the other half before comparing.
+
+    Layers are unrolled here: XLA's cost analysis counts a while-loop body once.
+    """
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    spec = LoraSpec(targets=("o_proj", "fc2"), rank=8, alpha=16)
+    model = nnx.eval_shape(lambda: Transformer(cfg, spec, RuntimeOptions(scan_layers=False), rngs=nnx.Rngs(0)))
+    g, s = nnx.split(model)
+    b, t = 2, 128
+    compiled = jax.jit(lambda s, x: nnx.merge(g, s)(x)).lower(s, jax.ShapeDtypeStruct((b, t), jnp.int32)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    ours = accounting.forward_flops_per_token(cfg, spec, t) * b * t
+    ours_full_attention = ours + accounting.attention_flops_per_token(cfg, t) * b * t
+    assert abs(cost["flops"] - ours_full_attention) / ours_full_attention < 0.05
+
+
+def test_train_flops_definition():
+    spec = LoraSpec(targets=("o_proj",), rank=4, alpha=8)
+    lora = accounting.lora_params_per_target(CFG, spec)["o_proj"]
+    matmul = 2 * (accounting.base_matmul_params(CFG) + lora)
+    attn = 2 * 2 * CFG.num_layers * 8 * CFG.num_heads * CFG.head_dim  # T = 16
+    assert accounting.train_flops_per_token(CFG, spec, 16) == 2 * matmul + 3 * attn + 2 * lora
+    assert accounting.base_matmul_params(CFG) == 2 * (32 * 64 + 32 * 32 + 2 * 32 * 48 + 48 * 32) + 32 * 61
+    assert accounting.measure_matmul_peak(n=256) > 0
