@@ -1,0 +1,1 @@
+"""Study datasets as tensorflow-datasets builders, and the SFT input pipeline (host numpy only)."""

@@ -1,0 +1,99 @@
+"""The shared tfds builder: every study dataset reads a manual dir and writes one common schema.
+
+Features (all text as bytes on read-back):
+  id, instruction (never truncated), document (long context; the only part truncation may cut),
+  target (the assistant answer), reasoning (optional trace), answer (gold for scoring),
+  images (encoded image bytes; decoding belongs to the multimodal pipeline).
+tfds writes into an `incomplete.*` folder and renames it when done, so an interrupted or failed
+preparation never leaves something that looks like a finished dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data.records import DataError
+
+TEXT_FIELDS = ("id", "instruction", "document", "target", "reasoning", "answer")
+
+
+def features() -> tfds.features.FeaturesDict:
+    spec: dict[str, Any] = {k: tfds.features.Text() for k in TEXT_FIELDS}
+    spec["images"] = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
+    return tfds.features.FeaturesDict(spec)
+
+
+def example(id, instruction, target, document="", reasoning="", answer="", images=()) -> dict:
+    return {
+        "id": str(id),
+        "instruction": instruction,
+        "document": document or "",
+        "target": target,
+        "reasoning": reasoning or "",
+        "answer": answer if answer is not None else "",
+        "images": list(images),
+    }
+
+
+def select(rows: list, n: int | None, seed: int) -> list:
+    """A seeded subset of n rows (all rows, in order, when there are not more than n)."""
+    if n is None or len(rows) <= n:
+        return list(rows)
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+    return [rows[i] for i in keep]
+
+
+def split_off(rows: list, n_test: int, seed: int) -> tuple[list, list]:
+    """(train, test): a seeded sample of n_test rows held out for testing, the rest for training."""
+    test_ids = {r["id"] for r in select(rows, n_test, seed)}
+    return [r for r in rows if r["id"] not in test_ids], [r for r in rows if r["id"] in test_ids]
+
+
+class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Subclasses set SPLIT_SIZES and implement `make_splits(manual_dir) -> {split: [example, ...]}`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SPLIT_SIZES: dict[str, int] = {}
+    SEED = 20260101
+    DESCRIPTION = ""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(*args, **kwargs)
+        self.counts: dict[str, int] = {}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=features(),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def make_splits(self, manual_dir: epath.Path) -> dict[str, list[dict]]:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        manual_dir = epath.Path(dl_manager._manual_dir)  # noqa: SLF001 — checked before tfds asserts
+        splits = self.make_splits(manual_dir)
+        for name, rows in splits.items():
+            if not rows:
+                raise DataError(f"{manual_dir}: split {name!r} of {self.name} is empty after parsing and filtering")
+        for key, value in self.counts.items():
+            self.info.metadata[key] = value
+            logging.info("%s: %s = %d", self.name, key, value)
+        return {name: self._generate_examples(rows) for name, rows in splits.items()}
+
+    def _generate_examples(self, rows):
+        seen = set()
+        for row in rows:
+            key = row["id"]
+            while key in seen:  # tfds needs unique keys; upstream ids are not always unique
+                key = key + "+"
+            seen.add(key)
+            yield key, row

@@ -1,0 +1,1 @@
+"""The cocohd study dataset."""

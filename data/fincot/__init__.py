@@ -1,0 +1,1 @@
+"""The fincot study dataset."""

@@ -1,0 +1,1 @@
+"""The govreport study dataset."""

@@ -1,0 +1,1 @@
+"""The invoiceocr study dataset."""

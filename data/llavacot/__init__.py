@@ -1,0 +1,1 @@
+"""The llavacot study dataset."""

@@ -1,0 +1,1 @@
+"""The medmcqa study dataset."""

@@ -1,0 +1,1 @@
+"""The medreason study dataset."""

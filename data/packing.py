@@ -1,0 +1,47 @@
+"""Packing SFT examples into fixed-length rows: segment_ids numbered from 1, positions restarting."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def empty_rows(n: int, seq_len: int) -> dict[str, np.ndarray]:
+    return {
+        "tokens": np.zeros((n, seq_len), np.int32),
+        "targets": np.zeros((n, seq_len), np.int32),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+        "segment_ids": np.zeros((n, seq_len), np.int32),
+        "positions": np.zeros((n, seq_len), np.int32),
+    }
+
+
+def write_row(rows: dict, r: int, examples: list[dict]) -> None:
+    """Writes examples one after another into row r (zeros = padding beyond them)."""
+    t = 0
+    for seg, ex in enumerate(examples, start=1):
+        n = len(ex["tokens"])
+        for key in ("tokens", "targets", "loss_mask"):
+            rows[key][r, t : t + n] = ex[key]
+        rows["segment_ids"][r, t : t + n] = seg
+        rows["positions"][r, t : t + n] = np.arange(n)
+        t += n
+
+
+def pack_greedy(examples: list[dict], seq_len: int, pack: bool = True) -> list[list[dict]]:
+    """Next-fit packing in stream order (deterministic, streaming): a row closes when the next example
+    does not fit. With pack=False each example gets its own row."""
+    rows, current, used = [], [], 0
+    for ex in examples:
+        n = len(ex["tokens"])
+        if n > seq_len:
+            raise ValueError(f"example of {n} tokens does not fit a row of {seq_len}")
+        if current and (not pack or used + n > seq_len):
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += n
+    if current:
+        rows.append(current)
+    return rows

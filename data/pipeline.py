@@ -1,0 +1,142 @@
+"""The SFT input pipeline: grain shuffle + map (tokenize), then packing and batching.
+
+The *global* stream — which examples go into which packed row of which global batch — depends only
+on the seed and the data, never on the process count: every process walks the same stream and keeps
+only its own rows of each global batch (rows p·B/P … (p+1)·B/P − 1). The iterator state is one
+integer (the stream cursor), so a run resumed on another mesh or process count sees exactly the
+batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+
+import grain
+import numpy as np
+
+from data.packing import empty_rows, write_row
+from data.sft import SFTOptions, tokenize_example
+from data.tokenizer import Tokenizer
+
+
+class PackedBatchIterator:
+    """Yields per-process host batches {"tokens", "targets", "loss_mask", "segment_ids", "positions"}.
+
+    train=True: shuffled, repeated forever (reshuffled each epoch), drops nothing but the examples
+    that cannot fit. train=False: one pass in order; the last batch is padded with empty rows
+    (segment 0), so every example is evaluated; then StopIteration.
+    """
+
+    def __init__(
+        self,
+        source,
+        tokenizer: Tokenizer,
+        options: SFTOptions,
+        global_batch_size: int,
+        *,
+        seed: int = 0,
+        train: bool = True,
+        pack: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        read_ahead: int = 64,
+        num_threads: int = 4,
+    ):
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+        ds = grain.MapDataset.source(source)
+        self.num_records = len(ds)
+        if self.num_records == 0:
+            raise ValueError("the data source is empty")
+        if train:
+            ds = ds.shuffle(seed=seed).repeat()
+        self._examples = ds.map(functools.partial(tokenize_example, tokenizer, opts=options))
+        self.seq_len = options.max_seq_len
+        self.global_batch_size = global_batch_size
+        self.local_rows = range(
+            process_index * global_batch_size // process_count, (process_index + 1) * global_batch_size // process_count
+        )
+        self.train, self.pack = train, pack
+        self.cursor = 0
+        self.dropped = 0  # examples that could not fit (counted once per stream position)
+        self._read_ahead = read_ahead
+        self._pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 0 else None
+        self._pending: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def get_state(self) -> dict:
+        return {"cursor": int(self.cursor)}
+
+    def set_state(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+        self._pending.clear()
+
+    # -- stream -------------------------------------------------------------------------------
+
+    def _exhausted(self, i: int) -> bool:
+        return not self.train and i >= self.num_records
+
+    def _example(self, i: int):
+        """The tokenized example at stream position i, tokenizing ahead on worker threads."""
+        if self._pool is None:
+            return self._examples[i]
+        for j in range(i, i + self._read_ahead):
+            if j not in self._pending and not self._exhausted(j):
+                self._pending[j] = self._pool.submit(self._examples.__getitem__, j)
+        while self._pending and next(iter(self._pending)) < i:
+            self._pending.popitem(last=False)
+        return self._pending[i].result()
+
+    def _next_row(self) -> list[dict] | None:
+        """Consumes examples from the cursor into one row; a row closes when the next does not fit."""
+        row, used, skipped = [], 0, 0
+        while not self._exhausted(self.cursor):
+            ex = self._example(self.cursor)
+            if ex is None:
+                self.dropped += 1
+                self.cursor += 1
+                skipped += 1
+                if skipped >= self.num_records:
+                    raise ValueError(
+                        f"no example fits data.max_seq_len={self.seq_len} (the instruction and target alone are "
+                        "longer, or the target exceeds data.max_target_tokens)"
+                    )
+                continue
+            n = len(ex["tokens"])
+            if row and (not self.pack or used + n > self.seq_len):
+                break
+            row.append(ex)
+            used += n
+            self.cursor += 1
+        return row or None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        for _ in range(self.global_batch_size):
+            row = self._next_row()
+            if row is None:
+                break
+            rows.append(row)
+        if not rows or (self.train and len(rows) < self.global_batch_size):
+            raise StopIteration
+        batch = empty_rows(len(self.local_rows), self.seq_len)
+        for out_row, r in enumerate(self.local_rows):
+            if r < len(rows):
+                write_row(batch, out_row, rows[r])
+        return batch
+
+
+def tokenized_lengths(source, tokenizer: Tokenizer, options: SFTOptions, limit: int | None = None) -> list[int]:
+    """Token counts of the first `limit` records (for reports and benchmarks)."""
+    n = len(source) if limit is None else min(limit, len(source))
+    out = []
+    for i in range(n):
+        ex = tokenize_example(tokenizer, source[i], options)
+        out.append(0 if ex is None else len(ex["tokens"]))
+    return out

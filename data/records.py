@@ -1,0 +1,70 @@
+"""Reading upstream record files (JSONL, JSON arrays, Parquet) with errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import Any, Iterator
+
+from etils import epath
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and line or key) and what was expected."""
+
+
+def read_records(path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields (line_or_row_number, record). JSONL (also named .json), a JSON array, or Parquet."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(str(path)).to_pylist(), start=1):
+            yield i, row
+        return
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        for i, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: element {i} is not a JSON object")
+            yield i, row
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
+
+
+def require(row: dict, keys, where: str) -> None:
+    missing = [k for k in keys if k not in row or row[k] is None]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def normalize_text(text: str) -> str:
+    """For de-duplication and answer matching: NFKC, casefold, punctuation and whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def find_file(manual_dir, candidates, what: str):
+    """The first of `candidates` present in manual_dir; FileNotFoundError listing them otherwise."""
+    manual_dir = epath.Path(manual_dir)
+    for name in candidates:
+        if (manual_dir / name).exists():
+            return manual_dir / name
+    raise FileNotFoundError(f"{manual_dir}: no {what} file; expected one of {', '.join(candidates)}")

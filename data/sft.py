@@ -1,0 +1,104 @@
+"""One record -> one SFT example: token ids and the loss mask of the batch contract.
+
+The loss mask comes from the prompt rendered with `add_generation_prompt=True`, which must be a
+token prefix of the full rendering. The target runs to and including the end-of-turn token. Long
+inputs are truncated by cutting only the `document` field; the instruction and the target are never
+cut (an example whose instruction + target alone do not fit is dropped and counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from data.records import DataError
+from data.tokenizer import Tokenizer
+
+TRUNCATIONS = ("document_end", "document_middle")
+_ELLIPSIS = "\n[...]\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTOptions:
+    max_seq_len: int
+    max_target_tokens: int | None = None
+    truncation: str = "document_end"  # cut the document's end, or its middle (keep head and tail)
+    reasoning_traces: bool = False
+    model_vocab_size: int | None = None
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"data.truncation={self.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key, "")
+    return value.decode("utf-8") if isinstance(value, bytes) else (value or "")
+
+
+def user_content(instruction: str, document: str) -> str:
+    return f"{instruction}\n\n{document}" if document else instruction
+
+
+def assistant_message(tok: Tokenizer, target: str, reasoning: str, with_reasoning: bool) -> dict:
+    """Reasoning goes where the family's template puts it: `reasoning_content` if the template reads
+    it (e.g. Qwen3's thinking block), else a <think> block before the answer."""
+    if not (with_reasoning and reasoning):
+        return {"role": "assistant", "content": target}
+    if "reasoning_content" in tok.template:
+        return {"role": "assistant", "content": target, "reasoning_content": reasoning}
+    return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{target}"}
+
+
+def prompt_ids(tok: Tokenizer, instruction: str, document: str) -> list[int]:
+    """The generation prompt (for evaluation/decoding)."""
+    return tok.encode(tok.render([{"role": "user", "content": user_content(instruction, document)}], True))
+
+
+def _render_ids(tok, record, document, opts):
+    user = {"role": "user", "content": user_content(_text(record, "instruction"), document)}
+    reply = assistant_message(tok, _text(record, "target"), _text(record, "reasoning"), opts.reasoning_traces)
+    prompt = tok.encode(tok.render([user], True))
+    full = tok.encode(tok.render([user, reply], False))
+    if full[: len(prompt)] != prompt:
+        raise DataError(f"{tok.dir}: the generation prompt is not a token prefix of the full chat rendering")
+    eot = [i for i in range(len(prompt), len(full)) if full[i] == tok.end_of_turn_id]
+    if not eot:
+        raise DataError(f"{tok.dir}: the rendered target has no end-of-turn token {tok.end_of_turn!r}")
+    return prompt, full[: eot[0] + 1]  # drop what the template writes after the end-of-turn token
+
+
+def _cut_document(tok: Tokenizer, document: str, n_remove: int, how: str) -> str:
+    ids, offsets = tok.encode_with_offsets(document)
+    keep = len(ids) - n_remove
+    if keep <= 0:
+        return ""
+    if how == "document_end":
+        return document[: offsets[keep - 1][1]]
+    head = keep // 2
+    tail = keep - head
+    return document[: offsets[head - 1][1] if head else 0] + _ELLIPSIS + document[offsets[len(ids) - tail][0] :]
+
+
+def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | None:
+    """-> {"tokens", "targets", "loss_mask"} (numpy, one segment), or None if it cannot fit."""
+    document = _text(record, "document")
+    prompt, full = _render_ids(tok, record, document, opts)
+    n_target = len(full) - len(prompt)
+    if opts.max_target_tokens is not None and n_target > opts.max_target_tokens:
+        return None
+    margin = 0
+    while len(full) > opts.max_seq_len:
+        if not document:
+            return None  # the instruction + target alone are too long
+        document = _cut_document(tok, document, len(full) - opts.max_seq_len + margin, opts.truncation)
+        prompt, full = _render_ids(tok, record, document, opts)
+        margin = margin * 2 + 8  # re-rendering at the cut can merge tokens differently
+    if opts.model_vocab_size is not None:
+        tok.check_vocab(full, opts.model_vocab_size, f"{tok.dir} (example {_text(record, 'id')})")
+    ids = np.asarray(full, np.int32)
+    targets = np.append(ids[1:], 0).astype(np.int32)
+    loss_mask = np.zeros(len(ids), np.float32)
+    loss_mask[len(prompt) - 1 : len(ids) - 1] = 1.0  # position t predicts ids[t + 1]
+    return {"tokens": ids, "targets": targets, "loss_mask": loss_mask}

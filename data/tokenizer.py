@@ -1,0 +1,103 @@
+"""Tokenizer + chat template from `data.tokenizer_dir` (Hugging Face tokenizer.json or SentencePiece)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from etils import epath
+
+from data.chat_template import FALLBACK_TEMPLATE, render_chat
+from data.records import DataError
+
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
+def _token_text(value):
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text <-> ids, chat rendering, and the special ids the SFT pipeline needs."""
+
+    def __init__(self, tokenizer_dir: str, reasoning_traces: bool = False):
+        d = epath.Path(tokenizer_dir)
+        self.dir = str(d)
+        config_path = d / "tokenizer_config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        if (d / "tokenizer.json").exists():
+            import tokenizers
+
+            self._hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+            self._sp = None
+        elif (d / "tokenizer.model").exists():
+            import sentencepiece
+
+            self._hf = None
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+        else:
+            raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model")
+        template = self.config.get("chat_template")
+        if (d / "chat_template.jinja").exists():  # transformers >= 4.5x saves it beside the config
+            template = (d / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # named templates: use "default"
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        self.has_template = template is not None
+        if not self.has_template:
+            logging.warning("%s: no chat template; using the declared ChatML fallback", d)
+        self.template = template or FALLBACK_TEMPLATE
+        self.special_tokens = {
+            k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        self.special_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        self.reasoning_traces = reasoning_traces
+        self.end_of_turn = self._end_of_turn_token()
+        self.end_of_turn_id = self.token_id(self.end_of_turn)
+
+    def _end_of_turn_token(self) -> str:
+        """The token the template closes an assistant turn with (rendered, not guessed from a list alone)."""
+        probe = self.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "YZ"}], False)
+        tail = probe[probe.rfind("YZ") + 2 :]
+        for tok in _END_OF_TURN:
+            if tail.lstrip().startswith(tok):
+                return tok
+        eos = self.special_tokens.get("eos_token")
+        if eos is None:
+            raise DataError(f"{self.dir}: cannot tell the end-of-turn token (no eos_token, template ends with {tail!r})")
+        return eos
+
+    def token_id(self, token: str) -> int:
+        tid = self._hf.token_to_id(token) if self._hf else self._sp.piece_to_id(token)
+        if tid is None:
+            raise DataError(f"{self.dir}: token {token!r} is not in the vocabulary")
+        return int(tid)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True) if self._hf else self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text with no special tokens added (the template already wrote them)."""
+        if self._hf:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        return self._sp.encode(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if self._hf:
+            enc = self._hf.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+        return [p.id for p in pieces], [(p.begin, p.end) for p in pieces]
+
+    def decode(self, ids) -> str:
+        return self._hf.decode(list(ids), skip_special_tokens=False) if self._hf else self._sp.decode(list(ids))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return render_chat(self.template, messages, add_generation_prompt, self.special_tokens)
+
+    def check_vocab(self, ids, model_vocab_size: int, where: str) -> None:
+        bad = [i for i in ids if not 0 <= i < model_vocab_size]
+        if bad:
+            raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary of {model_vocab_size}")
