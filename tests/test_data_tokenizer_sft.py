@@ -1,0 +1,125 @@
+"""Token ids against transformers' apply_chat_template; loss masks; truncation never cuts the target."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data import samples
+from data.sft import SFTOptions, tokenize_example
+from data.tokenizer import Tokenizer
+from tests.chat_templates import LLAMA31_STYLE, QWEN25_STYLE
+
+FAMILIES = {
+    "qwen2.5": dict(
+        template=QWEN25_STYLE, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        config={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, eot="<|im_end|>",
+    ),
+    "llama3.1": dict(
+        template=LLAMA31_STYLE,
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        # pad = eos = the end-of-turn token: it must still be inside the loss mask
+        config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|eot_id|>"}, eot="<|eot_id|>",
+    ),
+}
+CORPUS = ["What is the net change in revenue?", "The answer is 42 million.", "Summarize the report below."] * 20
+
+
+def make_tokenizer_dir(tmp_path, family):
+    """A small BPE trained on a fixed corpus (deterministic), with the family's specials and template."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    spec = FAMILIES[family]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=spec["specials"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if family == "llama3.1":  # like the real one: the tokenizer itself prepends BOS
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+        )
+    d = tmp_path / family
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    config = dict(spec["config"], tokenizer_class="PreTrainedTokenizerFast", chat_template=spec["template"])
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+RECORD = {"id": "x", "instruction": "Summarize the report below.", "document": "What is the net change in revenue? " * 3,
+          "target": "The answer is 42 million.", "reasoning": "", "answer": "42"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ids_equal_transformers_apply_chat_template(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    d = make_tokenizer_dir(tmp_path, family)
+    ours = Tokenizer(str(d))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    for messages, gen in [
+        ([{"role": "user", "content": "What is the net change?"}], True),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Summarize."},
+          {"role": "assistant", "content": "The answer is 42."}], False),
+    ]:
+        expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+        assert ours.encode(ours.render(messages, gen)) == list(expected)
+    assert ours.end_of_turn == FAMILIES[family]["eot"]
+    ex = tokenize_example(ours, RECORD, SFTOptions(max_seq_len=512, model_vocab_size=ours.vocab_size))
+    ids = list(ex["tokens"])
+    if family == "llama3.1":
+        assert ids.count(ours.token_id("<|begin_of_text|>")) == 1  # no double BOS
+    # the end-of-turn token is the last target and is inside the loss mask (also when pad == eos)
+    assert ids[-1] == ours.end_of_turn_id
+    last_masked = int(np.nonzero(ex["loss_mask"])[0][-1])
+    assert ex["targets"][last_masked] == ours.end_of_turn_id and last_masked == len(ids) - 2
+    # the masked targets decode to exactly the answer + end-of-turn
+    assert ours.decode(ex["targets"][ex["loss_mask"] == 1]) == RECORD["target"] + ours.end_of_turn
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Tokenizer(samples.write_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.mark.parametrize("how", ["document_end", "document_middle"])
+def test_truncation_cuts_only_the_document(tiny, how):
+    record = dict(RECORD, document="".join(f"fact {i}. " for i in range(300)))
+    opts = SFTOptions(max_seq_len=300, truncation=how)
+    ex = tokenize_example(tiny, record, opts)
+    assert len(ex["tokens"]) <= 300
+    text = tiny.decode(ex["tokens"])
+    assert RECORD["instruction"] in text and tiny.decode(ex["targets"][ex["loss_mask"] == 1]).startswith(RECORD["target"])
+    assert ("fact 0." in text) and (("fact 299." in text) == (how == "document_middle"))
+    # the loss mask covers exactly the target: as many tokens as the target + end-of-turn
+    assert ex["loss_mask"].sum() == len(tiny.encode(RECORD["target"])) + 1
+
+
+def test_examples_that_cannot_fit_are_dropped_not_cut(tiny):
+    assert tokenize_example(tiny, dict(RECORD, document=""), SFTOptions(max_seq_len=40)) is None
+    assert tokenize_example(tiny, RECORD, SFTOptions(max_seq_len=512, max_target_tokens=5)) is None
+
+
+def test_vocab_check_and_reasoning_placement(tiny):
+    from data.records import DataError
+
+    with pytest.raises(DataError, match="outside the model's vocabulary of 100"):
+        tokenize_example(tiny, RECORD, SFTOptions(max_seq_len=512, model_vocab_size=100))
+    with_trace = tokenize_example(tiny, dict(RECORD, reasoning="add them"), SFTOptions(512, reasoning_traces=True))
+    text = tiny.decode(with_trace["targets"][with_trace["loss_mask"] == 1])
+    assert text.startswith("<think>\nadd them\n</think>\n\n") and RECORD["target"] in text
+    without = tokenize_example(tiny, dict(RECORD, reasoning="add them"), SFTOptions(512, reasoning_traces=False))
+    assert "think" not in tiny.decode(without["tokens"])
+
+
+def test_fallback_template_for_base_checkpoints(tmp_path):
+    d = samples.write_tiny_tokenizer(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(d)
+    assert not tok.has_template and tok.end_of_turn == "<|im_end|>"
