@@ -1,0 +1,151 @@
+"""The config schema: every field, one comment each. Arm files override a few lines.
+
+`get_config("runlocal")` (i.e. `--config=configs/<arm>.py:runlocal`) shrinks an arm to a tiny
+random model, the bundled samples and a few steps so it runs on a laptop CPU in about a minute.
+Plain values only: no jax, no logic beyond arithmetic.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Sequence length per dataset (GovReport reports run 30-40K tokens; CoCoHD transcripts > 20K).
+MAX_SEQ_LEN = {
+    "fincot": 4096,
+    "govreport": 32768,
+    "medmcqa": 1024,
+    "medreason": 4096,
+    "cocohd": 32768,
+    "llavacot": 4096,
+    "invoiceocr": 4096,
+}
+# Longest target kept (longer ones are dropped and counted, never cut).
+MAX_TARGET_TOKENS = {
+    "fincot": 2048,
+    "govreport": 1024,
+    "medmcqa": 256,
+    "medreason": 2048,
+    "cocohd": 2048,
+    "llavacot": 1024,
+    "invoiceocr": 1024,
+}
+ARM_TARGETS = {
+    "qkv": ("qkv",),
+    "oproj": ("o_proj",),
+    "fc1": ("fc1",),
+    "fc2": ("fc2",),
+    "oproj_fc1": ("o_proj", "fc1"),
+    "qkv_fc1": ("qkv", "fc1"),
+    "oproj_fc2": ("o_proj", "fc2"),
+    "qkv_fc2": ("qkv", "fc2"),
+    "all": ("qkv", "o_proj", "fc1", "fc2"),
+}
+STUDY_TARGETS = ("qkv", "o_proj", "fc1", "fc2")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.arm = ""  # arm token of the config file name, e.g. "oproj_fc2" (recorded in checkpoints)
+    config.mode = "train"  # "train" | "eval" (evaluate the latest checkpoint) | "bench" (timed steps, no writes)
+
+    config.model = m = ml_collections.ConfigDict()
+    m.hf_dir = config_dict.placeholder(str)  # local Hugging Face checkpoint dir; None = random init below
+    m.vocab_size = config_dict.placeholder(int)  # random init only; must agree with config.json when hf_dir is set
+    m.hidden_size = config_dict.placeholder(int)  # "
+    m.intermediate_size = config_dict.placeholder(int)  # "
+    m.num_layers = config_dict.placeholder(int)  # "
+    m.num_heads = config_dict.placeholder(int)  # "
+    m.num_kv_heads = config_dict.placeholder(int)  # "
+    m.head_dim = config_dict.placeholder(int)  # "
+    m.max_position_embeddings = 32768  # random init only
+    m.param_dtype = "bfloat16"  # frozen base weights: "bfloat16" | "float32" (LoRA + optimizer always float32)
+    m.compute_dtype = "bfloat16"  # matmul inputs; norms, RoPE, softmax, logits and loss stay float32
+    m.attention_impl = "chunked"  # "xla" (reference) | "chunked" (flash-style, memory-bounded) | registered kernels
+    m.scan_layers = True  # run layers under one scan (program size independent of depth)
+    m.remat = "dots"  # "none" | "dots" (save matmul outputs) | "full"
+
+    config.lora = lo = ml_collections.ConfigDict()
+    lo.targets = ("o_proj",)  # subset of ("qkv", "o_proj", "fc1", "fc2")
+    lo.rank = 16  # adapter rank r
+    lo.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rsLoRA)
+    lo.dropout = 0.05  # dropout on the LoRA input; randomness = f(seed, step, layer)
+    lo.use_rslora = False  # rank-stabilised scaling
+    lo.rank_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(int) for t in STUDY_TARGETS})
+    lo.alpha_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(float) for t in STUDY_TARGETS})
+
+    config.data = d = ml_collections.ConfigDict()
+    d.name = "cocohd"  # fincot | govreport | medmcqa | medreason | cocohd | llavacot | invoiceocr
+    d.manual_dir = config_dict.placeholder(str)  # where the upstream files were downloaded (see each builder)
+    d.data_dir = config_dict.placeholder(str)  # prepared tfds datasets; None = <workdir>/tfds
+    d.tokenizer_dir = config_dict.placeholder(str)  # None = model.hf_dir
+    d.max_seq_len = 32768  # packed row length in tokens
+    d.max_target_tokens = 2048  # longer targets are dropped and counted
+    d.truncation = "document_end"  # "document_end" | "document_middle": only the document is ever cut
+    d.pack = True  # pack several examples per row (segment_ids keep them apart)
+    d.reasoning_traces = False  # put reasoning traces (if the dataset has them) before the answer
+    d.use_bundled_samples = False  # the tiny samples written by data/samples.py (runlocal)
+
+    config.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 2e-4  # peak learning rate (AdamW)
+    o.warmup_steps = 50  # linear warmup, then cosine decay to 0 at train.total_steps
+    o.weight_decay = 0.0  # AdamW decoupled weight decay on LoRA weights
+    o.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+    o.grad_accum_steps = 1  # micro-batches summed inside one jitted step
+
+    config.train = t = ml_collections.ConfigDict()
+    t.total_steps = 1000  # optimizer updates
+    t.global_batch_size = 8  # packed rows per update, over all processes
+    t.seed = 0  # data order, LoRA init and dropout
+    t.log_every_steps = 10  # metrics to TensorBoard (and the NaN check)
+    t.checkpoint_every_steps = 200  # periodic orbax checkpoints (also one at the end)
+    t.max_to_keep = 3  # checkpoints kept
+    t.loss_chunk_tokens = 512  # sequence chunk of the cross-entropy (never the full [B, T, vocab] logits)
+    t.bench_steps = 10  # timed steps in mode="bench"
+
+    config.eval = e = ml_collections.ConfigDict()
+    e.eval_every_steps = 0  # evaluation loss on the test split every N steps (0 = only at the end)
+    e.max_eval_batches = 0  # 0 = the whole split
+    e.batch_size = 8  # rows per evaluation batch
+
+    config.mesh = ms = ml_collections.ConfigDict()
+    ms.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+
+    if arg == "runlocal":
+        apply_runlocal(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
+    return config
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> None:
+    """Tiny random model, bundled samples, a few steps: about a minute on a laptop CPU."""
+    m = config.model
+    m.hf_dir = None
+    m.vocab_size, m.hidden_size, m.intermediate_size = 259, 64, 128
+    m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 2, 4, 2, 16
+    m.max_position_embeddings = 2048
+    m.param_dtype, m.compute_dtype, m.remat = "float32", "float32", "none"
+    config.lora.rank, config.lora.alpha = 8, 16.0
+    config.data.use_bundled_samples = True
+    config.data.max_seq_len, config.data.max_target_tokens = 1024, 768
+    config.optim.learning_rate, config.optim.warmup_steps = 3e-3, 2
+    t = config.train
+    t.total_steps, t.global_batch_size, t.log_every_steps, t.checkpoint_every_steps = 12, 4, 2, 6
+    config.eval.batch_size, config.eval.max_eval_batches = 4, 2
+
+
+def arm_config(dataset: str, arm: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of one study arm: dataset defaults + the arm's targets (+ runlocal)."""
+    config = get_config(None)
+    config.arm = arm
+    config.lora.targets = ARM_TARGETS[arm]
+    config.data.name = dataset
+    config.data.max_seq_len = MAX_SEQ_LEN[dataset]
+    config.data.max_target_tokens = MAX_TARGET_TOKENS[dataset]
+    config.data.reasoning_traces = dataset in ("fincot", "medreason")
+    if arg == "runlocal":
+        apply_runlocal(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
+    return config

@@ -1,0 +1,7 @@
+"""CoCoHD, LoRA on fc1 (study arm `fc1`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("cocohd", "fc1", arg)

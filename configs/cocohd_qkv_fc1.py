@@ -1,0 +1,7 @@
+"""CoCoHD, LoRA on qkv + fc1 (study arm `qkv_fc1`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("cocohd", "qkv_fc1", arg)

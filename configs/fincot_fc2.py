@@ -1,0 +1,7 @@
+"""FinCoT, LoRA on fc2 (study arm `fc2`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("fincot", "fc2", arg)

@@ -1,0 +1,7 @@
+"""FinCoT, LoRA on qkv (study arm `qkv`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("fincot", "qkv", arg)

@@ -1,0 +1,7 @@
+"""FinCoT, LoRA on qkv + fc2 (study arm `qkv_fc2`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("fincot", "qkv_fc2", arg)

@@ -1,0 +1,7 @@
+"""GovReport, LoRA on o_proj (study arm `oproj`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("govreport", "oproj", arg)

@@ -1,0 +1,7 @@
+"""GovReport, LoRA on o_proj + fc1 (study arm `oproj_fc1`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("govreport", "oproj_fc1", arg)

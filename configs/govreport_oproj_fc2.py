@@ -1,0 +1,7 @@
+"""GovReport, LoRA on o_proj + fc2 (study arm `oproj_fc2`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("govreport", "oproj_fc2", arg)

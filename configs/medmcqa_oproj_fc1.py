@@ -1,0 +1,7 @@
+"""MedMCQA, LoRA on o_proj + fc1 (study arm `oproj_fc1`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("medmcqa", "oproj_fc1", arg)

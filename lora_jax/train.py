@@ -1,0 +1,315 @@
+"""The orchestrator: config -> data -> model -> sharded LoRA training -> checkpoints, TensorBoard, PEFT export."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from lora_jax import accounting
+from lora_jax.checkpointing import CheckpointStore, all_finite
+from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.lora import LoraSpec
+from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.model_config import ModelConfig
+from lora_jax.peft_io import export_peft
+from lora_jax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, shard_model
+from lora_jax.train_step import StepOptions, make_eval_step, make_optimizer, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+# -- config -> objects ---------------------------------------------------------------------------
+
+
+def _dtype(name: str, key: str):
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r} is unknown; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
+    lo = config.lora
+    return LoraSpec(
+        targets=tuple(lo.targets),
+        rank=lo.rank,
+        alpha=lo.alpha,
+        dropout=lo.dropout,
+        use_rslora=lo.use_rslora,
+        rank_overrides=dict(lo.rank_overrides),
+        alpha_overrides=dict(lo.alpha_overrides),
+    )
+
+
+def runtime_options(config: ml_collections.ConfigDict) -> RuntimeOptions:
+    m = config.model
+    return RuntimeOptions(
+        param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
+        compute_dtype=_dtype(m.compute_dtype, "model.compute_dtype"),
+        attention_impl=m.attention_impl,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+    )
+
+
+def random_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    m = config.model
+    missing = [k for k in MODEL_DIMS if m[k] is None]
+    if missing:
+        raise ValueError(f"model.hf_dir is unset, so random init needs model.{', model.'.join(missing)}")
+    return ModelConfig(
+        **{k: int(m[k]) for k in MODEL_DIMS}, max_position_embeddings=m.max_position_embeddings, rms_norm_eps=1e-6
+    )
+
+
+def check_hf_conflicts(config: ml_collections.ConfigDict, hf: ModelConfig, source: str) -> None:
+    """When model.hf_dir is set its config.json is the truth; a different value in our config is an error."""
+    for key in MODEL_DIMS:
+        ours = config.model[key]
+        if ours is not None and ours != getattr(hf, key):
+            raise ValueError(f"model.{key}={ours} conflicts with {source}/config.json ({getattr(hf, key)})")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check that needs no data and no compilation: fails fast with a clear ValueError."""
+    lora_spec(config)
+    runtime_options(config)
+    sizes = resolve_mesh_shape(config.mesh.shape, jax.device_count())
+    data_parallel = sizes[0] * sizes[1]
+    accum = config.optim.grad_accum_steps
+    if accum < 1:
+        raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
+    b = config.train.global_batch_size
+    if b % accum or (b // accum) % data_parallel or b % jax.process_count():
+        raise ValueError(
+            f"train.global_batch_size={b} must split into {accum} micro-batches whose rows divide the "
+            f"data x fsdp mesh axes ({data_parallel}) and the {jax.process_count()} processes"
+        )
+    if config.train.total_steps < 1:
+        raise ValueError("train.total_steps must be >= 1")
+    if config.model.hf_dir is None:
+        random_model_config(config)
+
+
+# -- building a run ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    model: Transformer
+    spec: LoraSpec
+    fingerprint: str
+    tokenizer_dir: str
+
+
+def build_model(config, mesh, workdir: epath.Path) -> Run:
+    spec, opts = lora_spec(config), runtime_options(config)
+    if config.model.hf_dir:
+        ckpt = HFCheckpoint(config.model.hf_dir)
+        check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
+        model = load_hf_model(config.model.hf_dir, spec, opts, mesh, seed=config.train.seed, ckpt=ckpt)
+        fingerprint = ckpt.fingerprint()
+    else:
+        cfg = random_model_config(config)
+        model = Transformer(cfg, spec, opts, rngs=nnx.Rngs(config.train.seed))
+        shard_model(model, mesh)
+        fingerprint = "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
+    tok_dir = config.data.tokenizer_dir or config.model.hf_dir
+    if tok_dir is None and config.data.use_bundled_samples:
+        from data import samples
+
+        tok_dir = samples.write_tiny_tokenizer(workdir / "bundled" / "tokenizer")
+    if tok_dir is None:
+        raise ValueError("data.tokenizer_dir is unset and model.hf_dir gives none")
+    return Run(model, spec, fingerprint, str(tok_dir))
+
+
+def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int):
+    """(train iterator, eval-iterator factory). Process 0 prepares the tfds dataset; the others wait."""
+    from jax.experimental import multihost_utils
+
+    from data import samples
+    from data.pipeline import PackedBatchIterator
+    from data.prepare import data_sources
+    from data.sft import SFTOptions
+    from data.tokenizer import Tokenizer
+
+    d = config.data
+    manual = d.manual_dir
+    if manual is None and d.use_bundled_samples:
+        manual = samples.write_sample_manual_dir(d.name, workdir / "bundled" / d.name)
+    data_dir = d.data_dir or str(workdir / "tfds")
+    if jax.process_index() == 0:
+        data_sources(d.name, manual, data_dir)
+    multihost_utils.sync_global_devices("tfds prepared")
+    sources = data_sources(d.name, manual, data_dir)
+    tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces)
+    opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
+    common = dict(process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack)
+    train = PackedBatchIterator(
+        sources["train"], tok, opts, config.train.global_batch_size, seed=config.train.seed, **common
+    )
+
+    def eval_iterator():
+        return PackedBatchIterator(sources["test"], tok, opts, config.eval.batch_size, train=False, **common)
+
+    return train, eval_iterator
+
+
+def _global_batch(local: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _metric_writer(workdir: epath.Path):
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+
+
+def export_adapter(model: Transformer, workdir: epath.Path, base_name: str) -> None:
+    """PEFT adapter to <workdir>/adapter, written to a temporary dir and renamed (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    final, tmp = workdir / "adapter", workdir / "adapter.tmp"
+    if tmp.exists():
+        tmp.rmtree()
+    export_peft(model, str(tmp), base_name)
+    if final.exists():
+        old = workdir / "adapter.old"
+        final.rename(old)
+        tmp.rename(final)
+        old.rmtree()
+    else:
+        tmp.rename(final)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from the latest checkpoint in workdir), evaluates, exports the adapter."""
+    validate(config)
+    workdir = epath.Path(workdir)
+    mesh = make_mesh(config.mesh.shape)
+    run = build_model(config, mesh, workdir)
+    model, spec = run.model, run.spec
+    identity = {
+        "arm": config.arm,
+        "targets": list(spec.targets),
+        "lora": {"rank": spec.rank, "alpha": spec.alpha, "use_rslora": spec.use_rslora,
+                 "rank_overrides": dict(spec.rank_overrides), "alpha_overrides": dict(spec.alpha_overrides)},
+        "base_fingerprint": run.fingerprint,
+        "dataset": config.data.name,
+    }
+    store = CheckpointStore(str(workdir), config.train.max_to_keep, identity)  # refuses a foreign workdir first
+    train_iter, eval_iterator = data_iterators(config, workdir, run.tokenizer_dir, model.config.vocab_size)
+
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    tx, schedule = make_optimizer(
+        config.optim.learning_rate, config.optim.warmup_steps, config.train.total_steps,
+        config.optim.weight_decay, config.optim.grad_clip_norm,
+    )
+    opt_state = jax.jit(tx.init)(lora)
+    step_opts = StepOptions(config.optim.grad_accum_steps, config.train.loss_chunk_tokens, config.train.seed,
+                            use_dropout=spec.dropout > 0)
+    shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, step_opts, schedule),
+        in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
+        out_shardings=(lora_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, config.train.loss_chunk_tokens), in_shardings=(lora_sh, frozen_sh, batch_sh))
+
+    start = store.latest_step() or 0
+    if start:
+        lora, opt_state, data_state, _ = store.restore(start, lora, opt_state)
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d", start)
+
+    writer = _metric_writer(workdir)
+    n_trainable = sum(accounting.lora_params_per_target(model.config, spec).values())
+    if start == 0:
+        writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    b, t = config.train.global_batch_size, config.data.max_seq_len
+    flops_per_step = accounting.train_flops_per_step(model.config, spec, b, t)
+    peak = accounting.measure_matmul_peak()
+    from clu import periodic_actions
+
+    progress = periodic_actions.ReportProgress(num_train_steps=config.train.total_steps, writer=writer)
+
+    def evaluate(step):
+        totals = np.zeros(2)
+        for i, local in enumerate(eval_iterator()):
+            if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
+                break
+            out = eval_step(lora, frozen, _global_batch(local, batch_sh))
+            totals += [float(out["nll_sum"]), float(out["target_tokens"])]
+        loss = totals[0] / max(totals[1], 1.0)
+        writer.write_scalars(step, {"eval_loss": loss})
+        return loss
+
+    history, metrics, last = [], None, None
+    timer_start, timed_steps = None, 0
+    for step in range(start, config.train.total_steps):
+        batch = _global_batch(next(train_iter), batch_sh)
+        lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
+        done = step + 1
+        if timer_start is None:  # the first step compiles: time from the second on
+            jax.block_until_ready(metrics)
+            timer_start, timed_steps = time.perf_counter(), 0
+        else:
+            timed_steps += 1
+        progress(done)
+        is_log = done % config.train.log_every_steps == 0 or done == config.train.total_steps
+        is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == config.train.total_steps
+        if is_log or is_ckpt:
+            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(last["loss"]):
+                raise FloatingPointError(f"non-finite loss {last['loss']} at step {done}; stopping (nothing saved)")
+        if is_log:
+            elapsed = time.perf_counter() - timer_start
+            scalars = dict(last, trainable_params=n_trainable)
+            if timed_steps:
+                step_s = elapsed / timed_steps
+                scalars.update(tokens_per_s=b * t / step_s, step_s=step_s,
+                               mfu=accounting.mfu(flops_per_step, step_s, peak, jax.device_count()))
+            writer.write_scalars(done, scalars)
+            history.append((done, last["loss"]))
+        if is_ckpt:
+            if not all_finite(lora):
+                raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
+            store.save(done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"]})
+        if config.eval.eval_every_steps and done % config.eval.eval_every_steps == 0:
+            evaluate(done)
+    store.wait()
+    final_step = config.train.total_steps
+    eval_loss = evaluate(final_step)
+    export_adapter(nnx.merge(graphdef, lora, frozen), workdir, config.model.hf_dir or "")
+    writer.flush()
+    summary = {"final_step": final_step, "train_loss_history": history, "eval_loss": eval_loss,
+               "trainable_params": n_trainable, "resumed_from": start}
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

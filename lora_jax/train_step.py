@@ -1,0 +1,96 @@
+"""The pure, jitted LoRA train step: token-weighted chunked loss, accumulation inside the step.
+
+Only the LoRA leaves are differentiated and carry optimizer state; the frozen base is a separate
+argument that is never differentiated (no full weight gradient is ever formed).
+loss = sum(nll * loss_mask) / sum(loss_mask) over the whole global batch: micro-batch sums of nll
+and of gradients are accumulated and divided once, so clipping, the schedule and Adam see one update
+and accumulation 4 equals accumulation 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lora_jax.lora import dropout_key
+from lora_jax.loss import chunked_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    grad_accum_steps: int = 1
+    loss_chunk_tokens: int = 512
+    seed: int = 0
+    use_dropout: bool = False
+
+
+def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_clip_norm):
+    """AdamW with linear warmup + cosine decay, after global-norm clipping. Returns (tx, schedule)."""
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps, decay_steps=max(total_steps, 1)
+    )
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm and grad_clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
+    """(sum of nll * mask, sum of mask) of one (micro-)batch."""
+    model = nnx.merge(graphdef, lora, frozen)
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
+    return chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk)
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+    """[B, T] -> [n, B/n, T] taking rows i::n, so every micro-batch stays spread over the data axes."""
+    return {k: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1) for k, v in batch.items()}
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, schedule):
+    """(lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics). Jit it with shardings."""
+
+    def step_fn(lora, opt_state, frozen, batch, step):
+        key = dropout_key(opts.seed, step) if opts.use_dropout else None
+        grad_fn = jax.value_and_grad(
+            lambda lo, mb, k: batch_loss_sums(graphdef, lo, frozen, mb, opts.loss_chunk_tokens, k), has_aux=True
+        )
+        micro = _micro_batches(batch, opts.grad_accum_steps)
+
+        def accumulate(carry, xs):
+            grads_sum, nll_sum, count = carry
+            i, mb = xs
+            k = None if key is None else jax.random.fold_in(key, i)
+            (nll, n), grads = grad_fn(lora, mb, k)
+            return (jax.tree.map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        xs = (jnp.arange(opts.grad_accum_steps), micro)
+        (grads, nll, count), _ = jax.lax.scan(accumulate, init, xs)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        metrics = {
+            "loss": nll / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(step),
+            "target_tokens": count,
+        }
+        return lora, opt_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(graphdef, chunk: int):
+    def eval_fn(lora, frozen, batch) -> dict[str, Any]:
+        nll, n = batch_loss_sums(graphdef, lora, frozen, batch, chunk, None)
+        return {"nll_sum": nll, "target_tokens": n}
+
+    return eval_fn
