@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 from flax import nnx
 
@@ -166,7 +167,7 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     return train, eval_iterator
 
 
-def _global_batch(local: dict, sharding) -> dict:
+def global_batch(local: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
@@ -193,6 +194,45 @@ def export_adapter(model: Transformer, workdir: epath.Path, base_name: str) -> N
         tmp.rename(final)
 
 
+@dataclasses.dataclass
+class Trainer:
+    graphdef: object
+    lora: object
+    frozen: object
+    opt_state: object
+    train_step: object  # jitted (lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics)
+    eval_step: object  # jitted (lora, frozen, batch) -> {"nll_sum", "target_tokens"}
+    batch_sharding: object
+
+
+def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -> Trainer:
+    """Splits the model into LoRA / frozen states and jits the steps with explicit shardings on `mesh`."""
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    o = config.optim
+    tx, schedule = make_optimizer(o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay,
+                                  o.grad_clip_norm)
+    # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
+    # replicated — left to itself it lands on one device and clashes in jit (STACK_NOTES).
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    lora_leaf_sh = jax.tree.map(lambda x: x.sharding, lora)
+    opt_out_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, jax.eval_shape(tx.init, lora), lora_leaf_sh, transform_non_params=lambda _: replicated
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_out_sh)(lora)
+    step_opts = StepOptions(o.grad_accum_steps, config.train.loss_chunk_tokens, config.train.seed,
+                            use_dropout=model.lora is not None and model.lora.dropout > 0)
+    shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, step_opts, schedule),
+        in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
+        out_shardings=(lora_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, config.train.loss_chunk_tokens), in_shardings=(lora_sh, frozen_sh, batch_sh))
+    return Trainer(graphdef, lora, frozen, opt_state, train_step, eval_step, batch_sh)
+
+
 # -- the loop ------------------------------------------------------------------------------------
 
 
@@ -214,23 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     store = CheckpointStore(str(workdir), config.train.max_to_keep, identity)  # refuses a foreign workdir first
     train_iter, eval_iterator = data_iterators(config, workdir, run.tokenizer_dir, model.config.vocab_size)
 
-    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    tx, schedule = make_optimizer(
-        config.optim.learning_rate, config.optim.warmup_steps, config.train.total_steps,
-        config.optim.weight_decay, config.optim.grad_clip_norm,
-    )
-    opt_state = jax.jit(tx.init)(lora)
-    step_opts = StepOptions(config.optim.grad_accum_steps, config.train.loss_chunk_tokens, config.train.seed,
-                            use_dropout=spec.dropout > 0)
-    shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(graphdef, tx, step_opts, schedule),
-        in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
-        out_shardings=(lora_sh, opt_sh, None),
-        donate_argnums=(0, 1),
-    )
-    eval_step = jax.jit(make_eval_step(graphdef, config.train.loss_chunk_tokens), in_shardings=(lora_sh, frozen_sh, batch_sh))
+    trainer = build_trainer(model, config, mesh)
+    graphdef, lora, frozen, opt_state = trainer.graphdef, trainer.lora, trainer.frozen, trainer.opt_state
+    train_step, eval_step, batch_sh = trainer.train_step, trainer.eval_step, trainer.batch_sharding
 
     start = store.latest_step() or 0
     if start:
@@ -254,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for i, local in enumerate(eval_iterator()):
             if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
                 break
-            out = eval_step(lora, frozen, _global_batch(local, batch_sh))
+            out = eval_step(lora, frozen, global_batch(local, batch_sh))
             totals += [float(out["nll_sum"]), float(out["target_tokens"])]
         loss = totals[0] / max(totals[1], 1.0)
         writer.write_scalars(step, {"eval_loss": loss})
@@ -263,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history, metrics, last = [], None, None
     timer_start, timed_steps = None, 0
     for step in range(start, config.train.total_steps):
-        batch = _global_batch(next(train_iter), batch_sh)
+        batch = global_batch(next(train_iter), batch_sh)
         lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
         if timer_start is None:  # the first step compiles: time from the second on

@@ -1,0 +1,172 @@
+"""The jitted step: accumulation, packing, meshes, checkpoint resharding, NaN guard, config validation."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from data import samples
+from data.pipeline import PackedBatchIterator
+from data.prepare import data_sources
+from data.sft import SFTOptions
+from data.tokenizer import Tokenizer
+from lora_jax import train
+from lora_jax.checkpointing import CheckpointStore
+from lora_jax.model import Transformer
+from lora_jax.sharding import make_mesh, shard_model
+
+ODD_VOCAB = 263
+
+
+def make_config(**changes):
+    config = base.arm_config("medreason", "oproj_fc2", "runlocal")
+    config.model.vocab_size = ODD_VOCAB
+    config.lora.dropout = 0.0
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("steps")
+    tok = Tokenizer(samples.write_tiny_tokenizer(tmp / "tok"))
+    src = data_sources("medreason", samples.write_sample_manual_dir("medreason", tmp / "m"), str(tmp / "tfds"))
+    it = PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=512), 8, seed=0, num_threads=0)
+    return [next(it) for _ in range(3)]
+
+
+def run_steps(config, mesh, batches, n_steps, trainer=None):
+    model = Transformer(train.random_model_config(config), train.lora_spec(config), train.runtime_options(config),
+                        rngs=nnx.Rngs(config.train.seed))
+    shard_model(model, mesh)
+    t = trainer or train.build_trainer(model, config, mesh)
+    lora, opt, losses = t.lora, t.opt_state, []
+    for step in range(n_steps):
+        lora, opt, metrics = t.train_step(lora, opt, t.frozen, train.global_batch(batches[step], t.batch_sharding), step)
+        losses.append(float(metrics["loss"]))
+    return losses, lora, opt, t
+
+
+def one_device():
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def max_diff(a, b):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_accumulation_4_equals_1(batches):
+    small = [{k: v[:4] for k, v in b.items()} for b in batches]
+    ref_losses, ref_lora, _, _ = run_steps(make_config(**{"optim.grad_accum_steps": 1}), one_device(), small, 2)
+    losses, lora, _, _ = run_steps(make_config(**{"optim.grad_accum_steps": 4}), one_device(), small, 2)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-6)
+    assert max_diff(lora, ref_lora) <= 1e-6
+
+
+def test_packed_equals_unpacked(batches):
+    """The same examples packed 3-4 per row or one per row: the token-weighted loss and update agree."""
+    packed = {k: v[:2] for k, v in batches[0].items()}
+    rows = []
+    for r in range(2):
+        seg = packed["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            idx = np.nonzero(seg == s)[0]
+            row = {k: np.zeros_like(v[r]) for k, v in packed.items()}
+            for k in row:
+                row[k][: len(idx)] = packed[k][r][idx]
+            rows.append(row)
+    assert len(rows) > 2 and len({int(r["loss_mask"].sum()) for r in rows}) > 1  # unequal target counts
+    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (8 - len(rows))  # empty rows: no targets
+    unpacked = {k: np.stack([r[k] for r in rows]) for k in packed}
+    ref_losses, ref_lora, _, _ = run_steps(make_config(**{"train.global_batch_size": 2}), one_device(), [packed], 1)
+    losses, lora, _, _ = run_steps(make_config(**{"train.global_batch_size": 8}), one_device(), [unpacked], 1)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-6)
+    assert max_diff(lora, ref_lora) <= 1e-6
+
+
+def test_meshes_agree_with_one_device_and_checkpoints_reshard(batches, tmp_path):
+    config = make_config(**{"train.global_batch_size": 8, "model.attention_impl": "chunked"})
+    ref, _, _, _ = run_steps(config, one_device(), batches, 3)
+    for shape in [(2, 2, 2), (1, 8, 1)]:
+        losses, _, _, _ = run_steps(config, make_mesh(shape), batches, 3)
+        np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(shape))
+    # save after 2 steps on 2x2x2, resume on 1x8x1 for the third step
+    _, lora, opt, _ = run_steps(config, make_mesh((2, 2, 2)), batches, 2)
+    store = CheckpointStore(str(tmp_path), 2, {"arm": "x"})
+    store.save(2, lora, opt, {"cursor": 0}, {})
+    store.wait()
+    _, _, _, t = run_steps(config, make_mesh((1, 8, 1)), batches, 0)
+    lora8, opt8, data_state, meta = store.restore(2, t.lora, t.opt_state)
+    assert meta["arm"] == "x" and data_state == {"cursor": 0}
+    assert jax.tree.leaves(lora8)[0].sharding.mesh.devices.shape == (1, 8, 1)
+    _, _, m = t.train_step(lora8, opt8, t.frozen, train.global_batch(batches[2], t.batch_sharding), 2)
+    np.testing.assert_allclose(float(m["loss"]), ref[2], atol=1e-5)
+
+
+def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
+    config = base.arm_config("medmcqa", "oproj", "runlocal")
+    config.optim.learning_rate = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"lora.targets": ("o_proj", "attn")}, "valid targets: qkv, o_proj, fc1, fc2"),
+        ({"mesh.shape": (3, 1, 1)}, "needs 3 devices, but 8 are available"),
+        ({"mesh.shape": (1, -1, 1), "train.global_batch_size": 4}, "divide the data x fsdp mesh axes"),
+        ({"model.param_dtype": "float16"}, "model.param_dtype='float16' is unknown"),
+        ({"model.attention_impl": "splash"}, "model.attention_impl='splash' is unknown"),
+    ],
+)
+def test_bad_config_is_refused_before_compiling(changes, message):
+    config = make_config()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        train.validate(config)
+
+
+def test_hf_conflicts_and_unknown_keys():
+    from lora_jax.model_config import ModelConfig
+
+    config = make_config()
+    hf = dataclasses.replace(train.random_model_config(config), hidden_size=128)
+    assert isinstance(hf, ModelConfig)
+    with pytest.raises(ValueError, match="model.hidden_size=64 conflicts with /ckpt/config.json \\(128\\)"):
+        train.check_hf_conflicts(config, hf, "/ckpt")
+    import main
+
+    with config.unlocked():
+        config.train.learning_rate = 0.1
+    with pytest.raises(ValueError, match="unknown config key\\(s\\): train.learning_rate"):
+        main.check_schema(config)
+
+
+def test_every_arm_file_loads_and_validates():
+    import importlib.util
+    import pathlib
+
+    files = sorted(pathlib.Path(base.__file__).parent.glob("[a-z]*_*.py"))
+    assert len(files) == 40
+    for path in files:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        dataset, arm = path.stem.split("_", 1)
+        for arg in (None, "runlocal"):
+            config = module.get_config(arg)
+            assert config.data.name == dataset and config.arm == arm
+            assert tuple(config.lora.targets) == base.ARM_TARGETS[arm]
+            train.lora_spec(config)
+            train.runtime_options(config)
+        assert module.get_config(None).data.max_seq_len >= (32768 if dataset in ("govreport", "cocohd") else 1024)
