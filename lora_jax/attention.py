@@ -47,6 +47,34 @@ def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, s
     return out.astype(q.dtype)
 
 
+def causal_block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, scale=1.0, block=64):
+    """Dense attention that skips the key blocks above the diagonal (fast fwd+bwd at moderate lengths).
+
+    Valid when queries and keys are the same sequence (training, scoring): a key after its query in
+    the row is always masked (causal within a segment, other segments masked), so query block i
+    only needs key blocks 0..i. Head-major layout ([batch, kv_heads, q_per_kv * block, head_dim])
+    makes each score matmul one batched GEMM. Memory is O(time²), so long contexts use "chunked".
+    Falls back to the reference with a KV cache or a length that is not a multiple of `block`.
+    """
+    b, t, kh, g, d = q.shape
+    if k.shape[1] != t or t % block or t <= block:
+        return reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, scale=scale)
+    qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [b, kv, g, t, d]
+    kh_, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, kv, t, d]
+    outs = []
+    for i in range(t // block):
+        lo, hi = i * block, (i + 1) * block
+        qi = qh[:, :, :, lo:hi].reshape(b, kh, g * block, d)
+        s = jnp.einsum("bkqd,bksd->bkqs", qi, kh_[:, :, :hi], preferred_element_type=jnp.float32) * scale
+        mask = attention_mask(q_pos[:, lo:hi], kv_pos[:, :hi], q_seg[:, lo:hi], kv_seg[:, :hi], window)
+        s = jnp.where(mask, s.reshape(b, kh, g, block, hi), _NEG)
+        p = jax.nn.softmax(s, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
+        p = p.reshape(b, kh, g * block, hi).astype(v.dtype)
+        o = jnp.einsum("bkqs,bksd->bkqd", p, vh[:, :, :hi], preferred_element_type=jnp.float32)
+        outs.append(o.reshape(b, kh, g, block, d))
+    return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).astype(q.dtype)
+
+
 def _blocks(x, block: int):
     """[batch, time, ...] -> [time // block, batch, block, ...]."""
     b, t = x.shape[:2]
@@ -176,7 +204,11 @@ def chunked_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, sca
     return out[:, :t]
 
 
-_IMPLS: dict[str, Callable] = {"xla": reference_attention, "chunked": chunked_attention}
+_IMPLS: dict[str, Callable] = {
+    "xla": reference_attention,
+    "chunked": chunked_attention,
+    "causal_blocks": causal_block_attention,
+}
 
 
 def register_attention_impl(name: str, fn: AttentionFn) -> None:

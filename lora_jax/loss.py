@@ -1,4 +1,10 @@
-"""Token-weighted cross-entropy computed in sequence chunks (never the full [B, T, vocab] logits)."""
+"""Token-weighted cross-entropy computed in sequence chunks (never the full [B, T, vocab] logits).
+
+Each chunk's gradient with respect to the hidden states is formed in the forward pass
+(d nll / d h = ((softmax - onehot) * mask) @ W^T) and kept instead of the logits, so the backward
+pass neither stores nor recomputes the [B, chunk, vocab] logits. The LM head is frozen in LoRA
+training, so no gradient flows to it.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,44 @@ import jax
 import jax.numpy as jnp
 
 
+def _chunk_forward(h, w, tgt, m):
+    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    nll = jnp.sum((lse - tgt_logit) * m)
+    dlogits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tgt, logits.shape[-1], dtype=jnp.float32)
+    dh = jnp.einsum("bcv,dv->bcd", (dlogits * m[..., None]).astype(h.dtype), w, preferred_element_type=jnp.float32)
+    return nll, dh.astype(h.dtype)
+
+
+@jax.custom_vjp
+def _chunk_nll(h, w, tgt, m):
+    return _chunk_forward(h, w, tgt, m)[0]
+
+
+def _chunk_nll_fwd(h, w, tgt, m):
+    nll, dh = _chunk_forward(h, w, tgt, m)
+    return nll, (dh, w, tgt, m)
+
+
+def _chunk_nll_bwd(res, g):
+    dh, w, tgt, m = res
+    return (g * dh).astype(dh.dtype), jnp.zeros_like(w), None, jnp.zeros_like(m)
+
+
+_chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
+
+
 def chunked_cross_entropy(hidden_btd, lm_head_dv, targets_bt, mask_bt, chunk: int = 512):
     """Returns (sum of nll * mask, sum of mask) in float32.
 
-    hidden_btd: [batch, time, embed] final normed activations; lm_head_dv: [embed, vocab].
-    Each chunk's logits are float32 and recomputed in the backward pass (jax.checkpoint), so peak
-    memory is [batch, chunk, vocab] whatever the sequence length.
+    hidden_btd: [batch, time, embed] final normed activations; lm_head_dv: [embed, vocab] (frozen).
+    Peak memory is [batch, chunk, vocab] whatever the sequence length.
     """
     b, t, d = hidden_btd.shape
     chunk = min(chunk, t)
     pad = (-t) % chunk
+    mask_bt = mask_bt.astype(jnp.float32)
     if pad:
         hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
@@ -23,20 +57,13 @@ def chunked_cross_entropy(hidden_btd, lm_head_dv, targets_bt, mask_bt, chunk: in
     n = (t + pad) // chunk
     w = lm_head_dv.astype(hidden_btd.dtype)
 
-    @jax.checkpoint
-    def chunk_nll(h, tgt, m):
-        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - tgt_logit) * m)
-
     def step(total, xs):
-        return total + chunk_nll(*xs), None
+        return total + _chunk_nll(xs[0], w, xs[1], xs[2]), None
 
     xs = (
         jnp.moveaxis(hidden_btd.reshape(b, n, chunk, d), 1, 0),
         jnp.moveaxis(targets_bt.reshape(b, n, chunk), 1, 0),
-        jnp.moveaxis(mask_bt.astype(jnp.float32).reshape(b, n, chunk), 1, 0),
+        jnp.moveaxis(mask_bt.reshape(b, n, chunk), 1, 0),
     )
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)
-    return total, jnp.sum(mask_bt.astype(jnp.float32))
+    return total, jnp.sum(mask_bt)

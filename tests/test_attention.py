@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.attention import chunked_attention, get_attention_impl, reference_attention
+from lora_jax.attention import causal_block_attention, chunked_attention, get_attention_impl, reference_attention
 
 
 def _packed_inputs(seed=0, b=2, t=37, kh=2, g=3, d=8):
@@ -47,6 +47,9 @@ def test_reference_and_chunked_match_naive_loops_and_each_other(window):
     chunked = chunked_attention(q, k, v, pos, pos, seg, seg, window=window, scale=0.3, q_block=8, kv_block=16)
     np.testing.assert_allclose(ref, naive, atol=1e-5)
     np.testing.assert_allclose(chunked, naive, atol=1e-5)
+    q, k, v, pos, seg = (x[:, :32] for x in (q, k, v, pos, seg))  # causal blocks need a multiple of the block
+    blocked = causal_block_attention(q, k, v, pos, pos, seg, seg, window=window, scale=0.3, block=8)
+    np.testing.assert_allclose(blocked, naive[:, :32], atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -60,6 +63,10 @@ def test_chunked_gradients_match_reference(window):
     ref = loss(reference_attention)(q, k, v)
     chunked = jax.jit(loss(chunked_attention, q_block=8, kv_block=16))(q, k, v)
     for a, b in zip(ref, chunked):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    q, k, v, pos, seg, ct = (x[:, :32] for x in (q, k, v, pos, seg, ct))
+    ref = loss(reference_attention)(q, k, v)
+    for a, b in zip(ref, jax.jit(loss(causal_block_attention, block=8))(q, k, v)):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
@@ -76,5 +83,5 @@ def test_traced_window_and_bf16():
 
 
 def test_unknown_impl_is_refused():
-    with pytest.raises(ValueError, match="valid: chunked, xla"):
+    with pytest.raises(ValueError, match="valid: causal_blocks, chunked, xla"):
         get_attention_impl("flash9")

@@ -45,7 +45,7 @@ def nnx_jit_call(model, tokens, positions=None, segment_ids=None):
 def test_logits_match_transformers_with_and_without_cache(variant, mesh):
     d = saved_hf_dir(variant)
     ref = hf_logits(d, TOKENS)
-    for impl in ("xla", "chunked"):
+    for impl in ("xla", "chunked", "causal_blocks"):
         model = load_hf_model(d, None, RuntimeOptions(attention_impl=impl), mesh)
         np.testing.assert_allclose(_logits(model, TOKENS), ref, atol=1e-4, err_msg=f"{variant}/{impl}")
     # prefill 20 tokens, then one token per step
