@@ -62,7 +62,10 @@ def main():
     for split, n in (("train", args.docs), ("validation", 2)):
         with open(os.path.join(manual, f"{split}.jsonl"), "w") as f:
             for i in range(n):
-                f.write(json.dumps({"id": f"{split}-{i}", "input": report(i, args.words), "output": report(i + 1, 300)}) + "\n")
+                f.write(
+                    json.dumps({"id": f"{split}-{i}", "input": report(i, args.words), "output": report(i + 1, 300)})
+                    + "\n"
+                )
     src = data_sources("govreport", manual, os.path.join(tmp, "tfds"))["train"]
     tok = Tokenizer(tok_dir)
     opts = SFTOptions(max_seq_len=args.seq_len)

@@ -28,8 +28,9 @@ from lora_jax import accounting, train  # noqa: E402
 from lora_jax.model import Transformer  # noqa: E402
 from lora_jax.sharding import make_mesh, shard_model  # noqa: E402
 
-BENCH = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4,
-             head_dim=64)
+BENCH = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64
+)
 
 
 def bench_config(targets, dtype, attention_impl, remat, batch, seq_len):
@@ -59,8 +60,9 @@ def synthetic_batch(batch, seq_len, vocab, seed=0):
 
 
 def measure(config, steps, mesh):
-    model = Transformer(train.random_model_config(config), train.lora_spec(config), train.runtime_options(config),
-                        rngs=nnx.Rngs(0))
+    model = Transformer(
+        train.random_model_config(config), train.lora_spec(config), train.runtime_options(config), rngs=nnx.Rngs(0)
+    )
     shard_model(model, mesh)
     t = train.build_trainer(model, config, mesh)
     b, s = config.train.global_batch_size, config.data.max_seq_len

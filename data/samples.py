@@ -72,7 +72,8 @@ def _hearing(i: int) -> dict:
     topic = _TOPICS[i % len(_TOPICS)]
     speeches = "\n\n".join(
         f"Senator {m}. Thank you, Chairman. On {topic}, my constituents ask for clear timelines; "
-        f"item {k} of the record shows costs rising {3 + k}% a year." for k, m in enumerate(members * 3)
+        f"item {k} of the record shows costs rising {3 + k}% a year."
+        for k, m in enumerate(members * 3)
     )
     transcript = (
         f"[Senate Hearing 118-{100 + i}]\nHEARING ON {topic.upper()}\nCommittee on Commerce\n"
@@ -98,9 +99,19 @@ def _mcq(i: int) -> dict:
     a, b = 2 + i, 3 + 2 * i
     opts = [str(a * b), str(a - b), str(b - a), str(a * b + 1)]
     opts.insert(i % 4, str(a + b))
-    return {"question": f"What is {a} plus {b}?", "opa": opts[0], "opb": opts[1], "opc": opts[2], "opd": opts[3],
-            "exp": f"{a} + {b} = {a + b}.", "subject_name": "Arithmetic", "topic_name": None,
-            "id": f"sample-mcq-{i}", "choice_type": "single", "cop": 1 + i % 4}
+    return {
+        "question": f"What is {a} plus {b}?",
+        "opa": opts[0],
+        "opb": opts[1],
+        "opc": opts[2],
+        "opd": opts[3],
+        "exp": f"{a} + {b} = {a + b}.",
+        "subject_name": "Arithmetic",
+        "topic_name": None,
+        "id": f"sample-mcq-{i}",
+        "choice_type": "single",
+        "cop": 1 + i % 4,
+    }
 
 
 def write_sample_manual_dir(name: str, directory) -> str:
@@ -115,7 +126,9 @@ def write_sample_manual_dir(name: str, directory) -> str:
     if name == "cocohd":
         jsonl("cocohd.jsonl", [_hearing(i) for i in range(12)])
     elif name == "govreport":
-        rep = lambda i: " ".join(f"Section {k}: agency {i} spent {k * 10 + i} million on program {k}." for k in range(40))  # noqa: E731
+        rep = lambda i: " ".join(
+            f"Section {k}: agency {i} spent {k * 10 + i} million on program {k}." for k in range(40)
+        )  # noqa: E731
         rows = [{"id": f"gao-{i}", "input": rep(i), "output": f"Agency {i} funded 40 programs."} for i in range(10)]
         jsonl("train.jsonl", rows[:7])
         jsonl("validation.jsonl", rows[7:])
@@ -130,16 +143,34 @@ def write_sample_manual_dir(name: str, directory) -> str:
             m = _mcq(i)
             options = "Answer Choices:\n" + "\n".join(f"{L}. {m['op' + L.lower()]}" for L in "ABCD")
             correct = m["op" + "abcd"[i % 4]]
-            rows.append({"question": m["question"], "options": options,
-                         "answer": f"{correct}. Explanation: add the numbers.",
-                         "reasoning": f"Adding gives {correct}.", "dataset_name": "sample"})
+            rows.append(
+                {
+                    "question": m["question"],
+                    "options": options,
+                    "answer": f"{correct}. Explanation: add the numbers.",
+                    "reasoning": f"Adding gives {correct}.",
+                    "dataset_name": "sample",
+                }
+            )
         jsonl("medreason.jsonl", rows)
     elif name == "fincot":
-        train = [{"Question": f"Revenue rose from {100 + i} to {120 + 2 * i} million. What is the change?",
-                  "Reasoning_process": f"{120 + 2 * i} - {100 + i} = {20 + i}.", "Final_response": f"{20 + i} million"}
-                 for i in range(8)]
-        test = [{"id": f"finqa-{i}", "question": f"what is the change in cost from {10 + i} to {15 + i}?",
-                 "context": f"cost was {10 + i} in 2019 and {15 + i} in 2020 .", "answer": "5"} for i in range(4)]
+        train = [
+            {
+                "Question": f"Revenue rose from {100 + i} to {120 + 2 * i} million. What is the change?",
+                "Reasoning_process": f"{120 + 2 * i} - {100 + i} = {20 + i}.",
+                "Final_response": f"{20 + i} million",
+            }
+            for i in range(8)
+        ]
+        test = [
+            {
+                "id": f"finqa-{i}",
+                "question": f"what is the change in cost from {10 + i} to {15 + i}?",
+                "context": f"cost was {10 + i} in 2019 and {15 + i} in 2020 .",
+                "answer": "5",
+            }
+            for i in range(4)
+        ]
         jsonl("fincot_sft.jsonl", train)
         jsonl("finqa_test.jsonl", test)
     elif name == "llavacot":
@@ -147,11 +178,20 @@ def write_sample_manual_dir(name: str, directory) -> str:
         for i in range(8):
             (d / f"images/{i}.png").parent.mkdir(parents=True, exist_ok=True)
             (d / f"images/{i}.png").write_bytes(tiny_png(8, 8, i))
-            answer = (f"<SUMMARY> Count the squares. </SUMMARY>\n<CAPTION> A grid pattern {i}. </CAPTION>\n"
-                      f"<REASONING> There are {i + 1} squares. </REASONING>\n<CONCLUSION> {i + 1} </CONCLUSION>")
-            rows.append({"id": f"sample-{i}", "image": f"images/{i}.png",
-                         "conversations": [{"from": "human", "value": "<image>\nHow many squares are there?"},
-                                           {"from": "gpt", "value": answer}]})
+            answer = (
+                f"<SUMMARY> Count the squares. </SUMMARY>\n<CAPTION> A grid pattern {i}. </CAPTION>\n"
+                f"<REASONING> There are {i + 1} squares. </REASONING>\n<CONCLUSION> {i + 1} </CONCLUSION>"
+            )
+            rows.append(
+                {
+                    "id": f"sample-{i}",
+                    "image": f"images/{i}.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nHow many squares are there?"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
         jsonl("train.jsonl", rows)
     elif name == "invoiceocr":
         for split, n in (("train", 6), ("test", 2)):
@@ -159,9 +199,13 @@ def write_sample_manual_dir(name: str, directory) -> str:
             for i in range(n):
                 (d / split / f"invoice_{i}.png").parent.mkdir(parents=True, exist_ok=True)
                 (d / split / f"invoice_{i}.png").write_bytes(tiny_png(16, 8, i))
-                gt = {"gt_parse": {"header": {"invoice_no": f"{1000 + i}", "invoice_date": "01/02/2024"},
-                                   "items": [{"item_desc": "Pens", "item_qty": f"{i + 1},00"}],
-                                   "summary": {"total_gross_worth": f"$ {10 * (i + 1)},00"}}}
+                gt = {
+                    "gt_parse": {
+                        "header": {"invoice_no": f"{1000 + i}", "invoice_date": "01/02/2024"},
+                        "items": [{"item_desc": "Pens", "item_qty": f"{i + 1},00"}],
+                        "summary": {"total_gross_worth": f"$ {10 * (i + 1)},00"},
+                    }
+                }
                 rows.append({"file_name": f"invoice_{i}.png", "ground_truth": json.dumps(gt)})
             jsonl(f"{split}/metadata.jsonl", rows)
     else:

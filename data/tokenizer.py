@@ -65,7 +65,9 @@ class Tokenizer:
                 return tok
         eos = self.special_tokens.get("eos_token")
         if eos is None:
-            raise DataError(f"{self.dir}: cannot tell the end-of-turn token (no eos_token, template ends with {tail!r})")
+            raise DataError(
+                f"{self.dir}: cannot tell the end-of-turn token (no eos_token, template ends with {tail!r})"
+            )
         return eos
 
     def token_id(self, token: str) -> int:

@@ -42,9 +42,7 @@ def peft_equivalent_params_per_target(cfg: ModelConfig, spec: LoraSpec) -> dict[
         "fc1": [(e, cfg.intermediate_size)] * 2,
         "fc2": [(cfg.intermediate_size, e)],
     }
-    return {
-        t: cfg.num_layers * sum(spec.rank_for(t) * (i + o) for i, o in split[t]) for t in spec.targets
-    }
+    return {t: cfg.num_layers * sum(spec.rank_for(t) * (i + o) for i, o in split[t]) for t in spec.targets}
 
 
 def base_matmul_params(cfg: ModelConfig) -> int:

@@ -176,7 +176,9 @@ def _flash_bwd(scale, q_block, kv_block, res, d_out):
         def step(carry, qargs):
             dk, dv = carry
             p, ds = probs_and_ds(*qargs, *kargs)
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(qargs[3].dtype), qargs[3], preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum(
+                "bkgqs,bqkgd->bskd", p.astype(qargs[3].dtype), qargs[3], preferred_element_type=jnp.float32
+            )
             dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qargs[0], preferred_element_type=jnp.float32)
             return (dk, dv), None
 

@@ -74,7 +74,8 @@ class CheckpointStore:
     def restore(self, step: int, lora_target, opt_target):
         """Restores onto the shardings carried by the (concrete or abstract) targets."""
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), {"lora": lora_target, "opt": opt_target}
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            {"lora": lora_target, "opt": opt_target},
         )
         out = self.manager.restore(
             step,

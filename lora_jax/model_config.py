@@ -45,9 +45,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
             raise ValueError(
                 f"sliding_windows has {len(self.sliding_windows)} entries, expected num_layers={self.num_layers}"

@@ -73,7 +73,9 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
     specs = [(k, v.shape, np.float32) for k, v in sorted(tensors.items())]
     write_safetensors(str(out / "adapter_model.safetensors"), specs, tensors.__getitem__)
     modules = [m for t in spec.targets for _, m in HF_MODULES[t]]
-    rank_pattern = {m: spec.rank_for(t) for t in spec.targets for _, m in HF_MODULES[t] if spec.rank_for(t) != spec.rank}
+    rank_pattern = {
+        m: spec.rank_for(t) for t in spec.targets for _, m in HF_MODULES[t] if spec.rank_for(t) != spec.rank
+    }
     alpha_pattern = {
         m: spec.alpha_for(t) for t in spec.targets for _, m in HF_MODULES[t] if spec.alpha_for(t) != spec.alpha
     }
@@ -138,7 +140,9 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
     cfg_path, weights_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, weights_path):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: missing (a PEFT adapter needs adapter_config.json and adapter_model.safetensors)")
+            raise FileNotFoundError(
+                f"{p}: missing (a PEFT adapter needs adapter_config.json and adapter_model.safetensors)"
+            )
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -160,7 +164,9 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
     for module in modules:
         missing = [i for i in range(cfg.num_layers) if (module, i) not in factors]
         if missing:
-            raise ValueError(f"{weights_path}: module {module} has no adapter on layers {missing} (layers_to_transform)")
+            raise ValueError(
+                f"{weights_path}: module {module} has no adapter on layers {missing} (layers_to_transform)"
+            )
     r0, alpha0, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
     alpha_pat = config.get("alpha_pattern") or {}
 

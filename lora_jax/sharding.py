@@ -56,9 +56,7 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh with Auto axes (GSPMD propagation, see STACK_NOTES)."""
     devices = devices if devices is not None else jax.devices()
     sizes = resolve_mesh_shape(shape, len(devices))
-    return jax.make_mesh(
-        sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -77,7 +75,9 @@ def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mes
         elif dim % size:
             if (name, dim, size) not in _WARNED:
                 _WARNED.add((name, dim, size))
-                logging.warning("axis %r of size %d does not divide mesh axes %s (%d); replicating", name, dim, mesh_axes, size)
+                logging.warning(
+                    "axis %r of size %d does not divide mesh axes %s (%d); replicating", name, dim, mesh_axes, size
+                )
             spec.append(None)
         else:
             used.update(mesh_axes)
@@ -95,9 +95,7 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
 
 def state_shardings(state: nnx.State, mesh: Mesh):
     """A pytree of NamedShardings matching `state` (of Variables, abstract or concrete)."""
-    return jax.tree.map(
-        lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
+    return jax.tree.map(lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

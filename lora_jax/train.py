@@ -124,7 +124,9 @@ def build_model(config, mesh, workdir: epath.Path) -> Run:
         cfg = random_model_config(config)
         model = Transformer(cfg, spec, opts, rngs=nnx.Rngs(config.train.seed))
         shard_model(model, mesh)
-        fingerprint = "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
+        fingerprint = (
+            "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
+        )
     tok_dir = config.data.tokenizer_dir or config.model.hf_dir
     if tok_dir is None and config.data.use_bundled_samples:
         from data import samples
@@ -209,8 +211,9 @@ def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -
     """Splits the model into LoRA / frozen states and jits the steps with explicit shardings on `mesh`."""
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
     o = config.optim
-    tx, schedule = make_optimizer(o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay,
-                                  o.grad_clip_norm)
+    tx, schedule = make_optimizer(
+        o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm
+    )
     # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
     # replicated — left to itself it lands on one device and clashes in jit (STACK_NOTES).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -219,8 +222,12 @@ def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -
         tx, lambda _, sh: sh, jax.eval_shape(tx.init, lora), lora_leaf_sh, transform_non_params=lambda _: replicated
     )
     opt_state = jax.jit(tx.init, out_shardings=opt_out_sh)(lora)
-    step_opts = StepOptions(o.grad_accum_steps, config.train.loss_chunk_tokens, config.train.seed,
-                            use_dropout=model.lora is not None and model.lora.dropout > 0)
+    step_opts = StepOptions(
+        o.grad_accum_steps,
+        config.train.loss_chunk_tokens,
+        config.train.seed,
+        use_dropout=model.lora is not None and model.lora.dropout > 0,
+    )
     shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
     train_step = jax.jit(
@@ -229,7 +236,9 @@ def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -
         out_shardings=(lora_sh, opt_sh, None),
         donate_argnums=(0, 1),
     )
-    eval_step = jax.jit(make_eval_step(graphdef, config.train.loss_chunk_tokens), in_shardings=(lora_sh, frozen_sh, batch_sh))
+    eval_step = jax.jit(
+        make_eval_step(graphdef, config.train.loss_chunk_tokens), in_shardings=(lora_sh, frozen_sh, batch_sh)
+    )
     return Trainer(graphdef, lora, frozen, opt_state, train_step, eval_step, batch_sh)
 
 
@@ -246,8 +255,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     identity = {
         "arm": config.arm,
         "targets": list(spec.targets),
-        "lora": {"rank": spec.rank, "alpha": spec.alpha, "use_rslora": spec.use_rslora,
-                 "rank_overrides": dict(spec.rank_overrides), "alpha_overrides": dict(spec.alpha_overrides)},
+        "lora": {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "use_rslora": spec.use_rslora,
+            "rank_overrides": dict(spec.rank_overrides),
+            "alpha_overrides": dict(spec.alpha_overrides),
+        },
         "base_fingerprint": run.fingerprint,
         "dataset": config.data.name,
     }
@@ -309,8 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             scalars = dict(last, trainable_params=n_trainable)
             if timed_steps:
                 step_s = elapsed / timed_steps
-                scalars.update(tokens_per_s=b * t / step_s, step_s=step_s,
-                               mfu=accounting.mfu(flops_per_step, step_s, peak, jax.device_count()))
+                scalars.update(
+                    tokens_per_s=b * t / step_s,
+                    step_s=step_s,
+                    mfu=accounting.mfu(flops_per_step, step_s, peak, jax.device_count()),
+                )
             writer.write_scalars(done, scalars)
             history.append((done, last["loss"]))
         if is_ckpt:
@@ -324,8 +341,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_loss = evaluate(final_step)
     export_adapter(nnx.merge(graphdef, lora, frozen), workdir, config.model.hf_dir or "")
     writer.flush()
-    summary = {"final_step": final_step, "train_loss_history": history, "eval_loss": eval_loss,
-               "trainable_params": n_trainable, "resumed_from": start}
+    summary = {
+        "final_step": final_step,
+        "train_loss_history": history,
+        "eval_loss": eval_loss,
+        "trainable_params": n_trainable,
+        "resumed_from": start,
+    }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

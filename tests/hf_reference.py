@@ -30,9 +30,15 @@ VARIANTS = {
             original_max_position_embeddings=16,
         ),
     ),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
-    "mistral": dict(model_type="mistral", sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
-    "mistral_sw8": dict(model_type="mistral", sliding_window=8, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    "qwen2": dict(
+        model_type="qwen2", tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6)
+    ),
+    "mistral": dict(
+        model_type="mistral", sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1e4)
+    ),
+    "mistral_sw8": dict(
+        model_type="mistral", sliding_window=8, rope_parameters=dict(rope_type="default", rope_theta=1e4)
+    ),
     "qwen2_sw8": dict(
         model_type="qwen2",
         use_sliding_window=True,

@@ -13,7 +13,9 @@ from data.prepare import DATASETS, data_sources
 from data.records import DataError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="../shared/fixtures not present: real-record checks skipped")
+needs_fixtures = pytest.mark.skipif(
+    not os.path.isdir(FIXTURES), reason="../shared/fixtures not present: real-record checks skipped"
+)
 
 
 def _text(record, key):
@@ -94,7 +96,9 @@ def test_bad_input_errors(tmp_path):
 def test_empty_split_is_an_error(tmp_path):
     manual = tmp_path / "m"
     manual.mkdir()
-    (manual / "cocohd.jsonl").write_text(json.dumps({"id": "a", "transcript": "t", "target": {}, "split": "test"}) + "\n")
+    (manual / "cocohd.jsonl").write_text(
+        json.dumps({"id": "a", "transcript": "t", "target": {}, "split": "test"}) + "\n"
+    )
     with pytest.raises(DataError, match="split 'train' of cocohd is empty"):
         data_sources("cocohd", str(manual), str(tmp_path / "t"))
 
@@ -122,20 +126,29 @@ def test_real_records_parse(tmp_path):
     train = {_text(src["train"][i], "id"): _text(src["train"][i], "answer") for i in range(len(src["train"]))}
     assert train == letters  # and the 0-indexed HF copy decodes to the same letters
 
-    g = manual("govreport", {"govreport/leval_gov_report_sample.jsonl": "train.jsonl",
-                             "govreport/leval_gov_report_long_sample.jsonl": "validation.jsonl"})
+    g = manual(
+        "govreport",
+        {
+            "govreport/leval_gov_report_sample.jsonl": "train.jsonl",
+            "govreport/leval_gov_report_long_sample.jsonl": "validation.jsonl",
+        },
+    )
     src = data_sources("govreport", g, str(tmp_path / "t2"))
     assert len(src["train"]) == 3 and len(_text(src["test"][0], "document")) > 80000
 
     c = manual("cocohd", {"cocohd/hearing_CHRG-118shrg51948.jsonl": "cocohd.jsonl"})
     row = json.loads(open(os.path.join(c, "cocohd.jsonl")).readline())
     with open(os.path.join(c, "cocohd.jsonl"), "w") as f:
-        f.write(json.dumps(dict(row, split="train")) + "\n" + json.dumps(dict(row, govinfo_id="copy", split="test")) + "\n")
+        f.write(
+            json.dumps(dict(row, split="train")) + "\n" + json.dumps(dict(row, govinfo_id="copy", split="test")) + "\n"
+        )
     src = data_sources("cocohd", c, str(tmp_path / "t3"))
     assert json.loads(_text(src["train"][0], "target"))["committee"] == "Committee on the Budget"
     assert "<html>" not in _text(src["train"][0], "document")
 
-    lc = manual("llavacot", {"llava_cot/readme_examples.jsonl": "train.jsonl", "llava_cot/reasoning.png": "reasoning.png"})
+    lc = manual(
+        "llavacot", {"llava_cot/readme_examples.jsonl": "train.jsonl", "llava_cot/reasoning.png": "reasoning.png"}
+    )
     rows = [json.loads(line) for line in open(os.path.join(lc, "train.jsonl"))]
     with open(os.path.join(lc, "train.jsonl"), "w") as f:  # only the first example's image is shipped
         f.writelines(json.dumps(dict(rows[0], id=f"r{i}")) + "\n" for i in range(5))
@@ -148,8 +161,13 @@ def test_real_records_parse(tmp_path):
     src = data_sources("invoiceocr", inv, str(tmp_path / "t5"))
     assert set(json.loads(_text(src["train"][0], "target"))) == {"header", "items", "summary"}
 
-    mr = manual("medreason", {"medmcqa/dev_raw_sample.jsonl": "dev.json",
-                              "medreason/medreason_evalformat_medqa_test_sample.jsonl": "medreason.jsonl"})
+    mr = manual(
+        "medreason",
+        {
+            "medmcqa/dev_raw_sample.jsonl": "dev.json",
+            "medreason/medreason_evalformat_medqa_test_sample.jsonl": "medreason.jsonl",
+        },
+    )
     src = data_sources("medreason", mr, str(tmp_path / "t6"))
     medqa = [json.loads(line) for line in open(os.path.join(mr, "medreason.jsonl"))]
     assert len(src["train"]) == len(medqa)  # option-dict rows: every answer text matches its letter

@@ -64,8 +64,11 @@ def test_batch_contract(setup):
     tok, src = setup
     b = next(PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=256), 4, seed=0))
     assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
-        "tokens": ((4, 256), "int32"), "targets": ((4, 256), "int32"), "loss_mask": ((4, 256), "float32"),
-        "segment_ids": ((4, 256), "int32"), "positions": ((4, 256), "int32"),
+        "tokens": ((4, 256), "int32"),
+        "targets": ((4, 256), "int32"),
+        "loss_mask": ((4, 256), "float32"),
+        "segment_ids": ((4, 256), "int32"),
+        "positions": ((4, 256), "int32"),
     }
     for r in range(4):
         seg, pos = b["segment_ids"][r], b["positions"][r]

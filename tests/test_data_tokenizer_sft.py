@@ -12,14 +12,17 @@ from tests.chat_templates import LLAMA31_STYLE, QWEN25_STYLE
 
 FAMILIES = {
     "qwen2.5": dict(
-        template=QWEN25_STYLE, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        config={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, eot="<|im_end|>",
+        template=QWEN25_STYLE,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        config={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None},
+        eot="<|im_end|>",
     ),
     "llama3.1": dict(
         template=LLAMA31_STYLE,
         specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         # pad = eos = the end-of-turn token: it must still be inside the loss mask
-        config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|eot_id|>"}, eot="<|eot_id|>",
+        config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|eot_id|>"},
+        eot="<|eot_id|>",
     ),
 }
 CORPUS = ["What is the net change in revenue?", "The answer is 42 million.", "Summarize the report below."] * 20
@@ -34,8 +37,9 @@ def make_tokenizer_dir(tmp_path, family):
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=spec["specials"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=spec["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     if family == "llama3.1":  # like the real one: the tokenizer itself prepends BOS
         bos = tok.token_to_id("<|begin_of_text|>")
@@ -50,8 +54,14 @@ def make_tokenizer_dir(tmp_path, family):
     return d
 
 
-RECORD = {"id": "x", "instruction": "Summarize the report below.", "document": "What is the net change in revenue? " * 3,
-          "target": "The answer is 42 million.", "reasoning": "", "answer": "42"}
+RECORD = {
+    "id": "x",
+    "instruction": "Summarize the report below.",
+    "document": "What is the net change in revenue? " * 3,
+    "target": "The answer is 42 million.",
+    "reasoning": "",
+    "answer": "42",
+}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -62,8 +72,14 @@ def test_ids_equal_transformers_apply_chat_template(tmp_path, family):
     theirs = transformers.AutoTokenizer.from_pretrained(str(d))
     for messages, gen in [
         ([{"role": "user", "content": "What is the net change?"}], True),
-        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Summarize."},
-          {"role": "assistant", "content": "The answer is 42."}], False),
+        (
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Summarize."},
+                {"role": "assistant", "content": "The answer is 42."},
+            ],
+            False,
+        ),
     ]:
         expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
         expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
@@ -93,7 +109,9 @@ def test_truncation_cuts_only_the_document(tiny, how):
     ex = tokenize_example(tiny, record, opts)
     assert len(ex["tokens"]) <= 300
     text = tiny.decode(ex["tokens"])
-    assert RECORD["instruction"] in text and tiny.decode(ex["targets"][ex["loss_mask"] == 1]).startswith(RECORD["target"])
+    assert RECORD["instruction"] in text and tiny.decode(ex["targets"][ex["loss_mask"] == 1]).startswith(
+        RECORD["target"]
+    )
     assert ("fact 0." in text) and (("fact 299." in text) == (how == "document_middle"))
     # the loss mask covers exactly the target: as many tokens as the target + end-of-turn
     assert ex["loss_mask"].sum() == len(tiny.encode(RECORD["target"])) + 1

@@ -62,14 +62,18 @@ def test_config_weight_shape_mismatch(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 64
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="gate_proj.weight has shape \\(48, 32\\), but config.json implies \\(64, 32\\)"):
+    with pytest.raises(
+        ValueError, match="gate_proj.weight has shape \\(48, 32\\), but config.json implies \\(64, 32\\)"
+    ):
         HFCheckpoint(str(d))
 
 
 @pytest.mark.parametrize(
     "change,message",
-    [({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
-     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'yarn'")],
+    [
+        ({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'yarn'"),
+    ],
 )
 def test_unsupported_config(tmp_path, change, message):
     d = _copy(tmp_path)

@@ -12,8 +12,15 @@ from lora_jax.model import RuntimeOptions, Transformer, merge_lora, unmerge_lora
 from lora_jax.model_config import ModelConfig
 
 CFG = ModelConfig(
-    vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-    max_position_embeddings=64, qkv_bias=True,
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    qkv_bias=True,
 )
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 61, size=(2, 16)))
 
@@ -92,7 +99,9 @@ def test_scales_overrides_and_rslora():
 def test_lora_delta_is_the_plain_formula_and_vmaps_over_adapters():
     rng = np.random.default_rng(0)
     x, a, b = rng.normal(size=(3, 5)), rng.normal(size=(5, 2)), rng.normal(size=(2, 4))
-    np.testing.assert_allclose(lora_delta(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), 0.5), 0.5 * x @ a @ b, rtol=1e-5)
+    np.testing.assert_allclose(
+        lora_delta(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), 0.5), 0.5 * x @ a @ b, rtol=1e-5
+    )
     a3, b3 = jnp.stack([a] * 3), jnp.stack([b, 2 * b, 3 * b])  # a leading adapter axis
     out = jax.vmap(lora_delta, in_axes=(None, 0, 0, None))(jnp.asarray(x), a3, b3, 1.0)
     np.testing.assert_allclose(out[2], 3 * x @ a @ b, rtol=1e-5)

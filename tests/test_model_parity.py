@@ -55,7 +55,9 @@ def test_logits_match_transformers_with_and_without_cache(variant, mesh):
     out, cache = step(model, jnp.asarray(TOKENS[:, :20]), pos[:, :20], jnp.ones((2, 20), jnp.int32), cache)
     outs = [out]
     for t in range(20, 32):
-        out, cache = step(model, jnp.asarray(TOKENS[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache)
+        out, cache = step(
+            model, jnp.asarray(TOKENS[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache
+        )
         outs.append(out)
     np.testing.assert_allclose(np.concatenate(outs, axis=1), ref, atol=1e-4)
 

@@ -40,8 +40,12 @@ def _with_random_b(model, seed=0):
 SPECS = {
     "uniform": LoraSpec(targets=TARGETS, rank=4, alpha=8),
     "overrides_rslora": LoraSpec(
-        targets=("qkv", "o_proj", "fc2"), rank=4, alpha=8, use_rslora=True,
-        rank_overrides={"fc2": 2, "qkv": 6}, alpha_overrides={"o_proj": 3.0},
+        targets=("qkv", "o_proj", "fc2"),
+        rank=4,
+        alpha=8,
+        use_rslora=True,
+        rank_overrides={"fc2": 2, "qkv": 6},
+        alpha_overrides={"o_proj": 3.0},
     ),
 }
 
@@ -75,8 +79,11 @@ def test_peft_made_adapter_imports_exactly(mesh, tmp_path):
     d = saved_hf_dir("llama")
     hf = transformers.AutoModelForCausalLM.from_pretrained(d).float()
     config = peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 5},
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 5},
     )
     pm = peft.get_peft_model(hf, config)
     torch.manual_seed(0)
@@ -97,7 +104,9 @@ def test_merged_export_loads_in_transformers(mesh, tmp_path):
     d = saved_hf_dir("llama")
     model = _with_random_b(load_hf_model(d, LoraSpec(targets=TARGETS, rank=4, alpha=8), RuntimeOptions(), mesh))
     export_merged(model, str(tmp_path), d)
-    np.testing.assert_allclose(hf_logits(str(tmp_path), TOKENS), np.asarray(_fwd(model, jnp.asarray(TOKENS))), atol=1e-4)
+    np.testing.assert_allclose(
+        hf_logits(str(tmp_path), TOKENS), np.asarray(_fwd(model, jnp.asarray(TOKENS))), atol=1e-4
+    )
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
@@ -126,7 +135,15 @@ def test_unsupported_peft_options_are_refused(field, value, message, mesh, tmp_p
 def test_missing_adapter_files(tmp_path):
     from lora_jax.model_config import model_config_from_hf
 
-    cfg = model_config_from_hf(dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
-                                    num_hidden_layers=1, num_attention_heads=2))
+    cfg = model_config_from_hf(
+        dict(
+            model_type="llama",
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         read_peft_adapter(str(tmp_path), cfg)

@@ -15,7 +15,13 @@ from lora_jax.model import RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig
 
 CFG = ModelConfig(
-    vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
     max_position_embeddings=64,
 )
 
@@ -48,6 +54,7 @@ def test_one_loop_over_layers_whatever_the_depth(impl, remat):
 
 def test_unrolled_layers_do_grow_the_program():
     """Control: without the scan the same check sees the program grow (so the test above can fail)."""
+
     def size(n):
         cfg = dataclasses.replace(CFG, num_layers=n)
         m = nnx.eval_shape(lambda: Transformer(cfg, None, RuntimeOptions(scan_layers=False), rngs=nnx.Rngs(0)))
@@ -76,8 +83,16 @@ def test_forward_flops_agree_with_xla_cost_analysis():
 
     Layers are unrolled here: XLA's cost analysis counts a while-loop body once.
     """
-    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        max_position_embeddings=256,
+    )
     spec = LoraSpec(targets=("o_proj", "fc2"), rank=8, alpha=16)
     model = nnx.eval_shape(lambda: Transformer(cfg, spec, RuntimeOptions(scan_layers=False), rngs=nnx.Rngs(0)))
     g, s = nnx.split(model)

@@ -16,13 +16,19 @@ ARM = "configs/cocohd_oproj_fc2.py:runlocal"
 
 
 def main_cmd(workdir, *overrides, config=ARM):
-    return [sys.executable, os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, config)}",
-            f"--workdir={workdir}", *overrides]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        f"--config={os.path.join(ROOT, config)}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def run_main(workdir, *overrides, config=ARM):
-    proc = subprocess.run(main_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        main_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((workdir / "summary.json").read_text())
 
@@ -81,8 +87,14 @@ def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path):
 def test_workdir_of_another_arm_is_refused(reference_run):
     workdir, _ = reference_run
     before = {p: os.path.getmtime(os.path.join(workdir, "checkpoints", p)) for p in os.listdir(workdir / "checkpoints")}
-    proc = subprocess.run(main_cmd(workdir, config="configs/cocohd_qkv.py:runlocal"), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        main_cmd(workdir, config="configs/cocohd_qkv.py:runlocal"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "holds a checkpoint of another run (arm='oproj_fc2'" in proc.stderr
     after = {p: os.path.getmtime(os.path.join(workdir, "checkpoints", p)) for p in os.listdir(workdir / "checkpoints")}
@@ -90,8 +102,14 @@ def test_workdir_of_another_arm_is_refused(reference_run):
 
 
 def test_unknown_override_key_is_refused(tmp_path):
-    proc = subprocess.run(main_cmd(tmp_path, "--config.optim.learning_rat=0.1"), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        main_cmd(tmp_path, "--config.optim.learning_rat=0.1"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "learning_rat" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
@@ -103,15 +121,28 @@ def test_real_hf_checkpoint_path_matches_peft(tmp_path):
     from data import samples
 
     hf_dir = tmp_path / "qwen2"
-    config = transformers.Qwen2Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=2048, tie_word_embeddings=True)
+    config = transformers.Qwen2Config(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
     samples.write_tiny_tokenizer(hf_dir)
     workdir = tmp_path / "work"
-    run_main(workdir, f"--config.model.hf_dir={hf_dir}", "--config.train.total_steps=2",
-             "--config.train.checkpoint_every_steps=2", config="configs/medmcqa_qkv_fc2.py:runlocal")
+    run_main(
+        workdir,
+        f"--config.model.hf_dir={hf_dir}",
+        "--config.train.total_steps=2",
+        "--config.train.checkpoint_every_steps=2",
+        config="configs/medmcqa_qkv_fc2.py:runlocal",
+    )
     adapter = workdir / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(hf_dir)
 

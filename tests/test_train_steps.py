@@ -41,13 +41,19 @@ def batches(tmp_path_factory):
 
 
 def run_steps(config, mesh, batches, n_steps, trainer=None):
-    model = Transformer(train.random_model_config(config), train.lora_spec(config), train.runtime_options(config),
-                        rngs=nnx.Rngs(config.train.seed))
+    model = Transformer(
+        train.random_model_config(config),
+        train.lora_spec(config),
+        train.runtime_options(config),
+        rngs=nnx.Rngs(config.train.seed),
+    )
     shard_model(model, mesh)
     t = trainer or train.build_trainer(model, config, mesh)
     lora, opt, losses = t.lora, t.opt_state, []
     for step in range(n_steps):
-        lora, opt, metrics = t.train_step(lora, opt, t.frozen, train.global_batch(batches[step], t.batch_sharding), step)
+        lora, opt, metrics = t.train_step(
+            lora, opt, t.frozen, train.global_batch(batches[step], t.batch_sharding), step
+        )
         losses.append(float(metrics["loss"]))
     return losses, lora, opt, t
 
@@ -57,7 +63,9 @@ def one_device():
 
 
 def max_diff(a, b):
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def test_accumulation_4_equals_1(batches):

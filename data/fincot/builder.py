@@ -38,7 +38,9 @@ class Builder(StudyBuilder):
         test = []
         for line, row in read_records(test_path):
             rid, question, context, answer = finqa_record(row, f"{test_path}:{line}")
-            test.append(example(rid or f"finqa-{line}", f"{INSTRUCTION}\n\nQuestion: {question}", "", context, "", answer))
+            test.append(
+                example(rid or f"finqa-{line}", f"{INSTRUCTION}\n\nQuestion: {question}", "", context, "", answer)
+            )
         test = select(test, self.SPLIT_SIZES["test"], self.SEED)
         eval_questions = [q for q in (normalize_text(r["instruction"].split("Question: ", 1)[1]) for r in test)]
         eval_questions = [q for q in eval_questions if len(q.split()) >= 5]

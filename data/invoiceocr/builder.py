@@ -45,13 +45,17 @@ class Builder(StudyBuilder):
                 raise DataError(f"{where}: missing field file_name")
             target = json.dumps(ground_truth(row, where), ensure_ascii=False)
             image = read_image(folder, row["file_name"], where)
-            rows.append(example(f"{folder.name}/{row['file_name']}", INSTRUCTION, target, answer=target, images=[image]))
+            rows.append(
+                example(f"{folder.name}/{row['file_name']}", INSTRUCTION, target, answer=target, images=[image])
+            )
         return rows
 
     def make_splits(self, manual_dir):
         if (manual_dir / "train" / "metadata.jsonl").exists():
             train = self._read(manual_dir / "train")
-            test_dir = next((manual_dir / d for d in ("test", "validation") if (manual_dir / d / "metadata.jsonl").exists()), None)
+            test_dir = next(
+                (manual_dir / d for d in ("test", "validation") if (manual_dir / d / "metadata.jsonl").exists()), None
+            )
             if test_dir is None:
                 raise DataError(f"{manual_dir}: train/metadata.jsonl found but no test/metadata.jsonl")
             test = self._read(test_dir)
@@ -61,4 +65,7 @@ class Builder(StudyBuilder):
             train, test = split_off(rows, n_test, self.SEED)
         else:
             raise FileNotFoundError(f"{manual_dir}: no metadata.jsonl (or train/metadata.jsonl)")
-        return {"train": select(train, self.SPLIT_SIZES["train"], self.SEED), "test": select(test, self.SPLIT_SIZES["test"], self.SEED)}
+        return {
+            "train": select(train, self.SPLIT_SIZES["train"], self.SEED),
+            "test": select(test, self.SPLIT_SIZES["test"], self.SEED),
+        }

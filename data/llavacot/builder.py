@@ -55,7 +55,9 @@ class Builder(StudyBuilder):
                 raise DataError(f"{where}: missing field image")
             question, answer = question_and_answer(row, where)
             image = read_image(manual_dir, row["image"], where)
-            rows.append(example(row.get("id", f"llavacot-{line}"), question, answer, answer=conclusion(answer), images=[image]))
+            rows.append(
+                example(row.get("id", f"llavacot-{line}"), question, answer, answer=conclusion(answer), images=[image])
+            )
         n_test = min(self.SPLIT_SIZES["test"], max(len(rows) // 5, 1))
         train, test = split_off(rows, n_test, self.SEED)
         return {"train": select(train, self.SPLIT_SIZES["train"], self.SEED), "test": test}
