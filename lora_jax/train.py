@@ -333,7 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
-            store.save(done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"]})
+            store.save(
+                done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"], "config": config.to_json()}
+            )
         if config.eval.eval_every_steps and done % config.eval.eval_every_steps == 0:
             evaluate(done)
     store.wait()

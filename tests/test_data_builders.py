@@ -173,3 +173,20 @@ def test_real_records_parse(tmp_path):
     assert len(src["train"]) == len(medqa)  # option-dict rows: every answer text matches its letter
     answers = sorted(_text(src["train"][i], "answer") for i in range(len(src["train"])))
     assert answers == sorted(r["answer_idx"] for r in medqa)
+
+
+def test_fincot_drops_and_counts_training_questions_in_the_eval_set(tmp_path):
+    from data.prepare import prepare
+
+    manual = samples.write_sample_manual_dir("fincot", tmp_path / "m")
+    eval_q = json.loads(open(os.path.join(manual, "finqa_test.jsonl")).readline())["question"]
+    with open(os.path.join(manual, "fincot_sft.jsonl"), "a") as f:
+        f.write(
+            json.dumps(
+                {"Question": f"Context: costs.\n{eval_q.upper()}", "Reasoning_process": "r", "Final_response": "5"}
+            )
+            + "\n"
+        )
+    builder = prepare("fincot", manual, str(tmp_path / "t"))
+    assert builder.info.metadata["train_dropped_overlapping_eval"] == 1
+    assert len(builder.as_data_source()["train"]) == 8  # the 8 sample questions, not the leaked one

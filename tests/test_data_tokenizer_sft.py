@@ -141,3 +141,29 @@ def test_fallback_template_for_base_checkpoints(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = Tokenizer(d)
     assert not tok.has_template and tok.end_of_turn == "<|im_end|>"
+
+
+def test_sentencepiece_tokenizer_dir(tmp_path):
+    """A SentencePiece `tokenizer.model` (Llama 2 / Mistral style) goes through the same path."""
+    import sentencepiece
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 5))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=64,
+        model_type="bpe",
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    tok = Tokenizer(str(tmp_path))
+    assert tok.end_of_turn == "<|im_end|>"  # the declared ChatML fallback
+    ex = tokenize_example(tok, RECORD, SFTOptions(max_seq_len=512, model_vocab_size=64))
+    assert tok.decode(ex["targets"][ex["loss_mask"] == 1]).replace(" ", "") == (
+        RECORD["target"] + "<|im_end|>"
+    ).replace(" ", "")

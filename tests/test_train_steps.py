@@ -71,9 +71,10 @@ def max_diff(a, b):
 def test_accumulation_4_equals_1(batches):
     small = [{k: v[:4] for k, v in b.items()} for b in batches]
     ref_losses, ref_lora, _, _ = run_steps(make_config(**{"optim.grad_accum_steps": 1}), one_device(), small, 2)
-    losses, lora, _, _ = run_steps(make_config(**{"optim.grad_accum_steps": 4}), one_device(), small, 2)
+    losses, lora, _, trainer = run_steps(make_config(**{"optim.grad_accum_steps": 4}), one_device(), small, 2)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-6)
     assert max_diff(lora, ref_lora) <= 1e-6
+    assert trainer.train_step._cache_size() == 1  # no recompilation after the first step
 
 
 def test_packed_equals_unpacked(batches):
