@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lo.targets = ("o_proj",)  # subset of ("qkv", "o_proj", "fc1", "fc2")
     lo.rank = 16  # adapter rank r
     lo.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rsLoRA)
-    lo.dropout = 0.05  # dropout on the LoRA input; randomness = f(seed, step, layer)
+    lo.dropout = 0.0  # dropout on the LoRA input (PEFT's default 0); randomness = f(seed, step, layer)
     lo.use_rslora = False  # rank-stabilised scaling
     lo.rank_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(int) for t in STUDY_TARGETS})
     lo.alpha_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(float) for t in STUDY_TARGETS})
@@ -127,6 +127,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     m.max_position_embeddings = 2048
     m.param_dtype, m.compute_dtype, m.remat = "float32", "float32", "none"
     config.lora.rank, config.lora.alpha = 8, 16.0
+    config.lora.dropout = 0.05  # exercised on purpose: a resumed run must repeat the same masks
     config.data.use_bundled_samples = True
     config.data.max_seq_len, config.data.max_target_tokens = 1024, 768
     config.optim.learning_rate, config.optim.warmup_steps = 2e-2, 2

@@ -8,11 +8,13 @@ fc2 (down). `lora_delta(x, a, b, scale)` is the whole adapter computation; a lea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 
@@ -90,6 +92,52 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Arra
     h = jnp.tensordot(x, a.astype(x.dtype), axes=n_in, preferred_element_type=jnp.float32).astype(x.dtype)
     out = jnp.tensordot(h, b.astype(x.dtype), axes=1, preferred_element_type=jnp.float32)
     return (out * scale).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lora_matmul(x, w, a, b, n_in: int):
+    """`x @ w + (x @ a) @ b` (scale folded into b by the caller) as ONE matmul with the merged weight.
+
+    Forward and the input gradient use W' = W + A·B (a cheap [in, r] x [r, out] product), so no
+    skinny rank-r chain sits on the activation path; dA and dB come from rank-r matmuls. W is frozen
+    (its cotangent is zero and never materialised by XLA when unused).
+    """
+    return _merged_matmul(x, w, a, b, n_in)
+
+
+def _merged(w, a, b):
+    r = a.shape[-1]
+    delta = jnp.dot(a.reshape(-1, r), b.reshape(r, -1), preferred_element_type=jnp.float32)
+    return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+
+
+def _merged_matmul(x, w, a, b, n_in):
+    return jnp.tensordot(x, _merged(w, a, b), axes=n_in, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _lora_matmul_fwd(x, w, a, b, n_in):
+    return _merged_matmul(x, w, a, b, n_in), (x, w, a, b)
+
+
+def _lora_matmul_bwd(n_in, res, g):
+    x, w, a, b = res
+    merged = _merged(w, a, b)
+    out_axes = tuple(range(g.ndim - (merged.ndim - n_in), g.ndim))
+    w_out_axes = tuple(range(n_in, merged.ndim))
+    dx = jnp.tensordot(g, merged, axes=(out_axes, w_out_axes), preferred_element_type=jnp.float32).astype(x.dtype)
+    lead = x.ndim - n_in
+    x2 = x.reshape((-1,) + x.shape[lead:]).reshape(-1, int(np.prod(x.shape[lead:])))
+    g2 = g.reshape(-1, int(np.prod(g.shape[lead:])))
+    r = a.shape[-1]
+    a2, b2 = a.reshape(-1, r).astype(x.dtype), b.reshape(r, -1).astype(x.dtype)
+    xa = jnp.dot(x2, a2, preferred_element_type=jnp.float32)  # [n, r]
+    gb = jnp.dot(g2, b2.T, preferred_element_type=jnp.float32)  # [n, r]
+    da = jnp.dot(x2.T, gb.astype(x.dtype), preferred_element_type=jnp.float32).reshape(a.shape)
+    db = jnp.dot(xa.astype(x.dtype).T, g2, preferred_element_type=jnp.float32).reshape(b.shape)
+    return dx, jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def dropout_key(seed: int | jax.Array, step: int | jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax import attention as attention_lib
-from lora_jax.lora import LoraSpec, lora_delta, lora_dropout
+from lora_jax.lora import LoraSpec, lora_delta, lora_dropout, lora_matmul
 from lora_jax.model_config import ModelConfig
 from lora_jax.rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -247,12 +247,21 @@ class _LayerContext:
 def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     """Frozen kernel (+ bias) + LoRA delta. x: [..., *in_dims] -> [..., *out_dims] in compute dtype."""
     cdt = ctx.compute_dtype
-    y = jnp.tensordot(x, p["kernel"].astype(cdt), axes=n_in, preferred_element_type=jnp.float32).astype(cdt)
+    w = p["kernel"].astype(cdt)
+    has_lora = ctx.lora is not None and "lora_a" in p
+    no_dropout = ctx.lora is not None and (ctx.lora.dropout == 0.0 or ctx.dropout_key is None)
+    if has_lora and no_dropout and cdt == jnp.float32:
+        # Base + adapter as one matmul with the merged weight (custom VJP, see lora.py). Only in
+        # float32: a bfloat16 merged weight would round small adapter deltas away.
+        b = p["lora_b"] * ctx.lora.scale_for(target)
+        y = lora_matmul(x, w, p["lora_a"].astype(cdt), b.astype(cdt), n_in)
+    else:
+        y = jnp.tensordot(x, w, axes=n_in, preferred_element_type=jnp.float32).astype(cdt)
+        if has_lora:
+            x_in = lora_dropout(x, ctx.lora.dropout, ctx.dropout_key, layer, target)
+            y = y + lora_delta(x_in, p["lora_a"], p["lora_b"], ctx.lora.scale_for(target))
     if "bias" in p:
         y = y + p["bias"].astype(cdt)
-    if ctx.lora is not None and "lora_a" in p:
-        x_in = lora_dropout(x, ctx.lora.dropout, ctx.dropout_key, layer, target)
-        y = y + lora_delta(x_in, p["lora_a"], p["lora_b"], ctx.lora.scale_for(target))
     return y
 
 

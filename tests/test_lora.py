@@ -139,3 +139,25 @@ def test_merge_and_unmerge():
 def test_options_are_validated():
     with pytest.raises(ValueError, match="model.remat"):
         RuntimeOptions(remat="sometimes")
+
+
+def test_merged_weight_lora_matmul_matches_the_plain_formula_and_its_gradients():
+    from lora_jax.lora import lora_matmul
+
+    rng = np.random.default_rng(0)
+    for x_shape, w_shape, n_in in [((2, 5, 6), (6, 3, 4), 1), ((2, 5, 2, 3, 4), (2, 3, 4, 7), 3)]:
+        x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+        w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+        a = jnp.asarray(rng.normal(size=w_shape[:n_in] + (2,)), jnp.float32)
+        b = jnp.asarray(rng.normal(size=(2,) + w_shape[n_in:]), jnp.float32)
+        ct = jnp.asarray(rng.normal(size=x_shape[: x.ndim - n_in] + w_shape[n_in:]), jnp.float32)
+
+        def plain(x, a, b):
+            return ((jnp.tensordot(x, w, n_in) + lora_delta(x, a, b, 1.0)) * ct).sum()
+
+        def fused(x, a, b):
+            return (lora_matmul(x, w, a, b, n_in) * ct).sum()
+
+        np.testing.assert_allclose(fused(x, a, b), plain(x, a, b), rtol=1e-5)
+        for got, want in zip(jax.grad(fused, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
