@@ -110,10 +110,10 @@ class Run:
     model: Transformer
     spec: LoraSpec
     fingerprint: str
-    tokenizer_dir: str
 
 
-def build_model(config, mesh, workdir: epath.Path) -> Run:
+def build_model(config, mesh) -> Run:
+    """The model (base weights + fresh adapters) on `mesh`, and a fingerprint of its base. Writes nothing."""
     spec, opts = lora_spec(config), runtime_options(config)
     if config.model.hf_dir:
         ckpt = HFCheckpoint(config.model.hf_dir)
@@ -127,6 +127,11 @@ def build_model(config, mesh, workdir: epath.Path) -> Run:
         fingerprint = (
             "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
         )
+    return Run(model, spec, fingerprint)
+
+
+def tokenizer_dir(config, workdir: epath.Path) -> str:
+    """data.tokenizer_dir, else model.hf_dir, else (runlocal) the bundled tiny tokenizer written to workdir."""
     tok_dir = config.data.tokenizer_dir or config.model.hf_dir
     if tok_dir is None and config.data.use_bundled_samples:
         from data import samples
@@ -134,7 +139,7 @@ def build_model(config, mesh, workdir: epath.Path) -> Run:
         tok_dir = samples.write_tiny_tokenizer(workdir / "bundled" / "tokenizer")
     if tok_dir is None:
         raise ValueError("data.tokenizer_dir is unset and model.hf_dir gives none")
-    return Run(model, spec, fingerprint, str(tok_dir))
+    return str(tok_dir)
 
 
 def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int):
@@ -250,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     workdir = epath.Path(workdir)
     mesh = make_mesh(config.mesh.shape)
-    run = build_model(config, mesh, workdir)
+    run = build_model(config, mesh)
     model, spec = run.model, run.spec
     identity = {
         "arm": config.arm,
@@ -266,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "dataset": config.data.name,
     }
     store = CheckpointStore(str(workdir), config.train.max_to_keep, identity)  # refuses a foreign workdir first
-    train_iter, eval_iterator = data_iterators(config, workdir, run.tokenizer_dir, model.config.vocab_size)
+    tok_dir = tokenizer_dir(config, workdir)
+    train_iter, eval_iterator = data_iterators(config, workdir, tok_dir, model.config.vocab_size)
 
     trainer = build_trainer(model, config, mesh)
     graphdef, lora, frozen, opt_state = trainer.graphdef, trainer.lora, trainer.frozen, trainer.opt_state

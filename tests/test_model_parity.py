@@ -102,9 +102,9 @@ def test_bf16_compute_within_tolerance_of_f32(mesh):
     opts = RuntimeOptions(param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
     bf = _logits(load_hf_model(d, None, opts, mesh), TOKENS)
     assert bf.dtype == np.float32  # logits stay float32
-    # Stated tolerance: bf16 weights + activations on this 2-layer model stay within 0.05 of f32
-    # (logits have std ~ 0.3 here), and agree on the argmax for nearly all positions.
-    assert np.abs(bf - ref).max() < 0.05
+    # Stated tolerance: bf16 weights + activations on this 2-layer model stay within 0.01 of f32
+    # (measured 0.0028; logits have std ~0.11 here) and agree on the argmax almost everywhere.
+    assert np.abs(bf - ref).max() < 0.01
     assert (bf.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 

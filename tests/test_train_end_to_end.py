@@ -84,9 +84,19 @@ def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path):
     assert max(float(np.abs(ours[k] - ref[k]).max()) for k in ref) <= 1e-6
 
 
+def snapshot(directory):
+    """Every file under a directory with its size and modification time."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            out[os.path.relpath(os.path.join(root, f), directory)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 def test_workdir_of_another_arm_is_refused(reference_run):
     workdir, _ = reference_run
-    before = {p: os.path.getmtime(os.path.join(workdir, "checkpoints", p)) for p in os.listdir(workdir / "checkpoints")}
+    before = snapshot(workdir)
     proc = subprocess.run(
         main_cmd(workdir, config="configs/cocohd_qkv.py:runlocal"),
         cwd=ROOT,
@@ -97,8 +107,7 @@ def test_workdir_of_another_arm_is_refused(reference_run):
     )
     assert proc.returncode != 0
     assert "holds a checkpoint of another run (arm='oproj_fc2'" in proc.stderr
-    after = {p: os.path.getmtime(os.path.join(workdir, "checkpoints", p)) for p in os.listdir(workdir / "checkpoints")}
-    assert before == after
+    assert snapshot(workdir) == before  # refused before anything was written
 
 
 def test_unknown_override_key_is_refused(tmp_path):
