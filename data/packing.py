@@ -27,21 +27,3 @@ def write_row(rows: dict, r: int, examples: list[dict]) -> None:
         rows["segment_ids"][r, t : t + n] = seg
         rows["positions"][r, t : t + n] = np.arange(n)
         t += n
-
-
-def pack_greedy(examples: list[dict], seq_len: int, pack: bool = True) -> list[list[dict]]:
-    """Next-fit packing in stream order (deterministic, streaming): a row closes when the next example
-    does not fit. With pack=False each example gets its own row."""
-    rows, current, used = [], [], 0
-    for ex in examples:
-        n = len(ex["tokens"])
-        if n > seq_len:
-            raise ValueError(f"example of {n} tokens does not fit a row of {seq_len}")
-        if current and (not pack or used + n > seq_len):
-            rows.append(current)
-            current, used = [], 0
-        current.append(ex)
-        used += n
-    if current:
-        rows.append(current)
-    return rows

@@ -130,13 +130,3 @@ class PackedBatchIterator:
             if r < len(rows):
                 write_row(batch, out_row, rows[r])
         return batch
-
-
-def tokenized_lengths(source, tokenizer: Tokenizer, options: SFTOptions, limit: int | None = None) -> list[int]:
-    """Token counts of the first `limit` records (for reports and benchmarks)."""
-    n = len(source) if limit is None else min(limit, len(source))
-    out = []
-    for i in range(n):
-        ex = tokenize_example(tokenizer, source[i], options)
-        out.append(0 if ex is None else len(ex["tokens"]))
-    return out

@@ -51,11 +51,6 @@ def assistant_message(tok: Tokenizer, target: str, reasoning: str, with_reasonin
     return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{target}"}
 
 
-def prompt_ids(tok: Tokenizer, instruction: str, document: str) -> list[int]:
-    """The generation prompt (for evaluation/decoding)."""
-    return tok.encode(tok.render([{"role": "user", "content": user_content(instruction, document)}], True))
-
-
 def _render_ids(tok, record, document, opts):
     user = {"role": "user", "content": user_content(_text(record, "instruction"), document)}
     reply = assistant_message(tok, _text(record, "target"), _text(record, "reasoning"), opts.reasoning_traces)

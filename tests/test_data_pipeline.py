@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from data import samples
-from data.packing import pack_greedy
 from data.pipeline import PackedBatchIterator
 from data.prepare import data_sources
 from data.sft import SFTOptions
@@ -106,13 +105,6 @@ def test_eval_keeps_every_example_and_stops(setup):
     batches = list(it)
     segments = sum(int((b["segment_ids"].max(1) > 0).sum()) for b in batches)
     assert segments == len(src["test"]) and batches[-1]["tokens"].shape == (3, 256)
-
-
-def test_greedy_packing_is_next_fit():
-    ex = [{"tokens": np.zeros(n)} for n in (5, 4, 3, 6, 1)]
-    assert [[len(e["tokens"]) for e in row] for row in pack_greedy(ex, 10)] == [[5, 4], [3, 6, 1]]
-    with pytest.raises(ValueError, match="does not fit"):
-        pack_greedy([{"tokens": np.zeros(11)}], 10)
 
 
 def test_nothing_fits_is_an_error_not_a_hang(setup):

@@ -69,7 +69,20 @@ def eval_split(manual_dir, cop_base: int | None = None) -> list[tuple[str, dict]
     return select(dev, EVAL_SIZE, EVAL_SEED)
 
 
-class Builder(StudyBuilder):
+class EvaluatedOnMedMCQA(StudyBuilder, skip_registration=True):
+    """A builder whose test split is the shared MedMCQA evaluation split (MedMCQA and MedReason)."""
+
+    def __init__(self, *args, cop_base: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cop_base = cop_base  # force 0/1-indexed `cop` when a file cannot tell
+
+    def medmcqa_eval(self, manual_dir) -> tuple[list[dict], set[str]]:
+        """(the evaluation examples, their de-duplication keys)."""
+        rows = eval_split(manual_dir, self.cop_base)
+        return [ex for _, ex in rows], {k for k, _ in rows}
+
+
+class Builder(EvaluatedOnMedMCQA):
     name = "medmcqa"
     SPLIT_SIZES = {"train": 20000, "test": EVAL_SIZE}
     DESCRIPTION = "MedMCQA; evaluation = seeded sample of dev (test has no labels)."
@@ -79,15 +92,10 @@ class Builder(StudyBuilder):
     exported from https://huggingface.co/datasets/openlifescienceai/medmcqa (cop 0-indexed).
     """
 
-    def __init__(self, *args, cop_base: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cop_base = cop_base
-
     def make_splits(self, manual_dir):
-        test = eval_split(manual_dir, self.cop_base)
-        keys = {k for k, _ in test}
+        test, keys = self.medmcqa_eval(manual_dir)
         train_path = find_file(manual_dir, ["train.json", "train.jsonl", "train.parquet"], "MedMCQA train")
         train = parse_rows(train_path, self.cop_base)
         kept = [ex for k, ex in train if k not in keys]
         self.counts["train_dropped_overlapping_eval"] = len(train) - len(kept)
-        return {"train": select(kept, self.SPLIT_SIZES["train"], self.SEED), "test": [ex for _, ex in test]}
+        return {"train": select(kept, self.SPLIT_SIZES["train"], self.SEED), "test": test}

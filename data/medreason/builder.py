@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from data.builder_base import StudyBuilder, example, select
-from data.medmcqa.builder import INSTRUCTION, eval_split
+from data.builder_base import example, select
+from data.medmcqa.builder import INSTRUCTION, EvaluatedOnMedMCQA
 from data.records import DataError, find_file, normalize_text, read_records, require
 
 _OPTION_LINE = re.compile(r"^\s*([A-J])[.):]\s*(.*\S)\s*$")
@@ -41,7 +41,7 @@ def match_letter(answer: str, options: dict[str, str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-class Builder(StudyBuilder):
+class Builder(EvaluatedOnMedMCQA):
     name = "medreason"
     SPLIT_SIZES = {"train": 31682}
     DESCRIPTION = "MedReason reasoning SFT; test = the MedMCQA evaluation split."
@@ -52,13 +52,8 @@ class Builder(StudyBuilder):
     the Hugging Face copy): the evaluation split is built from it exactly as for MedMCQA.
     """
 
-    def __init__(self, *args, cop_base: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cop_base = cop_base
-
     def make_splits(self, manual_dir):
-        test = eval_split(manual_dir, self.cop_base)
-        keys = {k for k, _ in test}
+        test, keys = self.medmcqa_eval(manual_dir)
         path = find_file(manual_dir, ["medreason.jsonl", "medreason.parquet", "medreason.json"], "MedReason")
         train, unmatched, open_ended, overlap = [], 0, 0, 0
         for line, row in read_records(path):
@@ -87,4 +82,4 @@ class Builder(StudyBuilder):
             train_open_ended=open_ended,
             train_dropped_overlapping_eval=overlap,
         )
-        return {"train": select(train, self.SPLIT_SIZES["train"], self.SEED), "test": [ex for _, ex in test]}
+        return {"train": select(train, self.SPLIT_SIZES["train"], self.SEED), "test": test}
