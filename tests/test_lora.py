@@ -1,5 +1,7 @@
 """Per-submodule LoRA on a tiny random model: placement, zero-init, frozen base, gradients."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,19 +11,9 @@ from flax import nnx
 
 from lora_jax.lora import ARMS, TARGETS, LoraSpec, dropout_key, lora_delta
 from lora_jax.model import RuntimeOptions, Transformer, merge_lora, unmerge_lora
-from lora_jax.model_config import ModelConfig
+from tests.tiny_model import TINY
 
-CFG = ModelConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-    qkv_bias=True,
-)
+CFG = dataclasses.replace(TINY, qkv_bias=True)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 61, size=(2, 16)))
 
 

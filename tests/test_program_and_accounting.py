@@ -13,17 +13,9 @@ from lora_jax import accounting
 from lora_jax.lora import ARMS, LoraSpec
 from lora_jax.model import RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig
+from tests.tiny_model import TINY
 
-CFG = ModelConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-)
+CFG = dataclasses.replace(TINY)
 
 
 def _lowered_train_step(num_layers, impl="xla", remat="none"):
