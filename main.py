@@ -26,14 +26,27 @@ def check_schema(config) -> None:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)} (see configs/base.py)")
 
 
+def initialize_distributed(jax) -> None:
+    """Multi-process JAX: explicit (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, e.g.
+    several processes on one host) or auto-detected (multi-host TPU VMs, SLURM, Open MPI)."""
+    num = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if num > 1:
+        # Cross-process collectives on the CPU backend (harmless where accelerators do the work).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=num,
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or "SLURM_NTASKS" in os.environ:
+        jax.distributed.initialize()
+
+
 def main(argv):
     del argv
     import jax
 
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # multi-host: TPU VMs and SLURM/GPU clusters are auto-detected
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()
+    initialize_distributed(jax)
     config = _CONFIG.value
     check_schema(config)
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())

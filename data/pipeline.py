@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -41,10 +42,13 @@ class PackedBatchIterator:
         pack: bool = True,
         process_index: int = 0,
         process_count: int = 1,
+        rows: Sequence[int] | None = None,
         read_ahead: int = 64,
         num_threads: int = 4,
     ):
-        if global_batch_size % process_count:
+        """rows: the global row indices this process materialises (the trainer derives them from the
+        batch sharding); default: an even contiguous split by process_index / process_count."""
+        if rows is None and global_batch_size % process_count:
             raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
         ds = grain.MapDataset.source(source)
         self.num_records = len(ds)
@@ -55,9 +59,10 @@ class PackedBatchIterator:
         self._examples = ds.map(functools.partial(tokenize_example, tokenizer, opts=options))
         self.seq_len = options.max_seq_len
         self.global_batch_size = global_batch_size
-        self.local_rows = range(
-            process_index * global_batch_size // process_count, (process_index + 1) * global_batch_size // process_count
-        )
+        if rows is None:
+            per = global_batch_size // process_count
+            rows = range(process_index * per, (process_index + 1) * per)
+        self.local_rows = list(rows)
         self.train, self.pack = train, pack
         self.cursor = 0
         self.dropped = 0  # examples that could not fit (counted once per stream position)

@@ -91,11 +91,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if accum < 1:
         raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
     b = config.train.global_batch_size
-    if b % accum or (b // accum) % data_parallel or b % jax.process_count():
+    if b % accum or (b // accum) % data_parallel:
         raise ValueError(
             f"train.global_batch_size={b} must split into {accum} micro-batches whose rows divide the "
-            f"data x fsdp mesh axes ({data_parallel}) and the {jax.process_count()} processes"
+            f"data x fsdp mesh axes ({data_parallel})"
         )
+    if config.eval.batch_size % data_parallel:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} must divide by data x fsdp ({data_parallel})")
     if config.train.total_steps < 1:
         raise ValueError("train.total_steps must be >= 1")
     if config.model.hf_dir is None:
@@ -142,8 +144,11 @@ def tokenizer_dir(config, workdir: epath.Path) -> str:
     return str(tok_dir)
 
 
-def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int):
-    """(train iterator, eval-iterator factory). Process 0 prepares the tfds dataset; the others wait."""
+def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding):
+    """(train iterator, eval-iterator factory, their row indices on this process).
+
+    Process 0 prepares the tfds dataset; the others wait. Each process materialises exactly the
+    global batch rows its devices hold under the batch `sharding`."""
     from jax.experimental import multihost_utils
 
     from data import samples
@@ -163,19 +168,42 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     sources = data_sources(d.name, manual, data_dir)
     tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces)
     opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
-    common = dict(process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack)
+    b_train, b_eval = config.train.global_batch_size, config.eval.batch_size
+    train_rows, eval_rows = process_rows(sharding, b_train), process_rows(sharding, b_eval)
     train = PackedBatchIterator(
-        sources["train"], tok, opts, config.train.global_batch_size, seed=config.train.seed, **common
+        sources["train"], tok, opts, b_train, seed=config.train.seed, pack=d.pack, rows=train_rows
     )
 
     def eval_iterator():
-        return PackedBatchIterator(sources["test"], tok, opts, config.eval.batch_size, train=False, **common)
+        return PackedBatchIterator(sources["test"], tok, opts, b_eval, train=False, pack=d.pack, rows=eval_rows)
 
-    return train, eval_iterator
+    return train, eval_iterator, train_rows, eval_rows
 
 
-def global_batch(local: dict, sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def process_rows(sharding, global_batch_size: int) -> list[int]:
+    """The global batch rows this process's devices hold under `sharding` (all rows when replicated)."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size, 1)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return sorted(rows)
+
+
+def global_batch(local: dict, sharding, rows: list[int] | None = None, size: int | None = None) -> dict:
+    """Host arrays holding the global `rows` of a batch of `size` rows (default: all of them) -> global
+    arrays on `sharding`. Each device receives exactly its slice, so this is right for any mesh, also
+    when the batch is replicated across processes (e.g. tensor parallelism over several hosts)."""
+    n_local = next(iter(local.values())).shape[0]
+    rows = list(range(n_local)) if rows is None else list(rows)
+    size = len(rows) if size is None else size
+    where = {r: i for i, r in enumerate(rows)}
+
+    def make(v):
+        def piece(index):
+            return v[[where[r] for r in range(*index[0].indices(size))]][(slice(None),) + tuple(index[1:])]
+
+        return jax.make_array_from_callback((size,) + v.shape[1:], sharding, piece)
+
+    return {k: make(v) for k, v in local.items()}
 
 
 def _metric_writer(workdir: epath.Path):
@@ -184,10 +212,17 @@ def _metric_writer(workdir: epath.Path):
     return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
 
 
-def export_adapter(model: Transformer, workdir: epath.Path, base_name: str) -> None:
-    """PEFT adapter to <workdir>/adapter, written to a temporary dir and renamed (process 0 only)."""
+def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str) -> None:
+    """PEFT adapter to <workdir>/adapter, written to a temporary dir and renamed.
+
+    Every process joins the all-gather of the (possibly sharded over hosts) LoRA arrays; process 0
+    alone writes."""
+    from jax.experimental import multihost_utils
+
+    lora_host = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), lora)
     if jax.process_index() != 0:
         return
+    model = nnx.merge(graphdef, lora_host, frozen)
     final, tmp = workdir / "adapter", workdir / "adapter.tmp"
     if tmp.exists():
         tmp.rmtree()
@@ -272,11 +307,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     store = CheckpointStore(str(workdir), config.train.max_to_keep, identity)  # refuses a foreign workdir first
     tok_dir = tokenizer_dir(config, workdir)
-    train_iter, eval_iterator = data_iterators(config, workdir, tok_dir, model.config.vocab_size)
 
     trainer = build_trainer(model, config, mesh)
     graphdef, lora, frozen, opt_state = trainer.graphdef, trainer.lora, trainer.frozen, trainer.opt_state
     train_step, eval_step, batch_sh = trainer.train_step, trainer.eval_step, trainer.batch_sharding
+    train_iter, eval_iterator, train_rows, eval_rows = data_iterators(
+        config, workdir, tok_dir, model.config.vocab_size, batch_sh
+    )
 
     start = store.latest_step() or 0
     if start:
@@ -300,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for i, local in enumerate(eval_iterator()):
             if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
                 break
-            out = eval_step(lora, frozen, global_batch(local, batch_sh))
+            out = eval_step(lora, frozen, global_batch(local, batch_sh, eval_rows, config.eval.batch_size))
             totals += [float(out["nll_sum"]), float(out["target_tokens"])]
         loss = totals[0] / max(totals[1], 1.0)
         writer.write_scalars(step, {"eval_loss": loss})
@@ -309,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history, metrics, last = [], None, None
     timer_start, timed_steps = None, 0
     for step in range(start, config.train.total_steps):
-        batch = global_batch(next(train_iter), batch_sh)
+        batch = global_batch(next(train_iter), batch_sh, train_rows, b)
         lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
         if timer_start is None:  # the first step compiles: time from the second on
@@ -347,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     store.wait()
     final_step = config.train.total_steps
     eval_loss = evaluate(final_step)
-    export_adapter(nnx.merge(graphdef, lora, frozen), workdir, config.model.hf_dir or "")
+    export_adapter(graphdef, lora, frozen, workdir, config.model.hf_dir or "")
     writer.flush()
     summary = {
         "final_step": final_step,

@@ -94,6 +94,29 @@ def snapshot(directory):
     return out
 
 
+def test_two_processes_equal_one(reference_run, tmp_path):
+    """Two JAX processes on localhost (one CPU device each, data-parallel mesh 2x1x1): each reads its own
+    rows of every global batch; the final adapter equals the single-process run's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        cmd = main_cmd(tmp_path, "--config.mesh.shape=(2,1,1)")
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("events.out")]) == 1  # process 0 alone writes
+    ours, ref = read_adapter(tmp_path), read_adapter(reference_run[0])
+    assert max(float(np.abs(ours[k] - ref[k]).max()) for k in ref) <= 1e-5
+
+
 def test_workdir_of_another_arm_is_refused(reference_run):
     workdir, _ = reference_run
     before = snapshot(workdir)
