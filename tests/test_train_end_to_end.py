@@ -69,15 +69,18 @@ def test_runlocal_arm_writes_events_checkpoints_and_adapter(reference_run):
 def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path):
     """SIGKILL once the checkpoint of a seeded step exists, then the same command again (dropout > 0)."""
     ref_dir, _ = reference_run
-    kill_after = int(np.random.default_rng(7).choice([10]))  # runlocal checkpoints at 10 and 20
-    proc = subprocess.Popen(main_cmd(tmp_path), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    every = "--config.train.checkpoint_every_steps=5"  # checkpoints at 5, 10, 15, 20
+    kill_after = int(np.random.default_rng(7).choice([5, 10, 15]))
+    proc = subprocess.Popen(
+        main_cmd(tmp_path, every), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (tmp_path / "checkpoints" / str(kill_after)).exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the checkpoint to kill at"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    summary = run_main(tmp_path)
+    summary = run_main(tmp_path, every)
     assert summary["resumed_from"] >= kill_after
     ours, ref = read_adapter(tmp_path), read_adapter(ref_dir)
     assert ours.keys() == ref.keys()
