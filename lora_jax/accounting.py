@@ -11,6 +11,7 @@ MFU = achieved FLOP/s / the best of >= 5 timed float32 2048^3 matmuls in the sam
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -28,7 +29,7 @@ def lora_params_per_target(cfg: ModelConfig, spec: LoraSpec | None) -> dict[str,
     out = {}
     for t in spec.targets:
         in_dims, out_dims, _, _ = target_shapes(cfg)[t]
-        n_in, n_out = _prod(in_dims), _prod(out_dims)
+        n_in, n_out = math.prod(in_dims), math.prod(out_dims)
         out[t] = cfg.num_layers * spec.rank_for(t) * (n_in + n_out)
     return out
 
@@ -47,7 +48,7 @@ def peft_equivalent_params_per_target(cfg: ModelConfig, spec: LoraSpec) -> dict[
 
 def base_matmul_params(cfg: ModelConfig) -> int:
     """Frozen matmul weights: all projections of all layers + the LM head (the embedding is a gather)."""
-    per_layer = sum(_prod(i) * _prod(o) for i, o, _, _ in target_shapes(cfg).values())
+    per_layer = sum(math.prod(i) * math.prod(o) for i, o, _, _ in target_shapes(cfg).values())
     return cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
 
 
@@ -87,10 +88,3 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5, device=None) -> float:
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, num_devices: int = 1) -> float:
     return flops_per_step / step_seconds / (peak_flops_per_device * num_devices)
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out

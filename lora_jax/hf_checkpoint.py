@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lora_jax.lora import LoraSpec
+from lora_jax.lora import LoraSpec, delta_weight, init_lora_a
 from lora_jax.model import RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig, load_hf_model_config
 from lora_jax.safetensors_io import SafetensorsFile, write_safetensors
@@ -221,11 +221,8 @@ def load_hf_model(
 def _init_lora(path, shape, seed, sharding, zeros):
     if zeros:
         return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
-    fan_in = int(np.prod(shape[1:-1]))
-    bound = 1.0 / np.sqrt(fan_in)
     key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))
-    init = lambda: jax.random.uniform(key, shape, jnp.float32, -bound, bound)  # noqa: E731
-    return jax.jit(init, out_shardings=sharding)()
+    return jax.jit(lambda: init_lora_a(key, shape), out_shardings=sharding)()
 
 
 # -- merged export -------------------------------------------------------------------------------
@@ -239,11 +236,8 @@ def merged_layer_kernels(model: Transformer, layer: int) -> dict[str, np.ndarray
         proj = getattr(model.layers, name)
         w = np.asarray(jax.device_get(proj.kernel[layer]), np.float32)
         if spec is not None and proj.lora_a is not None:
-            a = np.asarray(jax.device_get(proj.lora_a[layer]), np.float32)
-            b = np.asarray(jax.device_get(proj.lora_b[layer]), np.float32)
-            r = a.shape[-1]
-            delta = a.reshape(-1, r) @ b.reshape(r, -1) * spec.scale_for(name)
-            w = w + delta.reshape(w.shape)
+            delta = delta_weight(proj.lora_a[layer], proj.lora_b[layer])
+            w = w + np.asarray(jax.device_get(delta)) * spec.scale_for(name)
         out[name] = w
     return out
 

@@ -14,7 +14,6 @@ from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 
@@ -105,10 +104,21 @@ def lora_matmul(x, w, a, b, n_in: int):
     return _merged_matmul(x, w, a, b, n_in)
 
 
-def _merged(w, a, b):
+def delta_weight(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The adapter as a weight, float32: A [*in, r] · B [r, *out] -> [*in, *out] (one layer, unscaled)."""
     r = a.shape[-1]
     delta = jnp.dot(a.reshape(-1, r), b.reshape(r, -1), preferred_element_type=jnp.float32)
-    return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+    return delta.reshape(a.shape[:-1] + b.shape[1:])
+
+
+def init_lora_a(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A of shape [layers, *in, r] as PEFT draws it: kaiming-uniform(a=sqrt(5)) = U(±1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _merged(w, a, b):
+    return (w.astype(jnp.float32) + delta_weight(a, b)).astype(w.dtype)
 
 
 def _merged_matmul(x, w, a, b, n_in):
@@ -126,8 +136,8 @@ def _lora_matmul_bwd(n_in, res, g):
     w_out_axes = tuple(range(n_in, merged.ndim))
     dx = jnp.tensordot(g, merged, axes=(out_axes, w_out_axes), preferred_element_type=jnp.float32).astype(x.dtype)
     lead = x.ndim - n_in
-    x2 = x.reshape((-1,) + x.shape[lead:]).reshape(-1, int(np.prod(x.shape[lead:])))
-    g2 = g.reshape(-1, int(np.prod(g.shape[lead:])))
+    x2 = x.reshape(-1, math.prod(x.shape[lead:]))  # [tokens, in]
+    g2 = g.reshape(-1, math.prod(g.shape[lead:]))  # [tokens, out]
     r = a.shape[-1]
     a2, b2 = a.reshape(-1, r).astype(x.dtype), b.reshape(r, -1).astype(x.dtype)
     xa = jnp.dot(x2, a2, preferred_element_type=jnp.float32)  # [n, r]

@@ -19,11 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lora_jax import attention as attention_lib
-from lora_jax.lora import LoraSpec, lora_delta, lora_dropout, lora_matmul
+from lora_jax.lora import LoraSpec, delta_weight, init_lora_a, lora_delta, lora_dropout, lora_matmul
 from lora_jax.model_config import ModelConfig
 from lora_jax.rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -61,7 +60,6 @@ class Projection(nnx.Module):
     """One frozen kernel stacked over layers, with an optional bias and an optional LoRA adapter."""
 
     def __init__(self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs):
-        fan_in = int(np.prod(in_dims))
         shape = (num_layers, *in_dims, *out_dims)
         # Base and adapter draws come from one key per projection, so the base weights do not
         # depend on which targets carry adapters (every arm starts from the same base).
@@ -70,12 +68,10 @@ class Projection(nnx.Module):
         self.kernel = nnx.Param(init.astype(param_dtype), logical_axes=("layers", *in_axes, *out_axes))
         zeros = jnp.zeros((num_layers, *out_dims), param_dtype)
         self.bias = nnx.Param(zeros, logical_axes=("layers", *out_axes)) if bias else None
-        # As PEFT: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0.
+        # As PEFT: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (step 0 equals the base model).
         self.lora_a = self.lora_b = None
         if lora_rank:
-            bound = 1.0 / np.sqrt(fan_in)
-            a_shape = (num_layers, *in_dims, lora_rank)
-            a = jax.random.uniform(jax.random.fold_in(key, 1), a_shape, jnp.float32, -bound, bound)
+            a = init_lora_a(jax.random.fold_in(key, 1), (num_layers, *in_dims, lora_rank))
             b = jnp.zeros((num_layers, lora_rank, *out_dims), jnp.float32)
             self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=("layers", *in_axes, "lora_rank")))
             self.lora_b = nnx.data(nnx.LoRAParam(b, logical_axes=("layers", "lora_rank", *out_axes)))
@@ -306,9 +302,7 @@ def _fold_lora(model: Transformer, sign: float) -> None:
     for target in spec.targets if spec else ():
         proj = getattr(model.layers, target)
         a, b, w = proj.lora_a.get_value(), proj.lora_b.get_value(), proj.kernel.get_value()
-        r = a.shape[-1]
-        n = w.shape[0]
-        delta = jnp.einsum("lir,lro->lio", a.reshape(n, -1, r), b.reshape(n, r, -1)).reshape(w.shape)
+        delta = jax.vmap(delta_weight)(a, b)  # over layers
         merged = (w.astype(jnp.float32) + sign * spec.scale_for(target) * delta).astype(w.dtype)
         proj.kernel.set_value(jax.device_put(merged, w.sharding))
 

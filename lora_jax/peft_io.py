@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 
 from lora_jax.lora import TARGETS, LoraSpec
-from lora_jax.model import Transformer
+from lora_jax.model import Transformer, target_shapes
 from lora_jax.model_config import ModelConfig
 from lora_jax.safetensors_io import SafetensorsFile, write_safetensors, write_text_atomic
 
@@ -32,6 +32,7 @@ HF_MODULES = {
     "fc2": (("mlp", "down_proj"),),
 }
 MODULE_TO_TARGET = {m: t for t, mods in HF_MODULES.items() for _, m in mods}
+MODULE_BLOCK = {m: block for mods in HF_MODULES.values() for block, m in mods}
 _KEY = "base_model.model.model.layers.{layer}.{block}.{module}.lora_{ab}.weight"
 _KEY_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
@@ -67,7 +68,7 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         b_all = np.asarray(jax.device_get(proj.lora_b.get_value()), np.float32)
         for layer in range(cfg.num_layers):
             for module, (la, lb) in _hf_factors(cfg, target, a_all[layer], b_all[layer]).items():
-                block = dict((m, blk) for blk, m in HF_MODULES[target])[module]
+                block = MODULE_BLOCK[module]
                 tensors[_KEY.format(layer=layer, block=block, module=module, ab="A")] = la
                 tensors[_KEY.format(layer=layer, block=block, module=module, ab="B")] = lb
     specs = [(k, v.shape, np.float32) for k, v in sorted(tensors.items())]
@@ -171,7 +172,7 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
     alpha_pat = config.get("alpha_pattern") or {}
 
     def module_scale(module, layer, rank):
-        path = f"model.layers.{layer}.{dict((m, b) for t in HF_MODULES.values() for b, m in t)[module]}.{module}"
+        path = f"model.layers.{layer}.{MODULE_BLOCK[module]}.{module}"
         alpha = float(_pattern_value(alpha_pat, path, alpha0))  # ranks come from the tensor shapes
         return alpha / (math.sqrt(rank) if rslora else rank)
 
@@ -231,8 +232,6 @@ def _rank_ranges(present, layer_factors, shared=False):
 
 def _stack_layer(cfg: ModelConfig, target: str, present, layer_factors, rank, shared=False):
     """Stacks one layer's per-module (A [r, in], B [out, r]) into our (a [*in, rank], b [rank, *out])."""
-    from lora_jax.model import target_shapes
-
     in_dims, out_dims, _, _ = target_shapes(cfg)[target]
     a = np.zeros((*in_dims, rank), np.float32)
     b = np.zeros((rank, *out_dims), np.float32)

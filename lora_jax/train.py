@@ -107,14 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # -- building a run ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Run:
-    model: Transformer
-    spec: LoraSpec
-    fingerprint: str
-
-
-def build_model(config, mesh) -> Run:
+def build_model(config, mesh) -> tuple[Transformer, str]:
     """The model (base weights + fresh adapters) on `mesh`, and a fingerprint of its base. Writes nothing."""
     spec, opts = lora_spec(config), runtime_options(config)
     if config.model.hf_dir:
@@ -129,7 +122,7 @@ def build_model(config, mesh) -> Run:
         fingerprint = (
             "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
         )
-    return Run(model, spec, fingerprint)
+    return model, fingerprint
 
 
 def tokenizer_dir(config, workdir: epath.Path) -> str:
@@ -290,8 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     workdir = epath.Path(workdir)
     mesh = make_mesh(config.mesh.shape)
-    run = build_model(config, mesh)
-    model, spec = run.model, run.spec
+    model, fingerprint = build_model(config, mesh)
+    spec = model.lora
     identity = {
         "arm": config.arm,
         "targets": list(spec.targets),
@@ -302,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "rank_overrides": dict(spec.rank_overrides),
             "alpha_overrides": dict(spec.alpha_overrides),
         },
-        "base_fingerprint": run.fingerprint,
+        "base_fingerprint": fingerprint,
         "dataset": config.data.name,
     }
     store = CheckpointStore(str(workdir), config.train.max_to_keep, identity)  # refuses a foreign workdir first

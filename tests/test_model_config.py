@@ -3,16 +3,10 @@ import json
 import pytest
 
 from lora_jax.model_config import load_hf_model_config, model_config_from_hf
+from tests.hf_reference import TINY
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+# The tiny parity config without head_dim, so the hidden_size // heads default is exercised too.
+BASE = {k: v for k, v in TINY.items() if k not in ("head_dim", "rms_norm_eps")}
 LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
 
 

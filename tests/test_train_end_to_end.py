@@ -181,6 +181,7 @@ def test_real_hf_checkpoint_path_matches_peft(tmp_path):
     adapter = workdir / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(hf_dir)
 
+    import jax
     import jax.numpy as jnp
 
     from lora_jax.hf_checkpoint import load_hf_model
@@ -189,7 +190,7 @@ def test_real_hf_checkpoint_path_matches_peft(tmp_path):
     from lora_jax.sharding import make_mesh
 
     tokens = np.random.default_rng(0).integers(0, 259, size=(2, 24))
-    mesh = make_mesh((1, 1, 1), devices=__import__("jax").devices()[:1])
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     base = load_hf_model(str(hf_dir), None, RuntimeOptions(), mesh)
     spec, weights = read_peft_adapter(str(adapter), base.config)
     model = load_hf_model(str(hf_dir), spec, RuntimeOptions(), mesh)
