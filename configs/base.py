@@ -47,7 +47,7 @@ STUDY_TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.arm = ""  # arm token of the config file name, e.g. "oproj_fc2" (recorded in checkpoints)
-    config.mode = "train"  # "train" | "eval" (evaluate the latest checkpoint) | "bench" (timed steps, no writes)
+    config.mode = "train"  # "train" (the only mode so far)
 
     config.model = m = ml_collections.ConfigDict()
     m.hf_dir = config_dict.placeholder(str)  # local Hugging Face checkpoint dir; None = random init below
@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.pack = True  # pack several examples per row (segment_ids keep them apart)
     d.reasoning_traces = False  # put reasoning traces (if the dataset has them) before the answer
     d.use_bundled_samples = False  # the tiny samples written by data/samples.py (runlocal)
+    d.bad_images = "error"  # an undecodable image file: "error" (stop, naming it) | "drop" (drop and count)
 
     config.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-4  # peak learning rate (AdamW)
@@ -101,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.checkpoint_every_steps = 200  # periodic orbax checkpoints (also one at the end)
     t.max_to_keep = 3  # checkpoints kept
     t.loss_chunk_tokens = 512  # sequence chunk of the cross-entropy (never the full [B, T, vocab] logits)
-    t.bench_steps = 10  # timed steps in mode="bench"
+    t.allow_changed_on_resume = ()  # keys (e.g. "train.total_steps") a resumed run may change on purpose
 
     config.eval = e = ml_collections.ConfigDict()
     e.eval_every_steps = 0  # evaluation loss on the test split every N steps (0 = only at the end)

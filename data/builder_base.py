@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data import images
 from data.records import DataError
 
 TEXT_FIELDS = ("id", "instruction", "document", "target", "reasoning", "answer")
@@ -62,10 +63,24 @@ class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     SEED = 20260101
     DESCRIPTION = ""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, bad_images: str = "error", **kwargs):
+        """bad_images: "error" (stop at the first undecodable image, naming it) | "drop" (drop and count)."""
+        if bad_images not in images.BAD_IMAGE_POLICIES:
+            raise DataError(f"data.bad_images={bad_images!r} is unknown; valid: {', '.join(images.BAD_IMAGE_POLICIES)}")
         kwargs.setdefault("file_format", "array_record")
         super().__init__(*args, **kwargs)
+        self.bad_images = bad_images
         self.counts: dict[str, int] = {}
+
+    def read_image(self, folder, name, where: str) -> bytes | None:
+        """The decode-checked image bytes, or None when it is bad and bad_images="drop" (counted)."""
+        try:
+            return images.read_image(folder, name, where)
+        except DataError:
+            if self.bad_images == "error":
+                raise
+            self.counts["dropped_bad_images"] = self.counts.get("dropped_bad_images", 0) + 1
+            return None
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

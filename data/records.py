@@ -14,15 +14,23 @@ class DataError(ValueError):
     """Bad input data: the message names the file (and line or key) and what was expected."""
 
 
+class MissingDataError(DataError, FileNotFoundError):
+    """An input file or directory that does not exist."""
+
+
 def read_records(path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line_or_row_number, record). JSONL (also named .json), a JSON array, or Parquet."""
     path = epath.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingDataError(f"{path}: file not found")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(str(path)).to_pylist(), start=1):
+        try:
+            table = pq.read_table(str(path))
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: unreadable Parquet file ({' '.join(str(e).split())})") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row
         return
     text = path.read_text()
@@ -67,4 +75,4 @@ def find_file(manual_dir, candidates, what: str):
     for name in candidates:
         if (manual_dir / name).exists():
             return manual_dir / name
-    raise FileNotFoundError(f"{manual_dir}: no {what} file; expected one of {', '.join(candidates)}")
+    raise MissingDataError(f"{manual_dir}: no {what} file; expected one of {', '.join(candidates)}")

@@ -6,6 +6,7 @@ byte-level tokenizer with a ChatML chat template — all written deterministical
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -24,6 +25,14 @@ CHATML_TEMPLATE = (
 TINY_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
+def _write_if_changed(path: epath.Path, data: bytes) -> None:
+    """Rewriting identical files would change their mtimes and make prepared datasets look stale."""
+    if not (path.exists() and path.read_bytes() == data):
+        tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+
 def write_tiny_tokenizer(directory) -> str:
     """A byte-level BPE with no merges (every byte is a token) + ChatML specials: vocab 259."""
     import tokenizers
@@ -36,7 +45,7 @@ def write_tiny_tokenizer(directory) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.save(str(d / "tokenizer.json"))
+    _write_if_changed(d / "tokenizer.json", tok.to_str(pretty=True).encode())
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": "<|im_end|>",
@@ -45,7 +54,7 @@ def write_tiny_tokenizer(directory) -> str:
         "chat_template": CHATML_TEMPLATE,
         "model_max_length": 4096,
     }
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    _write_if_changed(d / "tokenizer_config.json", json.dumps(config, indent=2).encode())
     return str(d)
 
 
@@ -121,7 +130,7 @@ def write_sample_manual_dir(name: str, directory) -> str:
 
     def jsonl(filename, rows):
         (d / filename).parent.mkdir(parents=True, exist_ok=True)
-        (d / filename).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_if_changed(d / filename, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     if name == "cocohd":
         jsonl("cocohd.jsonl", [_hearing(i) for i in range(12)])
@@ -177,7 +186,7 @@ def write_sample_manual_dir(name: str, directory) -> str:
         rows = []
         for i in range(8):
             (d / f"images/{i}.png").parent.mkdir(parents=True, exist_ok=True)
-            (d / f"images/{i}.png").write_bytes(tiny_png(8, 8, i))
+            _write_if_changed(d / f"images/{i}.png", tiny_png(8, 8, i))
             answer = (
                 f"<SUMMARY> Count the squares. </SUMMARY>\n<CAPTION> A grid pattern {i}. </CAPTION>\n"
                 f"<REASONING> There are {i + 1} squares. </REASONING>\n<CONCLUSION> {i + 1} </CONCLUSION>"
@@ -198,7 +207,7 @@ def write_sample_manual_dir(name: str, directory) -> str:
             rows = []
             for i in range(n):
                 (d / split / f"invoice_{i}.png").parent.mkdir(parents=True, exist_ok=True)
-                (d / split / f"invoice_{i}.png").write_bytes(tiny_png(16, 8, i))
+                _write_if_changed(d / split / f"invoice_{i}.png", tiny_png(16, 8, i))
                 gt = {
                     "gt_parse": {
                         "header": {"invoice_no": f"{1000 + i}", "invoice_date": "01/02/2024"},

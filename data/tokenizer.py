@@ -8,7 +8,7 @@ import logging
 from etils import epath
 
 from data.chat_template import FALLBACK_TEMPLATE, render_chat
-from data.records import DataError
+from data.records import DataError, MissingDataError
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
@@ -38,7 +38,7 @@ class Tokenizer:
             self._hf = None
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
         else:
-            raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model")
+            raise MissingDataError(f"{d}: no tokenizer.json or tokenizer.model")
         template = self.config.get("chat_template")
         if (d / "chat_template.jinja").exists():  # transformers >= 4.5x saves it beside the config
             template = (d / "chat_template.jinja").read_text()

@@ -18,6 +18,8 @@ from typing import Callable, Protocol
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
+
 _NEG = -1e30  # finite, so fully-masked blocks never produce inf - inf = NaN
 _NO_WINDOW = 2**30
 
@@ -220,5 +222,5 @@ def register_attention_impl(name: str, fn: AttentionFn) -> None:
 
 def get_attention_impl(name: str) -> Callable:
     if name not in _IMPLS:
-        raise ValueError(f"model.attention_impl={name!r} is unknown; valid: {', '.join(sorted(_IMPLS))}")
+        raise ConfigError(f"model.attention_impl={name!r} is unknown; valid: {', '.join(sorted(_IMPLS))}")
     return _IMPLS[name]

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-# Metadata keys that must match for a workdir to be resumed.
-IDENTITY_KEYS = ("arm", "targets", "lora", "base_fingerprint", "dataset")
+from lora_jax.errors import WorkdirError
+from lora_jax.multihost import decided_on_process_0
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(WorkdirError):
     pass
 
 
@@ -37,26 +37,31 @@ def _manager(directory: epath.Path, max_to_keep: int, create: bool) -> ocp.Check
 
 
 class CheckpointStore:
-    def __init__(self, workdir: str, max_to_keep: int, identity: dict):
+    def __init__(self, workdir: str, max_to_keep: int, identity: dict, allowed_changes: tuple[str, ...] = ()):
+        """identity: JSON-able values a checkpoint must agree with to be resumed (but allowed_changes)."""
         self.dir = epath.Path(workdir) / "checkpoints"
         self.identity = identity
+        self.allowed_changes = allowed_changes
         self._check_workdir()
         self.manager = _manager(self.dir, max_to_keep, create=True)
 
     def _check_workdir(self) -> None:
-        if not self.dir.exists():
+        # Process 0 decides whether checkpoints/ exists: asked by each process, the answer races
+        # process 0's mkdir below and the processes enter different orbax barriers.
+        if not decided_on_process_0(lambda: "yes" if self.dir.exists() else ""):
             return
         existing = _manager(self.dir, 1, create=False)
         step = existing.latest_step()
         if step is None:
             return
         meta = existing.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        for key in IDENTITY_KEYS:
-            if meta.get(key) != self.identity.get(key):
-                raise WorkdirMismatchError(
-                    f"{self.dir}: holds a checkpoint of another run ({key}={meta.get(key)!r}, this run has "
-                    f"{self.identity.get(key)!r}); use a fresh --workdir"
-                )
+        differ = [k for k in self.identity if k not in self.allowed_changes and meta.get(k) != self.identity[k]]
+        if differ:
+            what = "; ".join(f"{k}={meta.get(k)!r}, this run has {self.identity[k]!r}" for k in differ)
+            raise WorkdirMismatchError(
+                f"{self.dir}: holds a checkpoint of another run ({what}); use a fresh --workdir, or list the "
+                "keys in --config.train.allow_changed_on_resume to change them on purpose"
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

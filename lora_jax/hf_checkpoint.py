@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -20,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lora_jax.errors import CheckpointError, MissingFileError
 from lora_jax.lora import LoraSpec, delta_weight, init_lora_a
 from lora_jax.model import RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig, load_hf_model_config
@@ -63,7 +65,7 @@ class HFCheckpoint:
     def __init__(self, hf_dir: str):
         self.dir = str(hf_dir)
         if not os.path.isdir(self.dir):
-            raise FileNotFoundError(f"{self.dir}: Hugging Face checkpoint directory does not exist")
+            raise MissingFileError(f"{self.dir}: Hugging Face checkpoint directory does not exist")
         self.config = load_hf_model_config(self.dir)
         with open(os.path.join(self.dir, "config.json")) as f:
             self.raw_config = json.load(f)
@@ -72,7 +74,7 @@ class HFCheckpoint:
             with open(index) as f:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
+                raise CheckpointError(f"{index}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.dir, "*.safetensors")))
@@ -80,16 +82,16 @@ class HFCheckpoint:
         if not files:
             legacy = [p for p in os.listdir(self.dir) if p.endswith((".bin", ".pt", ".pth", ".ckpt"))]
             if legacy:
-                raise ValueError(
+                raise CheckpointError(
                     f"{self.dir}: only PyTorch pickle weights ({legacy[0]}); safetensors are required — convert "
                     "with transformers: AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True)"
                 )
-            raise FileNotFoundError(f"{self.dir}: no *.safetensors weight files")
+            raise MissingFileError(f"{self.dir}: no *.safetensors weight files")
         self.files = {}
         for name in files:
             path = os.path.join(self.dir, name)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: listed in model.safetensors.index.json but missing")
+                raise MissingFileError(f"{path}: listed in model.safetensors.index.json but missing")
             self.files[name] = SafetensorsFile(path)
         self.location = {}
         for fname, f in self.files.items():
@@ -101,15 +103,16 @@ class HFCheckpoint:
     def _validate(self) -> None:
         for name, shape in hf_tensor_shapes(self.config).items():
             if name not in self.location:
-                raise ValueError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+                raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
             got = self.location[name].shape(name)
             if got != shape:
-                raise ValueError(
+                raise CheckpointError(
                     f"{self.location[name].path}: tensor {name} has shape {got}, but config.json implies {shape}"
                 )
 
-    def tensor(self, name: str) -> np.ndarray:
-        return self.location[name].tensor(name)
+    def read(self, name: str, *index: slice) -> np.ndarray:
+        """tensor[index] of one checkpoint tensor; only those bytes are read."""
+        return self.location[name].read(name, *index)
 
     def source_dtype(self) -> np.dtype:
         return self.location["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
@@ -120,40 +123,51 @@ class HFCheckpoint:
         for name in sorted(self.location):
             f = self.location[name]
             h.update(f"{name}{f.shape(name)}{f.dtype(name)}".encode())
-            flat = f.tensor(name).reshape(-1)
-            h.update(np.ascontiguousarray(flat[:64]).tobytes())
+            shape = f.shape(name)
+            row = math.prod(shape[1:]) if shape else 1
+            first = f.read(name, slice(0, -(-64 // row))) if shape else f.read(name)  # >= 64 leading values
+            h.update(np.ascontiguousarray(first.reshape(-1)[:64]).tobytes())
         return h.hexdigest()[:16]
 
 
+def _rows(s: slice, n: int) -> slice:
+    """The rows of a [heads * n, ...] tensor that hold heads s (a step-1 slice)."""
+    return slice(s.start * n, s.stop * n)
+
+
 def _slice_reader(ckpt: HFCheckpoint, cfg: ModelConfig, path: tuple[str, ...]):
-    """For one of our parameters: fn(layer | None, index_slices) -> numpy block of that parameter."""
-    k, g, d, e = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
-    t = ckpt.tensor
+    """For one of our parameters: fn(layer | None, index_slices) -> numpy block of that parameter.
 
-    def attn(layer, name):
-        return t(_LAYER.format(layer) + f"self_attn.{name}")
+    Each HF tensor is read by a contiguous block of whole heads (a safetensors slice), then reshaped
+    and narrowed to the head-dim slice, so a host reads little more than the block it holds."""
+    g, d = cfg.q_per_kv, cfg.head_dim
+    r = ckpt.read
 
-    def mlp(layer, name):
-        return t(_LAYER.format(layer) + f"mlp.{name}.weight")
+    def attn(layer, name, *index):
+        return r(_LAYER.format(layer) + f"self_attn.{name}", *index)
+
+    def mlp(layer, name, *index):
+        return r(_LAYER.format(layer) + f"mlp.{name}.weight", *index)
 
     if path == ("embed",):
-        return lambda _, s: t("model.embed_tokens.weight")[s[0], s[1]]
+        return lambda _, s: r("model.embed_tokens.weight", s[0], s[1])
     if path == ("lm_head",):
-        return lambda _, s: t("lm_head.weight")[s[1], s[0]].T
+        return lambda _, s: r("lm_head.weight", s[1], s[0]).T
     if path == ("final_norm",):
-        return lambda _, s: t("model.norm.weight")[s[0]]
+        return lambda _, s: r("model.norm.weight", s[0])
     name = path[1:]
     if name == ("attn_norm",):
-        return lambda i, s: t(_LAYER.format(i) + "input_layernorm.weight")[s[0]]
+        return lambda i, s: r(_LAYER.format(i) + "input_layernorm.weight", s[0])
     if name == ("mlp_norm",):
-        return lambda i, s: t(_LAYER.format(i) + "post_attention_layernorm.weight")[s[0]]
+        return lambda i, s: r(_LAYER.format(i) + "post_attention_layernorm.weight", s[0])
     if name == ("qkv", "kernel"):
 
         def qkv(i, s):
             es, ks, js, ds = s
-            q = attn(i, "q_proj.weight").reshape(k, g, d, e)[ks, :, ds, es]
-            kk = attn(i, "k_proj.weight").reshape(k, d, e)[ks, ds, es][:, None]
-            vv = attn(i, "v_proj.weight").reshape(k, d, e)[ks, ds, es][:, None]
+            nk = ks.stop - ks.start
+            q = attn(i, "q_proj.weight", _rows(ks, g * d), es).reshape(nk, g, d, -1)[:, :, ds]
+            kk = attn(i, "k_proj.weight", _rows(ks, d), es).reshape(nk, d, -1)[:, ds][:, None]
+            vv = attn(i, "v_proj.weight", _rows(ks, d), es).reshape(nk, d, -1)[:, ds][:, None]
             return np.concatenate([q, kk, vv], axis=1)[:, js].transpose(3, 0, 1, 2)
 
         return qkv
@@ -161,24 +175,31 @@ def _slice_reader(ckpt: HFCheckpoint, cfg: ModelConfig, path: tuple[str, ...]):
 
         def qkv_bias(i, s):
             ks, js, ds = s
-            q = attn(i, "q_proj.bias").reshape(k, g, d)[ks, :, ds]
-            kk = attn(i, "k_proj.bias").reshape(k, d)[ks, ds][:, None]
-            vv = attn(i, "v_proj.bias").reshape(k, d)[ks, ds][:, None]
+            nk = ks.stop - ks.start
+            q = attn(i, "q_proj.bias", _rows(ks, g * d)).reshape(nk, g, d)[:, :, ds]
+            kk = attn(i, "k_proj.bias", _rows(ks, d)).reshape(nk, d)[:, ds][:, None]
+            vv = attn(i, "v_proj.bias", _rows(ks, d)).reshape(nk, d)[:, ds][:, None]
             return np.concatenate([q, kk, vv], axis=1)[:, js]
 
         return qkv_bias
     if name == ("o_proj", "kernel"):
-        return lambda i, s: attn(i, "o_proj.weight").reshape(e, k, g, d)[s[3], s[0], s[1], s[2]].transpose(1, 2, 3, 0)
+
+        def o_proj(i, s):
+            ks, js, ds, es = s
+            w = attn(i, "o_proj.weight", es, _rows(ks, g * d))
+            return w.reshape(w.shape[0], ks.stop - ks.start, g, d)[:, :, js, ds].transpose(1, 2, 3, 0)
+
+        return o_proj
     if name == ("fc1", "kernel"):
 
         def fc1(i, s):
             es, js, ms = s
-            both = np.stack([mlp(i, "gate_proj")[ms, es], mlp(i, "up_proj")[ms, es]])[js]
+            both = np.stack([mlp(i, "gate_proj", ms, es), mlp(i, "up_proj", ms, es)])[js]
             return both.transpose(2, 0, 1)
 
         return fc1
     if name == ("fc2", "kernel"):
-        return lambda i, s: mlp(i, "down_proj")[s[1], s[0]].T
+        return lambda i, s: mlp(i, "down_proj", s[1], s[0]).T
     raise KeyError(f"no checkpoint tensor for parameter {'.'.join(path)}")
 
 

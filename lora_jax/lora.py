@@ -15,6 +15,8 @@ from typing import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
+
 TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 
 # The study's nine arms, by the token used in config file names (DESIGN.md).
@@ -36,9 +38,9 @@ def validate_targets(targets: Iterable[str]) -> tuple[str, ...]:
     targets = tuple(targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets: {', '.join(TARGETS)}")
+        raise ConfigError(f"unknown LoRA target(s) {unknown}; valid targets: {', '.join(TARGETS)}")
     if len(set(targets)) != len(targets):
-        raise ValueError(f"duplicate LoRA targets in {targets}")
+        raise ConfigError(f"duplicate LoRA targets in {targets}")
     return tuple(t for t in TARGETS if t in targets)
 
 
@@ -61,13 +63,13 @@ class LoraSpec:
             overrides = dict(getattr(self, name))
             bad = [k for k in overrides if k not in TARGETS]
             if bad:
-                raise ValueError(f"lora.{name} has unknown key(s) {bad}; valid: {', '.join(TARGETS)}")
+                raise ConfigError(f"lora.{name} has unknown key(s) {bad}; valid: {', '.join(TARGETS)}")
             object.__setattr__(self, name, tuple(sorted((k, v) for k, v in overrides.items() if v is not None)))
         for t in self.targets:
             if self.rank_for(t) <= 0:
-                raise ValueError(f"LoRA rank for {t} must be positive, got {self.rank_for(t)}")
+                raise ConfigError(f"LoRA rank for {t} must be positive, got {self.rank_for(t)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
     def rank_for(self, target: str) -> int:
         return int(dict(self.rank_overrides).get(target, self.rank))

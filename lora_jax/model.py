@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax import attention as attention_lib
+from lora_jax.errors import ConfigError
 from lora_jax.lora import LoraSpec, delta_weight, init_lora_a, lora_delta, lora_dropout, lora_matmul
 from lora_jax.model_config import ModelConfig
 from lora_jax.rope import apply_rope, inverse_frequencies, rope_angles
@@ -42,7 +43,7 @@ class RuntimeOptions:
     def __post_init__(self):
         attention_lib.get_attention_impl(self.attention_impl)  # validates the name
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}")
+            raise ConfigError(f"model.remat={self.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}")
 
 
 def target_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple, tuple]]:
@@ -146,7 +147,7 @@ class Transformer(nnx.Module):
 
     def check_length(self, length: int) -> None:
         if length > self.config.max_position_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
 

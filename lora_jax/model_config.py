@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+from lora_jax.errors import CheckpointError, ConfigError, MissingFileError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -45,9 +47,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"sliding_windows has {len(self.sliding_windows)} entries, expected num_layers={self.num_layers}"
             )
 
@@ -67,9 +69,9 @@ def _rope_from_hf(cfg: dict[str, Any], source: str) -> RopeConfig:
     params = cfg.get("rope_parameters")
     legacy = cfg.get("rope_scaling")
     if params is not None and not isinstance(params, dict):
-        raise ValueError(f"{source}: 'rope_parameters' must be an object, got {params!r}")
+        raise CheckpointError(f"{source}: 'rope_parameters' must be an object, got {params!r}")
     if params is not None and any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"{source}: per-layer-type 'rope_parameters' are not supported")
+        raise CheckpointError(f"{source}: per-layer-type 'rope_parameters' are not supported")
     merged: dict[str, Any] = {}
     if legacy:
         merged.update(legacy)
@@ -77,7 +79,7 @@ def _rope_from_hf(cfg: dict[str, Any], source: str) -> RopeConfig:
         merged.update(params)
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     theta = float(merged.get("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -85,7 +87,7 @@ def _rope_from_hf(cfg: dict[str, Any], source: str) -> RopeConfig:
         return RopeConfig(theta=theta)
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in merged]
     if missing:
-        raise ValueError(f"{source}: llama3 rope scaling is missing {', '.join(missing)}")
+        raise CheckpointError(f"{source}: llama3 rope scaling is missing {', '.join(missing)}")
     return RopeConfig(
         theta=theta,
         rope_type="llama3",
@@ -113,10 +115,10 @@ def _sliding_windows_from_hf(cfg: dict[str, Any], num_layers: int, source: str):
             start = int(cfg.get("max_window_layers", num_layers))
             layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
         if len(layer_types) != num_layers:
-            raise ValueError(f"{source}: layer_types has {len(layer_types)} entries, expected {num_layers}")
+            raise CheckpointError(f"{source}: layer_types has {len(layer_types)} entries, expected {num_layers}")
         unknown = set(layer_types) - {"sliding_attention", "full_attention"}
         if unknown:
-            raise ValueError(f"{source}: unknown layer_types {sorted(unknown)}")
+            raise CheckpointError(f"{source}: unknown layer_types {sorted(unknown)}")
         windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
         return windows if any(w is not None for w in windows) else ()
     return ()
@@ -126,25 +128,25 @@ def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Mo
     """Parses a Hugging Face config dict (legacy or transformers-5 form) into a `ModelConfig`."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in required if k not in cfg]
     if missing:
-        raise ValueError(f"{source}: missing keys {', '.join(missing)}")
+        raise CheckpointError(f"{source}: missing keys {', '.join(missing)}")
     num_heads = int(cfg["num_attention_heads"])
     num_layers = int(cfg["num_hidden_layers"])
     head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // num_heads
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        raise CheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (only 'silu')")
+        raise CheckpointError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (only 'silu')")
     if model_type == "llama" and cfg.get("mlp_bias", False):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported")
     qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
     if model_type == "llama" and cfg.get("attention_bias", False):
-        raise ValueError(f"{source}: attention_bias=true on llama (which also biases o_proj) is not supported")
+        raise CheckpointError(f"{source}: attention_bias=true on llama (which also biases o_proj) is not supported")
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
@@ -171,9 +173,9 @@ def load_hf_model_config(path: str) -> ModelConfig:
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no config.json (expected a Hugging Face checkpoint directory)")
+        raise MissingFileError(f"{p}: no config.json (expected a Hugging Face checkpoint directory)")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON ({e})") from None
+        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
     return model_config_from_hf(cfg, source=str(p))

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from lora_jax.errors import CheckpointError, MissingFileError
 from lora_jax.lora import TARGETS, LoraSpec
 from lora_jax.model import Transformer, target_shapes
 from lora_jax.model_config import ModelConfig
@@ -104,7 +105,7 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
 
 def _check_supported(config: dict, path: str) -> None:
     def refuse(what):
-        raise ValueError(f"{path}: {what} is not supported")
+        raise CheckpointError(f"{path}: {what} is not supported")
 
     if config.get("peft_type", "LORA") != "LORA":
         refuse(f"peft_type {config.get('peft_type')!r} (only LORA)")
@@ -141,31 +142,31 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
     cfg_path, weights_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, weights_path):
         if not p.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{p}: missing (a PEFT adapter needs adapter_config.json and adapter_model.safetensors)"
             )
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     _check_supported(config, str(cfg_path))
     f = SafetensorsFile(str(weights_path))
     factors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for key in f.keys():
         m = _KEY_RE.match(key)
         if not m:
-            raise ValueError(f"{weights_path}: tensor {key} is not a LoRA A/B weight of a decoder layer")
+            raise CheckpointError(f"{weights_path}: tensor {key} is not a LoRA A/B weight of a decoder layer")
         layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
         if module not in MODULE_TO_TARGET:
-            raise ValueError(f"{weights_path}: adapter on module {module!r} is not supported")
+            raise CheckpointError(f"{weights_path}: adapter on module {module!r} is not supported")
         if layer >= cfg.num_layers:
-            raise ValueError(f"{weights_path}: layer {layer} but the model has {cfg.num_layers} layers")
-        factors.setdefault((module, layer), {})[ab] = np.asarray(f.tensor(key), np.float32)
+            raise CheckpointError(f"{weights_path}: layer {layer} but the model has {cfg.num_layers} layers")
+        factors.setdefault((module, layer), {})[ab] = np.asarray(f.read(key), np.float32)
     modules = sorted({m for m, _ in factors})
     for module in modules:
         missing = [i for i in range(cfg.num_layers) if (module, i) not in factors]
         if missing:
-            raise ValueError(
+            raise CheckpointError(
                 f"{weights_path}: module {module} has no adapter on layers {missing} (layers_to_transform)"
             )
     r0, alpha0, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))

@@ -1,9 +1,10 @@
-"""Minimal safetensors reading by slices (memory-mapped) and streaming writing, one tensor at a time.
+"""Safetensors reading by slices (the `safetensors` package) and streaming writing, one tensor at a time.
 
-The `safetensors` package loads whole tensors (and its numpy backend has no bfloat16); here a
-reader returns lazy numpy views so a host touches only the slices it needs, and a writer emits the
-header first and then each tensor as it is produced, so no second full copy is ever held. Files
-are written to a temporary name and renamed, so a kill never leaves half a file.
+Reading: `safe_open(...).get_slice` reads only the slices a host needs (bfloat16 included), and
+checks at open that the header's offsets fit the file, so a truncated download fails at once with
+its path. Writing has no library equivalent: the header goes first and then each tensor as it is
+produced, so no second full copy is ever held; files are written to a temporary name and renamed,
+so a kill never leaves half a file.
 """
 
 from __future__ import annotations
@@ -16,60 +17,53 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 from etils import epath
+from safetensors import SafetensorError, safe_open
 
-_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
+from lora_jax.errors import CheckpointError
+
+_NAMES = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPES = {v: k for k, v in _NAMES.items()}
 
 
 class SafetensorsFile:
-    """Lazy, memory-mapped access to the tensors of one .safetensors file."""
+    """The tensors of one .safetensors file, read lazily by slices (memory-mapped by the library)."""
 
     def __init__(self, path: str):
         self.path = str(path)
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{self.path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.header = header
-        self._data_start = 8 + n
-        self._mmap = None
+        try:
+            self._file = safe_open(self.path, "numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path}: unreadable safetensors file ({e}); re-download it") from None
+        self.metadata = self._file.metadata() or {}
+        self._slices = {name: self._file.get_slice(name) for name in self._file.keys()}
 
     def keys(self) -> list[str]:
-        return list(self.header)
+        return list(self._slices)
 
     def dtype(self, name: str) -> np.dtype:
-        code = self.header[name]["dtype"]
+        code = self._slices[name].get_dtype()
         if code not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {code}")
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {code}")
         return _DTYPES[code]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
+        return tuple(self._slices[name].get_shape())
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A read-only lazy view; slicing it reads only the pages it touches."""
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        begin, end = self.header[name]["data_offsets"]
-        raw = self._mmap[self._data_start + begin : self._data_start + end]
-        return raw.view(self.dtype(name)).reshape(self.shape(name))
+    def read(self, name: str, *index: slice) -> np.ndarray:
+        """tensor[index] (basic slices, one per leading dimension); only those bytes are read."""
+        self.dtype(name)
+        return self._slices[name][index] if index else self._file.get_tensor(name)
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 _WARNED: set = set()
 
@@ -39,16 +41,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
     """`mesh.shape` with at most one -1 ("the rest") -> concrete sizes; ValueError if it cannot fit."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
-        raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+        raise ConfigError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh.shape {shape}: sizes must be positive, with at most one -1")
+        raise ConfigError(f"mesh.shape {shape}: sizes must be positive, with at most one -1")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh.shape {shape} does not fit {num_devices} devices")
+            raise ConfigError(f"mesh.shape {shape} does not fit {num_devices} devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"mesh.shape {shape} needs {int(np.prod(shape))} devices, but {num_devices} are available")
+        raise ConfigError(f"mesh.shape {shape} needs {int(np.prod(shape))} devices, but {num_devices} are available")
     return shape
 
 

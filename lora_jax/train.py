@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
+import os
 import time
 
 import jax
@@ -17,11 +19,14 @@ from etils import epath
 from flax import nnx
 
 from lora_jax import accounting
+from lora_jax.attention import get_attention_impl
 from lora_jax.checkpointing import CheckpointStore, all_finite
+from lora_jax.errors import ConfigError, MissingFileError, WorkdirError
 from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
 from lora_jax.lora import LoraSpec
-from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.model import REMAT_POLICIES, RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig
+from lora_jax.multihost import decided_on_process_0
 from lora_jax.peft_io import export_peft
 from lora_jax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, shard_model
 from lora_jax.train_step import StepOptions, make_eval_step, make_optimizer, make_train_step
@@ -35,7 +40,7 @@ MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "n
 
 def _dtype(name: str, key: str):
     if name not in DTYPES:
-        raise ValueError(f"{key}={name!r} is unknown; valid: {', '.join(DTYPES)}")
+        raise ConfigError(f"{key}={name!r} is unknown; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -67,7 +72,14 @@ def random_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     m = config.model
     missing = [k for k in MODEL_DIMS if m[k] is None]
     if missing:
-        raise ValueError(f"model.hf_dir is unset, so random init needs model.{', model.'.join(missing)}")
+        raise ConfigError(
+            "model.hf_dir is unset: set --config.model.hf_dir=<local Hugging Face checkpoint dir> and "
+            "--config.data.manual_dir=<the dataset's upstream files> (README: 'A real arm'), or run the tiny "
+            f"random model with the config suffix :runlocal (random init needs model.{', model.'.join(missing)})"
+        )
+    small = [f"model.{k}={m[k]}" for k in MODEL_DIMS if m[k] < 1]
+    if small:
+        raise ConfigError(f"{', '.join(small)}: model dimensions must be >= 1")
     return ModelConfig(
         **{k: int(m[k]) for k in MODEL_DIMS}, max_position_embeddings=m.max_position_embeddings, rms_norm_eps=1e-6
     )
@@ -78,30 +90,146 @@ def check_hf_conflicts(config: ml_collections.ConfigDict, hf: ModelConfig, sourc
     for key in MODEL_DIMS:
         ours = config.model[key]
         if ours is not None and ours != getattr(hf, key):
-            raise ValueError(f"model.{key}={ours} conflicts with {source}/config.json ({getattr(hf, key)})")
+            raise ConfigError(f"model.{key}={ours} conflicts with {source}/config.json ({getattr(hf, key)})")
+
+
+def _check_range(config: ml_collections.ConfigDict, key: str, low, high=None) -> None:
+    section, name = key.split(".")
+    value = config[section][name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+# Every numeric field with its valid range [low, high).
+RANGES = {
+    "lora.rank": (1,),
+    "lora.alpha": (1e-12,),
+    "lora.dropout": (0, 1),
+    "data.max_seq_len": (8,),
+    "data.max_target_tokens": (1,),
+    "optim.learning_rate": (1e-12,),
+    "optim.warmup_steps": (0,),
+    "optim.weight_decay": (0,),
+    "optim.grad_clip_norm": (0,),
+    "optim.grad_accum_steps": (1,),
+    "train.total_steps": (1,),
+    "train.global_batch_size": (1,),
+    "train.seed": (0,),
+    "train.log_every_steps": (1,),
+    "train.checkpoint_every_steps": (1,),
+    "train.max_to_keep": (1,),
+    "train.loss_chunk_tokens": (1,),
+    "eval.eval_every_steps": (0,),
+    "eval.max_eval_batches": (0,),
+    "eval.batch_size": (1,),
+    "model.max_position_embeddings": (1,),
+}
+MODES = ("train",)
+TRUNCATIONS = ("document_end", "document_middle")
+BAD_IMAGE_POLICIES = ("error", "drop")
+# Settings a resumed run may change when the user lists them in train.allow_changed_on_resume.
+RESUMABLE_CHANGES = (
+    "data.max_seq_len",
+    "data.max_target_tokens",
+    "data.truncation",
+    "data.pack",
+    "data.reasoning_traces",
+    "data.bad_images",
+    "data_source",
+    "lora.dropout",
+    "optim.learning_rate",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.grad_clip_norm",
+    "optim.grad_accum_steps",
+    "train.total_steps",
+    "train.global_batch_size",
+    "train.seed",
+)
+
+
+def _check_dir(key: str, path: str | None, must_hold: str | None = None) -> None:
+    if path is None:
+        return
+    p = epath.Path(path)
+    if not p.is_dir():
+        raise MissingFileError(f"{key}: no such directory: {path}")
+    if must_hold and not (p / must_hold).exists():
+        raise MissingFileError(f"{key}: {path} has no {must_hold}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Every check that needs no data and no compilation: fails fast with a clear ValueError."""
+    """Every check that needs no data and no compilation: fails fast with one clear ConfigError, before
+    anything is written."""
+    from data.prepare import DATASETS
+
+    if config.mode not in MODES:
+        raise ConfigError(f"mode={config.mode!r} is unknown; valid: {', '.join(MODES)}")
+    for key, bounds in RANGES.items():
+        _check_range(config, key, *bounds)
     lora_spec(config)
     runtime_options(config)
+    if config.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={config.model.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}")
+    get_attention_impl(config.model.attention_impl)
+    d = config.data
+    if d.name not in DATASETS:
+        raise ConfigError(f"data.name={d.name!r} is unknown; valid: {', '.join(DATASETS)}")
+    if d.truncation not in TRUNCATIONS:
+        raise ConfigError(f"data.truncation={d.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
+    if d.bad_images not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"data.bad_images={d.bad_images!r} is unknown; valid: {', '.join(BAD_IMAGE_POLICIES)}")
+    if d.max_target_tokens >= d.max_seq_len:
+        raise ConfigError(
+            f"data.max_target_tokens={d.max_target_tokens} must be below data.max_seq_len={d.max_seq_len}"
+        )
+    unknown = sorted(set(config.train.allow_changed_on_resume) - set(RESUMABLE_CHANGES))
+    if unknown:
+        raise ConfigError(
+            f"train.allow_changed_on_resume has {', '.join(unknown)}; valid: {', '.join(RESUMABLE_CHANGES)}"
+        )
     sizes = resolve_mesh_shape(config.mesh.shape, jax.device_count())
     data_parallel = sizes[0] * sizes[1]
     accum = config.optim.grad_accum_steps
-    if accum < 1:
-        raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
     b = config.train.global_batch_size
     if b % accum or (b // accum) % data_parallel:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size={b} must split into {accum} micro-batches whose rows divide the "
             f"data x fsdp mesh axes ({data_parallel})"
         )
     if config.eval.batch_size % data_parallel:
-        raise ValueError(f"eval.batch_size={config.eval.batch_size} must divide by data x fsdp ({data_parallel})")
-    if config.train.total_steps < 1:
-        raise ValueError("train.total_steps must be >= 1")
+        raise ConfigError(f"eval.batch_size={config.eval.batch_size} must divide by data x fsdp ({data_parallel})")
+    _check_dir("model.hf_dir", config.model.hf_dir, "config.json")
+    _check_dir("data.tokenizer_dir", d.tokenizer_dir)
     if config.model.hf_dir is None:
         random_model_config(config)
+    if not d.use_bundled_samples:
+        from data.prepare import check_manual_dir
+
+        check_manual_dir(d.name, d.manual_dir)
+
+
+def check_workdir_writable(workdir: epath.Path) -> None:
+    """Creates the workdir and writes (then removes) a probe file there, on process 0, before anything
+    heavy runs; a read-only or full disk is reported with the path now, not after model building."""
+
+    def probe() -> str:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            probe_file = workdir / f".write_probe.{os.getpid()}"
+            probe_file.write_text("ok")
+            probe_file.unlink()
+        except OSError as e:
+            return f"--workdir {workdir} is not writable ({e.strerror or e})"
+        return ""
+
+    error = decided_on_process_0(probe)
+    if error:
+        raise WorkdirError(error)
 
 
 # -- building a run ------------------------------------------------------------------------------
@@ -126,15 +254,70 @@ def build_model(config, mesh) -> tuple[Transformer, str]:
 
 
 def tokenizer_dir(config, workdir: epath.Path) -> str:
-    """data.tokenizer_dir, else model.hf_dir, else (runlocal) the bundled tiny tokenizer written to workdir."""
+    """data.tokenizer_dir, else model.hf_dir, else (runlocal) the bundled tiny tokenizer written to workdir
+    (by process 0; the others wait for it)."""
     tok_dir = config.data.tokenizer_dir or config.model.hf_dir
     if tok_dir is None and config.data.use_bundled_samples:
         from data import samples
 
-        tok_dir = samples.write_tiny_tokenizer(workdir / "bundled" / "tokenizer")
+        tok_dir = workdir / "bundled" / "tokenizer"
+        _on_process_0_then_all(lambda: samples.write_tiny_tokenizer(tok_dir), "bundled tokenizer")
     if tok_dir is None:
-        raise ValueError("data.tokenizer_dir is unset and model.hf_dir gives none")
+        raise ConfigError("data.tokenizer_dir is unset and model.hf_dir gives none")
     return str(tok_dir)
+
+
+def _on_process_0_then_all(write, what: str) -> None:
+    """Process 0 writes shared files; the others wait until it is done (never two writers of one file)."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"written: {what}")
+
+
+def manual_dir(config, workdir: epath.Path) -> str:
+    """data.manual_dir, or (runlocal) where the bundled samples go."""
+    d = config.data
+    if d.manual_dir is None and d.use_bundled_samples:
+        return str(workdir / "bundled" / d.name)
+    return d.manual_dir
+
+
+def data_source_id(config, workdir: epath.Path) -> str:
+    """Identifies the upstream files and builder options a run trains on, without writing anything."""
+    from data.prepare import manifest_digest, source_manifest
+
+    d = config.data
+    if d.manual_dir is None and d.use_bundled_samples:
+        return f"bundled:{d.name}"  # written deterministically by data/samples.py
+    return manifest_digest(source_manifest(d.name, d.manual_dir, bad_images=d.bad_images))
+
+
+def run_identity(config, fingerprint: str, data_source: str) -> dict:
+    """What a checkpoint must agree with to be resumed: the adapters' shape, the base, the data and the
+    schedule (a resumed run must see the batches and learning rates an uninterrupted one would)."""
+    spec = lora_spec(config)
+    identity = {
+        "arm": config.arm,
+        "targets": list(spec.targets),
+        "lora": {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "use_rslora": spec.use_rslora,
+            "rank_overrides": dict(spec.rank_overrides),
+            "alpha_overrides": dict(spec.alpha_overrides),
+        },
+        "base_fingerprint": fingerprint,
+        "dataset": config.data.name,
+        "data_source": data_source,
+    }
+    for key in RESUMABLE_CHANGES:
+        if "." in key:
+            section, name = key.split(".")
+            identity[key] = config[section][name]
+    return json.loads(json.dumps(identity))  # as it reads back from the checkpoint's JSON
 
 
 def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding):
@@ -146,19 +329,19 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
 
     from data import samples
     from data.pipeline import PackedBatchIterator
-    from data.prepare import data_sources
+    from data.prepare import open_sources, prepare
     from data.sft import SFTOptions
     from data.tokenizer import Tokenizer
 
     d = config.data
-    manual = d.manual_dir
-    if manual is None and d.use_bundled_samples:
-        manual = samples.write_sample_manual_dir(d.name, workdir / "bundled" / d.name)
+    manual = manual_dir(config, workdir)
+    if d.manual_dir is None and d.use_bundled_samples:
+        _on_process_0_then_all(lambda: samples.write_sample_manual_dir(d.name, manual), "bundled samples")
     data_dir = d.data_dir or str(workdir / "tfds")
     if jax.process_index() == 0:
-        data_sources(d.name, manual, data_dir)
+        prepare(d.name, manual, data_dir, bad_images=d.bad_images)
     multihost_utils.sync_global_devices("tfds prepared")
-    sources = data_sources(d.name, manual, data_dir)
+    sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
     tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces)
     opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
     b_train, b_eval = config.train.global_batch_size, config.eval.batch_size
@@ -217,16 +400,21 @@ def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str) 
         return
     model = nnx.merge(graphdef, lora_host, frozen)
     final, tmp = workdir / "adapter", workdir / "adapter.tmp"
-    if tmp.exists():
-        tmp.rmtree()
-    export_peft(model, str(tmp), base_name)
-    if final.exists():
-        old = workdir / "adapter.old"
-        final.rename(old)
-        tmp.rename(final)
-        old.rmtree()
-    else:
-        tmp.rename(final)
+    try:
+        if tmp.exists():
+            tmp.rmtree()
+        export_peft(model, str(tmp), base_name)
+        if final.exists():
+            old = workdir / "adapter.old"
+            final.rename(old)
+            tmp.rename(final)
+            old.rmtree()
+        else:
+            tmp.rename(final)
+    except OSError as e:  # a full or read-only disk: leave no half-written adapter behind
+        if tmp.exists():
+            tmp.rmtree()
+        raise WorkdirError(f"{tmp}: writing the adapter failed ({e.strerror or e}); checkpoints are kept") from e
 
 
 @dataclasses.dataclass
@@ -282,23 +470,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the latest checkpoint in workdir), evaluates, exports the adapter."""
     validate(config)
     workdir = epath.Path(workdir)
+    check_workdir_writable(workdir)
     mesh = make_mesh(config.mesh.shape)
     model, fingerprint = build_model(config, mesh)
     spec = model.lora
-    identity = {
-        "arm": config.arm,
-        "targets": list(spec.targets),
-        "lora": {
-            "rank": spec.rank,
-            "alpha": spec.alpha,
-            "use_rslora": spec.use_rslora,
-            "rank_overrides": dict(spec.rank_overrides),
-            "alpha_overrides": dict(spec.alpha_overrides),
-        },
-        "base_fingerprint": fingerprint,
-        "dataset": config.data.name,
-    }
-    store = CheckpointStore(str(workdir), config.train.max_to_keep, identity)  # refuses a foreign workdir first
+    identity = run_identity(config, fingerprint, data_source_id(config, workdir))
+    # Refuses a foreign workdir (or changed settings) before anything is written.
+    store = CheckpointStore(
+        str(workdir), config.train.max_to_keep, identity, allowed_changes=tuple(config.train.allow_changed_on_resume)
+    )
     tok_dir = tokenizer_dir(config, workdir)
 
     trainer = build_trainer(model, config, mesh)
@@ -366,6 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
             writer.write_scalars(done, scalars)
             history.append((done, last["loss"]))
+            _print_progress(done, config.train.total_steps, scalars)
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
@@ -389,6 +570,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _print_progress(done: int, total: int, scalars: dict) -> None:
+    """One console line per log interval (process 0)."""
+    if jax.process_index() != 0:
+        return
+    line = f"step {done}/{total}  loss {scalars['loss']:.4f}"
+    if "step_s" in scalars:
+        eta = datetime.timedelta(seconds=round(scalars["step_s"] * (total - done)))
+        line += f"  {scalars['tokens_per_s']:,.0f} tok/s  MFU {scalars['mfu']:.1%}  ETA {eta}"
+    print(line, flush=True)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from data.builder_base import StudyBuilder, example, select, split_off
-from data.llavacot.builder import read_image
-from data.records import DataError, read_records
+from data.records import DataError, MissingDataError, read_records
 
 INSTRUCTION = "Extract the invoice as a JSON object with the keys header, items and summary."
 
@@ -44,7 +43,9 @@ class Builder(StudyBuilder):
             if not row.get("file_name"):
                 raise DataError(f"{where}: missing field file_name")
             target = json.dumps(ground_truth(row, where), ensure_ascii=False)
-            image = read_image(folder, row["file_name"], where)
+            image = self.read_image(folder, row["file_name"], where)
+            if image is None:
+                continue
             rows.append(
                 example(f"{folder.name}/{row['file_name']}", INSTRUCTION, target, answer=target, images=[image])
             )
@@ -64,7 +65,7 @@ class Builder(StudyBuilder):
             n_test = min(self.SPLIT_SIZES["test"], max(len(rows) // 5, 1))
             train, test = split_off(rows, n_test, self.SEED)
         else:
-            raise FileNotFoundError(f"{manual_dir}: no metadata.jsonl (or train/metadata.jsonl)")
+            raise MissingDataError(f"{manual_dir}: no metadata.jsonl (or train/metadata.jsonl)")
         return {
             "train": select(train, self.SPLIT_SIZES["train"], self.SEED),
             "test": select(test, self.SPLIT_SIZES["test"], self.SEED),

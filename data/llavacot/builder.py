@@ -29,13 +29,6 @@ def question_and_answer(row: dict, where: str) -> tuple[str, str]:
     raise DataError(f"{where}: expected 'conversations' (LLaVA-CoT-100k) or question/llava_cot_output")
 
 
-def read_image(manual_dir, name: str, where: str) -> bytes:
-    path = manual_dir / name
-    if not path.exists():
-        raise DataError(f"{where}: image {name} not found under {manual_dir}")
-    return path.read_bytes()
-
-
 class Builder(StudyBuilder):
     name = "llavacot"
     SPLIT_SIZES = {"train": 10000, "test": 270}
@@ -54,7 +47,9 @@ class Builder(StudyBuilder):
             if not row.get("image"):
                 raise DataError(f"{where}: missing field image")
             question, answer = question_and_answer(row, where)
-            image = read_image(manual_dir, row["image"], where)
+            image = self.read_image(manual_dir, row["image"], where)
+            if image is None:
+                continue
             rows.append(
                 example(row.get("id", f"llavacot-{line}"), question, answer, answer=conclusion(answer), images=[image])
             )
