@@ -17,7 +17,9 @@ from lora_jax.multihost import decided_on_process_0
 
 
 class WorkdirMismatchError(WorkdirError):
-    pass
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys  # the identity keys that differ
 
 
 @jax.jit
@@ -60,7 +62,8 @@ class CheckpointStore:
             what = "; ".join(f"{k}={meta.get(k)!r}, this run has {self.identity[k]!r}" for k in differ)
             raise WorkdirMismatchError(
                 f"{self.dir}: holds a checkpoint of another run ({what}); use a fresh --workdir, or list the "
-                "keys in --config.train.allow_changed_on_resume to change them on purpose"
+                "keys in --config.train.allow_changed_on_resume to change them on purpose",
+                tuple(differ),
             )
 
     def latest_step(self) -> int | None:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from lora_jax import accounting
 from lora_jax.attention import get_attention_impl
-from lora_jax.checkpointing import CheckpointStore, all_finite
+from lora_jax.checkpointing import CheckpointStore, WorkdirMismatchError, all_finite
 from lora_jax.errors import ConfigError, MissingFileError, WorkdirError
 from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
 from lora_jax.lora import LoraSpec
@@ -28,6 +28,7 @@ from lora_jax.model import REMAT_POLICIES, RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig
 from lora_jax.multihost import decided_on_process_0
 from lora_jax.peft_io import export_peft
+from lora_jax.safetensors_io import write_text_atomic
 from lora_jax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, shard_model
 from lora_jax.train_step import StepOptions, make_eval_step, make_optimizer, make_train_step
 
@@ -254,16 +255,14 @@ def build_model(config, mesh) -> tuple[Transformer, str]:
 
 
 def tokenizer_dir(config, workdir: epath.Path) -> str:
-    """data.tokenizer_dir, else model.hf_dir, else (runlocal) the bundled tiny tokenizer written to workdir
-    (by process 0; the others wait for it)."""
+    """data.tokenizer_dir, else model.hf_dir, else (random model) the bundled tiny tokenizer written to
+    workdir (by process 0; the others wait for it)."""
     tok_dir = config.data.tokenizer_dir or config.model.hf_dir
-    if tok_dir is None and config.data.use_bundled_samples:
+    if tok_dir is None:  # a random model (runlocal): the tiny byte-level tokenizer its vocab was sized for
         from data import samples
 
         tok_dir = workdir / "bundled" / "tokenizer"
         _on_process_0_then_all(lambda: samples.write_tiny_tokenizer(tok_dir), "bundled tokenizer")
-    if tok_dir is None:
-        raise ConfigError("data.tokenizer_dir is unset and model.hf_dir gives none")
     return str(tok_dir)
 
 
@@ -285,14 +284,15 @@ def manual_dir(config, workdir: epath.Path) -> str:
     return d.manual_dir
 
 
-def data_source_id(config, workdir: epath.Path) -> str:
-    """Identifies the upstream files and builder options a run trains on, without writing anything."""
-    from data.prepare import manifest_digest, source_manifest
+def data_source_manifest(config) -> dict | None:
+    """What the run's dataset is built from (files, sizes, mtimes, builder options); None for the bundled
+    runlocal samples, which data/samples.py writes deterministically. Reads only."""
+    from data.prepare import source_manifest
 
     d = config.data
     if d.manual_dir is None and d.use_bundled_samples:
-        return f"bundled:{d.name}"  # written deterministically by data/samples.py
-    return manifest_digest(source_manifest(d.name, d.manual_dir, bad_images=d.bad_images))
+        return None
+    return source_manifest(d.name, d.manual_dir, bad_images=d.bad_images)
 
 
 def run_identity(config, fingerprint: str, data_source: str) -> dict:
@@ -399,6 +399,7 @@ def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str) 
     if jax.process_index() != 0:
         return
     model = nnx.merge(graphdef, lora_host, frozen)
+    workdir = epath.Path(workdir)
     final, tmp = workdir / "adapter", workdir / "adapter.tmp"
     try:
         if tmp.exists():
@@ -474,11 +475,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = make_mesh(config.mesh.shape)
     model, fingerprint = build_model(config, mesh)
     spec = model.lora
-    identity = run_identity(config, fingerprint, data_source_id(config, workdir))
+    from data.prepare import describe_change, manifest_digest
+
+    source = data_source_manifest(config)
+    identity = run_identity(config, fingerprint, manifest_digest(source) if source else f"bundled:{config.data.name}")
     # Refuses a foreign workdir (or changed settings) before anything is written.
-    store = CheckpointStore(
-        str(workdir), config.train.max_to_keep, identity, allowed_changes=tuple(config.train.allow_changed_on_resume)
-    )
+    try:
+        store = CheckpointStore(
+            str(workdir),
+            config.train.max_to_keep,
+            identity,
+            allowed_changes=tuple(config.train.allow_changed_on_resume),
+        )
+    except WorkdirMismatchError as e:
+        recorded = workdir / "data_source.json"
+        if "data_source" in e.keys and source and recorded.exists():
+            change = describe_change(json.loads(recorded.read_text()), source)
+            raise WorkdirMismatchError(f"{e} [data.manual_dir: {change}]", e.keys) from None
+        raise
+    if source and jax.process_index() == 0:
+        write_text_atomic(workdir / "data_source.json", json.dumps(source, indent=1))
     tok_dir = tokenizer_dir(config, workdir)
 
     trainer = build_trainer(model, config, mesh)

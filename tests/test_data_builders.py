@@ -71,7 +71,7 @@ def test_medreason_matching():
 
 
 def test_bad_input_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.manual_dir .* does not exist"):
+    with pytest.raises(FileNotFoundError, match="data.manual_dir .*; no such directory: .*missing$"):
         data_sources("cocohd", str(tmp_path / "missing"), str(tmp_path / "t"))
     empty = tmp_path / "empty"
     empty.mkdir()

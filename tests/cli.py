@@ -1,0 +1,40 @@
+"""Running main.py as a user does: a subprocess with one CPU device, as on a laptop."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ARM = "configs/cocohd_oproj_fc2.py:runlocal"
+
+
+def main_cmd(workdir, *overrides, config=ARM):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        f"--config={os.path.join(ROOT, config)}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+
+
+def run_main(workdir, *overrides, config=ARM):
+    proc = subprocess.run(
+        main_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def file_hashes(directory) -> dict:
+    """Every file under a directory with the sha256 of its bytes."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
+    return out

@@ -1,0 +1,195 @@
+"""Bad input as a user gives it to main.py: every case exits with status 2 and one line on stderr that
+names the culprit, prints no traceback, and leaves an existing workdir's checkpoints byte-identical.
+
+The cases run as real subprocesses, three at a time (most fail within a few seconds of start-up)."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from cli import ARM, ENV, ROOT, file_hashes
+
+from data import samples
+from lora_jax.safetensors_io import write_safetensors
+
+
+def _tiny_hf_dir(d, truncate=False):
+    """A Llama config.json + model.safetensors written without transformers (fast); optionally truncated."""
+    d.mkdir()
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 259,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    shapes = {
+        "model.embed_tokens.weight": (259, 16),
+        "model.norm.weight": (16,),
+        "model.layers.0.input_layernorm.weight": (16,),
+        "model.layers.0.post_attention_layernorm.weight": (16,),
+        "model.layers.0.self_attn.q_proj.weight": (16, 16),
+        "model.layers.0.self_attn.k_proj.weight": (8, 16),
+        "model.layers.0.self_attn.v_proj.weight": (8, 16),
+        "model.layers.0.self_attn.o_proj.weight": (16, 16),
+        "model.layers.0.mlp.gate_proj.weight": (32, 16),
+        "model.layers.0.mlp.up_proj.weight": (32, 16),
+        "model.layers.0.mlp.down_proj.weight": (16, 32),
+    }
+    path = d / "model.safetensors"
+    write_safetensors(str(path), [(n, s, np.float32) for n, s in shapes.items()], lambda n: np.zeros(shapes[n]))
+    if truncate:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    samples.write_tiny_tokenizer(d)
+    return d
+
+
+def _cocohd_dir(d, lines):
+    d.mkdir()
+    (d / "cocohd.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _parquet_govreport(d):
+    d.mkdir()
+    (d / "train.parquet").write_bytes(b"PAR1 this is not parquet")
+    (d / "validation.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    return d
+
+
+# (name, how the command is built, what the one stderr line must contain).
+# "W" is an existing workdir with checkpoints (the shared runlocal run); "fresh" a new one.
+CASES = [
+    ("no config", lambda t, W: ["--workdir=" + str(W)], "--config is required"),
+    ("missing config file", lambda t, W: ["--config=configs/nope.py", f"--workdir={W}"], "no such config file"),
+    ("bad config argument", lambda t, W: ["--config=configs/cocohd_oproj_fc2.py:runloca"], "runloca"),
+    ("unknown key", lambda t, W: ["--config.optim.learning_rat=1"], "did you mean learning_rate"),
+    ("unknown section", lambda t, W: ["--config.bogus=1"], "--config.bogus"),
+    ("not an int", lambda t, W: ["--config.train.total_steps=abc"], "total_steps"),
+    ("positional argument", lambda t, W: ["extra"], "unexpected arguments extra"),
+    ("unknown target", lambda t, W: ["--config.lora.targets=('o_proj','mlp')"], "unknown LoRA target"),
+    ("rank 0", lambda t, W: ["--config.lora.rank=0"], "lora.rank=0"),
+    ("dropout 1.5", lambda t, W: ["--config.lora.dropout=1.5"], "lora.dropout=1.5"),
+    ("checkpoint every 0", lambda t, W: ["--config.train.checkpoint_every_steps=0"], "checkpoint_every_steps=0"),
+    ("log every 0", lambda t, W: ["--config.train.log_every_steps=0"], "log_every_steps=0"),
+    ("total steps 0", lambda t, W: ["--config.train.total_steps=0"], "total_steps=0"),
+    ("negative lr", lambda t, W: ["--config.optim.learning_rate=-1.0"], "learning_rate=-1.0"),
+    ("accumulation 0", lambda t, W: ["--config.optim.grad_accum_steps=0"], "grad_accum_steps=0"),
+    ("accumulation 3 of 4", lambda t, W: ["--config.optim.grad_accum_steps=3"], "global_batch_size=4"),
+    ("eval batch 0", lambda t, W: ["--config.eval.batch_size=0"], "eval.batch_size=0"),
+    ("unknown dataset", lambda t, W: ["--config.data.name=squad"], "data.name='squad'"),
+    ("unknown truncation", lambda t, W: ["--config.data.truncation=middle"], "data.truncation='middle'"),
+    ("bad image policy", lambda t, W: ["--config.data.bad_images=skip"], "data.bad_images='skip'"),
+    ("seq len 4", lambda t, W: ["--config.data.max_seq_len=4"], "max_seq_len=4"),
+    ("target > seq", lambda t, W: ["--config.data.max_target_tokens=4096"], "max_target_tokens=4096"),
+    ("mesh of 2", lambda t, W: ["--config.mesh.shape=(1,2)"], "mesh.shape"),
+    ("mesh too big", lambda t, W: ["--config.mesh.shape=(3,1,1)"], "mesh.shape (3, 1, 1)"),
+    ("unknown dtype", lambda t, W: ["--config.model.param_dtype=float16"], "model.param_dtype='float16'"),
+    ("unknown attention", lambda t, W: ["--config.model.attention_impl=flash"], "attention_impl='flash'"),
+    ("unknown remat", lambda t, W: ["--config.model.remat=some"], "model.remat='some'"),
+    ("zero layers", lambda t, W: ["--config.model.num_layers=0"], "model.num_layers=0"),
+    ("bad resume key", lambda t, W: ["--config.train.allow_changed_on_resume=('lora.rank',)"], "lora.rank"),
+    ("hf_dir missing", lambda t, W: ["--config.model.hf_dir=/no/such/model"], "/no/such/model"),
+    ("hf_dir no config", lambda t, W: [f"--config.model.hf_dir={t}"], "has no config.json"),
+    (
+        "truncated safetensors",
+        lambda t, W: [f"--config.model.hf_dir={_tiny_hf_dir(t / 'hf', truncate=True)}"],
+        "model.safetensors: unreadable safetensors file",
+    ),
+    ("tokenizer dir missing", lambda t, W: ["--config.data.tokenizer_dir=/no/tok"], "data.tokenizer_dir"),
+    ("manual dir missing", lambda t, W: ["--config.data.use_bundled_samples=False"], "no such directory: None"),
+    (
+        "manual dir wrong",
+        lambda t, W: ["--config.data.use_bundled_samples=False", f"--config.data.manual_dir={t}/nothing"],
+        "nothing",
+    ),
+    (
+        "malformed JSON line",
+        lambda t, W: [
+            "--config.data.use_bundled_samples=False",
+            f"--config.data.manual_dir={_cocohd_dir(t / 'c', ['{}', '{oops'])}",
+            f"--workdir={t / 'fresh'}",
+        ],
+        "cocohd.jsonl:2: malformed JSON line",
+    ),
+    (
+        "unreadable parquet",
+        lambda t, W: [
+            "--config.data.name=govreport",
+            "--config.data.use_bundled_samples=False",
+            f"--config.data.manual_dir={_parquet_govreport(t / 'g')}",
+            f"--workdir={t / 'fresh'}",
+        ],
+        "train.parquet: unreadable Parquet file",
+    ),
+    ("workdir under a file", lambda t, W: [f"--workdir={ROOT}/README.md/run"], "README.md/run is not writable"),
+    (
+        "workdir of another arm",
+        lambda t, W: ["--config=configs/cocohd_qkv.py:runlocal"],
+        "holds a checkpoint of another run (arm='oproj_fc2'",
+    ),
+    ("schedule changed on resume", lambda t, W: ["--config.train.total_steps=40"], "train.total_steps=20"),
+]
+
+
+def _command(args, workdir):
+    """main.py with the case's arguments; the runlocal arm and the shared workdir unless the case names its own."""
+    given = lambda flag: any(a.startswith(flag + "=") for a in args)  # noqa: E731
+    defaults = [] if given("--config") else [f"--config={os.path.join(ROOT, ARM)}"]
+    defaults += [] if given("--workdir") else [f"--workdir={workdir}"]
+    return [sys.executable, os.path.join(ROOT, "main.py"), *defaults, *args]
+
+
+@pytest.fixture(scope="module")
+def results(reference_run, tmp_path_factory):
+    """Runs every case against the shared workdir; returns ({name: CompletedProcess}, hashes before)."""
+    workdir, _ = reference_run
+    before = file_hashes(workdir / "checkpoints")
+    commands = {}
+    for name, build, _ in CASES:
+        case_dir = tmp_path_factory.mktemp("case")
+        args = build(case_dir, workdir)
+        no_config = name == "no config"
+        commands[name] = (
+            [sys.executable, os.path.join(ROOT, "main.py"), *args] if no_config else _command(args, workdir)
+        )
+
+    def run(cmd):
+        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        procs = dict(zip(commands, pool.map(run, commands.values())))
+    return procs, before, workdir
+
+
+def test_at_least_thirty_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name,expected", [(n, e) for n, _, e in CASES], ids=[n for n, _, _ in CASES])
+def test_bad_input_is_one_line_exit_2(results, name, expected):
+    proc = results[0][name]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+
+
+def test_existing_checkpoints_are_untouched(results):
+    _, before, workdir = results
+    assert file_hashes(workdir / "checkpoints") == before
