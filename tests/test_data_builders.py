@@ -12,10 +12,7 @@ from data.medreason.builder import match_letter, parse_options, strip_explanatio
 from data.prepare import DATASETS, data_sources
 from data.records import DataError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
-needs_fixtures = pytest.mark.skipif(
-    not os.path.isdir(FIXTURES), reason="../shared/fixtures not present: real-record checks skipped"
-)
+from fixtures import FIXTURES, needs_fixtures
 
 
 def _text(record, key):

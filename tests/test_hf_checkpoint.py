@@ -13,7 +13,6 @@ from lora_jax.model import RuntimeOptions
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, make_hf_model, saved_hf_dir
 
-pytest.importorskip("transformers")
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(1, 12))
 
 

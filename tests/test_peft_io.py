@@ -14,7 +14,6 @@ from lora_jax.peft_io import export_peft, read_peft_adapter, set_lora_weights
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
 
-pytest.importorskip("peft")
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 
 
