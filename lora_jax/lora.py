@@ -157,10 +157,22 @@ def dropout_key(seed: int | jax.Array, step: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def row_dropout_keys(key: jax.Array, num_rows: int) -> jax.Array:
+    """One key per global batch row, [num_rows]: a row's dropout masks then depend on which row it is,
+    not on the micro-batch it lands in, so accumulation 4 equals accumulation 1 with dropout too."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(num_rows))
+
+
 def lora_dropout(x: jax.Array, rate: float, key: jax.Array | None, layer: jax.Array, target: str) -> jax.Array:
-    """Inverted dropout on the LoRA input; randomness from (step key, layer, target)."""
+    """Inverted dropout on the LoRA input x [B, T, ...]; randomness from (key, layer, target).
+
+    key: one key for the whole batch, or one per row ([B], from `row_dropout_keys`)."""
     if key is None or rate == 0.0:
         return x
-    k = jax.random.fold_in(jax.random.fold_in(key, layer), TARGETS.index(target))
-    keep = jax.random.bernoulli(k, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+    def keep(k, shape):
+        k = jax.random.fold_in(jax.random.fold_in(k, layer), TARGETS.index(target))
+        return jax.random.bernoulli(k, 1.0 - rate, shape)
+
+    mask = jax.vmap(lambda k: keep(k, x.shape[1:]))(key) if key.ndim == 1 else keep(key, x.shape)
+    return jnp.where(mask, x / (1.0 - rate), 0.0).astype(x.dtype)

@@ -39,6 +39,9 @@ class RuntimeOptions:
     attention_impl: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
+    # float32 without dropout: base + adapter as one matmul with the merged weight (custom VJP, faster
+    # on CPU). False = always the plain x·W + s·(x·A)·B (the reference the fused path is tested against).
+    fused_lora_matmul: bool = True
 
     def __post_init__(self):
         attention_lib.get_attention_impl(self.attention_impl)  # validates the name
@@ -193,6 +196,7 @@ class Transformer(nnx.Module):
             segment_ids=segment_ids,
             cache=cache,
             dropout_key=dropout_key,
+            fused_lora_matmul=opts.fused_lora_matmul,
         )
         params = self.layers.arrays()
         xs = {"params": params, "layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
@@ -239,6 +243,7 @@ class _LayerContext:
     segment_ids: jax.Array
     cache: dict | None
     dropout_key: jax.Array | None
+    fused_lora_matmul: bool = True
 
 
 def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
@@ -247,7 +252,7 @@ def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     w = p["kernel"].astype(cdt)
     has_lora = ctx.lora is not None and "lora_a" in p
     no_dropout = ctx.lora is not None and (ctx.lora.dropout == 0.0 or ctx.dropout_key is None)
-    if has_lora and no_dropout and cdt == jnp.float32:
+    if has_lora and no_dropout and cdt == jnp.float32 and ctx.fused_lora_matmul:
         # Base + adapter as one matmul with the merged weight (custom VJP, see lora.py). Only in
         # float32: a bfloat16 merged weight would round small adapter deltas away.
         b = p["lora_b"] * ctx.lora.scale_for(target)

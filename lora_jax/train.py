@@ -130,6 +130,7 @@ RANGES = {
     "model.max_position_embeddings": (1,),
 }
 MODES = ("train",)
+IMAGE_DATASETS = ("llavacot", "invoiceocr")
 TRUNCATIONS = ("document_end", "document_middle")
 BAD_IMAGE_POLICIES = ("error", "drop")
 # Settings a resumed run may change when the user lists them in train.allow_changed_on_resume.
@@ -180,6 +181,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if d.name not in DATASETS:
         raise ConfigError(f"data.name={d.name!r} is unknown; valid: {', '.join(DATASETS)}")
+    if d.name in IMAGE_DATASETS:
+        raise ConfigError(
+            f"data.name={d.name!r} is an image task, and the vision tower is not built yet: training would "
+            "silently ignore the images (its builder and samples exist; training waits for the tower)"
+        )
     if d.truncation not in TRUNCATIONS:
         raise ConfigError(f"data.truncation={d.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
     if d.bad_images not in BAD_IMAGE_POLICIES:
@@ -534,6 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     history, metrics, last = [], None, None
     timer_start, timed_steps = None, 0
+    counts = []  # (target, real) token counts of the steps since the last log, on device until then
     for step in range(start, config.train.total_steps):
         batch = global_batch(next(train_iter), batch_sh, train_rows, b)
         lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
@@ -543,6 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             timer_start, timed_steps = time.perf_counter(), 0
         else:
             timed_steps += 1
+        counts.append((metrics["target_tokens"], metrics["real_tokens"]))
         progress(done)
         is_log = done % config.train.log_every_steps == 0 or done == config.train.total_steps
         is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == config.train.total_steps
@@ -553,10 +561,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_log:
             elapsed = time.perf_counter() - timer_start
             scalars = dict(last, trainable_params=n_trainable)
+            targets, real = np.mean(jax.device_get(counts), axis=0)
+            counts = []
             if timed_steps:
                 step_s = elapsed / timed_steps
                 scalars.update(
-                    tokens_per_s=b * t / step_s,
+                    tokens_per_s=b * t / step_s,  # padded rows x length: what the hardware processed
+                    real_tokens_per_s=real / step_s,  # without padding
+                    target_tokens_per_s=targets / step_s,  # tokens in the loss
                     step_s=step_s,
                     mfu=accounting.mfu(flops_per_step, step_s, peak, jax.device_count()),
                 )
@@ -595,7 +607,7 @@ def _print_progress(done: int, total: int, scalars: dict) -> None:
     line = f"step {done}/{total}  loss {scalars['loss']:.4f}"
     if "step_s" in scalars:
         eta = datetime.timedelta(seconds=round(scalars["step_s"] * (total - done)))
-        line += f"  {scalars['tokens_per_s']:,.0f} tok/s  MFU {scalars['mfu']:.1%}  ETA {eta}"
+        line += f"  {scalars['real_tokens_per_s']:,.0f} tok/s  MFU {scalars['mfu']:.1%}  ETA {eta}"
     print(line, flush=True)
 
 

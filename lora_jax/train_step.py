@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lora_jax.lora import dropout_key
+from lora_jax.lora import dropout_key, row_dropout_keys
 from lora_jax.loss import chunked_cross_entropy
 
 
@@ -56,23 +56,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
     """(lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics). Jit it with shardings."""
 
     def step_fn(lora, opt_state, frozen, batch, step):
-        key = dropout_key(opts.seed, step) if opts.use_dropout else None
         grad_fn = jax.value_and_grad(
             lambda lo, mb, k: batch_loss_sums(graphdef, lo, frozen, mb, opts.loss_chunk_tokens, k), has_aux=True
         )
+        batch = dict(batch)
+        if opts.use_dropout:  # per-row keys travel with their rows into the micro-batches
+            batch["dropout_keys"] = row_dropout_keys(dropout_key(opts.seed, step), batch["tokens"].shape[0])
         micro = _micro_batches(batch, opts.grad_accum_steps)
 
-        def accumulate(carry, xs):
+        def accumulate(carry, mb):
             grads_sum, nll_sum, count = carry
-            i, mb = xs
-            k = None if key is None else jax.random.fold_in(key, i)
-            (nll, n), grads = grad_fn(lora, mb, k)
+            (nll, n), grads = grad_fn(lora, mb, mb.get("dropout_keys"))
             return (jax.tree.map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, lora)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        xs = (jnp.arange(opts.grad_accum_steps), micro)
-        (grads, nll, count), _ = jax.lax.scan(accumulate, init, xs)
+        (grads, nll, count), _ = jax.lax.scan(accumulate, init, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, opt_state, lora)
@@ -82,6 +81,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(step),
             "target_tokens": count,
+            "real_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),  # not padding
         }
         return lora, opt_state, metrics
 

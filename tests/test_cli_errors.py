@@ -93,6 +93,7 @@ CASES = [
     ("eval batch 0", lambda t, W: ["--config.eval.batch_size=0"], "eval.batch_size=0"),
     ("unknown dataset", lambda t, W: ["--config.data.name=squad"], "data.name='squad'"),
     ("unknown truncation", lambda t, W: ["--config.data.truncation=middle"], "data.truncation='middle'"),
+    ("image dataset", lambda t, W: ["--config.data.name=llavacot"], "data.name='llavacot' is an image task"),
     ("bad image policy", lambda t, W: ["--config.data.bad_images=skip"], "data.bad_images='skip'"),
     ("seq len 4", lambda t, W: ["--config.data.max_seq_len=4"], "max_seq_len=4"),
     ("target > seq", lambda t, W: ["--config.data.max_target_tokens=4096"], "max_target_tokens=4096"),
@@ -143,6 +144,11 @@ CASES = [
         "holds a checkpoint of another run (arm='oproj_fc2'",
     ),
     ("schedule changed on resume", lambda t, W: ["--config.train.total_steps=40"], "train.total_steps=20"),
+    (
+        "data and accumulation changed on resume",
+        lambda t, W: ["--config.data.max_seq_len=512", "--config.optim.grad_accum_steps=2"],
+        "data.max_seq_len=1024, this run has 512; optim.grad_accum_steps=1, this run has 2",
+    ),
 ]
 
 

@@ -5,14 +5,13 @@ import os
 import shutil
 
 import pytest
+from fixtures import FIXTURES, needs_fixtures
 
 from data import samples
 from data.medmcqa.builder import detect_cop_base
 from data.medreason.builder import match_letter, parse_options, strip_explanation
 from data.prepare import DATASETS, data_sources
 from data.records import DataError
-
-from fixtures import FIXTURES, needs_fixtures
 
 
 def _text(record, key):
@@ -33,6 +32,16 @@ def test_bundled_samples_prepare_with_documented_features(name, tmp_path):
         assert len(record["images"]) == 0
     # prepared once: a second call reuses the finished dataset
     assert len(data_sources(name, manual, str(tmp_path / "tfds"))["train"]) == len(sources["train"])
+
+
+def test_medreason_eval_carries_no_medmcqa_explanation(tmp_path):
+    """MedReason evaluates on the MedMCQA split, but MedMCQA's `exp` is not a MedReason trace."""
+    manual = samples.write_sample_manual_dir("medreason", tmp_path / "m")
+    mcq_dir = samples.write_sample_manual_dir("medmcqa", tmp_path / "q")
+    mcq = data_sources("medmcqa", mcq_dir, str(tmp_path / "t1"))["test"]
+    assert any(mcq[i]["reasoning"] for i in range(len(mcq)))  # the explanation is there for MedMCQA
+    med = data_sources("medreason", manual, str(tmp_path / "t2"))["test"]
+    assert len(med) and all(med[i]["reasoning"] == b"" for i in range(len(med)))
 
 
 def test_medmcqa_letters_and_eval_dedup(tmp_path):

@@ -67,6 +67,7 @@ RECORD = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_ids_equal_transformers_apply_chat_template(tmp_path, family):
     import transformers
+
     d = make_tokenizer_dir(tmp_path, family)
     ours = Tokenizer(str(d))
     theirs = transformers.AutoTokenizer.from_pretrained(str(d))

@@ -112,12 +112,16 @@ def test_dropout_is_a_function_of_seed_and_step():
 
 
 def test_merge_and_unmerge():
+    """Merged kernels against the plain unmerged formula x·W + s·(x·A)·B (not the fused merged-weight
+    matmul, which the default float32 path already uses)."""
     spec = LoraSpec(targets=TARGETS, rank=4, alpha=8)
-    model = Transformer(CFG, spec, rngs=nnx.Rngs(0))
+    plain = RuntimeOptions(fused_lora_matmul=False)
+    model = Transformer(CFG, spec, plain, rngs=nnx.Rngs(0))
     for t in TARGETS:
         b = getattr(model.layers, t).lora_b
         b.set_value(jnp.asarray(np.random.default_rng(1).normal(size=b.get_value().shape) * 0.1, jnp.float32))
     before = np.asarray(_forward(model, TOKENS))
+    assert np.abs(before - np.asarray(_forward(Transformer(CFG, None, plain, rngs=nnx.Rngs(0)), TOKENS))).max() > 1e-3
     kernel = np.asarray(model.layers.qkv.kernel.get_value())
     merge_lora(model)
     np.testing.assert_allclose(np.asarray(_forward(model, TOKENS)), before, atol=1e-5)

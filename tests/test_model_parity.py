@@ -15,7 +15,6 @@ from lora_jax.model import RuntimeOptions
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
 
-
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 32))
 
 

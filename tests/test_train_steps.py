@@ -68,10 +68,14 @@ def max_diff(a, b):
     )
 
 
-def test_accumulation_4_equals_1(batches):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_accumulation_4_equals_1(batches, dropout):
+    """Also with LoRA dropout: a row's masks depend on the row, not on the micro-batch it lands in."""
     small = [{k: v[:4] for k, v in b.items()} for b in batches]
-    ref_losses, ref_lora, _, _ = run_steps(make_config(**{"optim.grad_accum_steps": 1}), one_device(), small, 2)
-    losses, lora, _, trainer = run_steps(make_config(**{"optim.grad_accum_steps": 4}), one_device(), small, 2)
+    one = make_config(**{"optim.grad_accum_steps": 1, "lora.dropout": dropout})
+    four = make_config(**{"optim.grad_accum_steps": 4, "lora.dropout": dropout})
+    ref_losses, ref_lora, _, _ = run_steps(one, one_device(), small, 2)
+    losses, lora, _, trainer = run_steps(four, one_device(), small, 2)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-6)
     assert max_diff(lora, ref_lora) <= 1e-6
     assert trainer.train_step._cache_size() == 1  # no recompilation after the first step
@@ -182,3 +186,27 @@ def test_every_arm_file_loads_and_validates():
             train.lora_spec(config)
             train.runtime_options(config)
         assert module.get_config(None).data.max_seq_len >= (32768 if dataset in ("govreport", "cocohd") else 1024)
+
+
+def test_the_trainer_updates_only_lora_and_keeps_moments_only_for_lora(batches):
+    """What trains (build_trainer's jitted step), not nnx.Optimizer: Adam moments exist exactly for the
+    LoRA leaves; at step 0 only B moves (B = 0 makes dA = 0), A moves from step 1; frozen stays bitwise."""
+    import optax
+
+    config = make_config(**{"train.global_batch_size": 8, "optim.warmup_steps": 0})  # lr > 0 from step 0
+    _, _, _, t = run_steps(config, one_device(), batches, 0)
+    frozen_before = [np.array(x) for x in jax.tree.leaves(t.frozen)]
+    lora0 = {"/".join(map(str, p)): np.array(v) for p, v in nnx.to_flat_state(t.lora)}
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+    adam = next(s for s in jax.tree.leaves(t.opt_state, is_leaf=is_adam) if is_adam(s))
+    assert jax.tree.structure(adam.mu) == jax.tree.structure(t.lora)
+    assert jax.tree.structure(adam.nu) == jax.tree.structure(t.lora)
+    lora, opt = t.lora, t.opt_state
+    after = []
+    for step in range(2):
+        lora, opt, _ = t.train_step(lora, opt, t.frozen, train.global_batch(batches[step], t.batch_sharding), step)
+        after.append({"/".join(map(str, p)): np.array(v) for p, v in nnx.to_flat_state(lora)})
+    for name, value in lora0.items():
+        moved = [float(np.abs(a[name] - value).max()) > 0 for a in after]
+        assert moved == ([False, True] if name.endswith("lora_a") else [True, True]), name
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(frozen_before, jax.tree.leaves(t.frozen)))

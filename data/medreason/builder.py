@@ -54,6 +54,9 @@ class Builder(EvaluatedOnMedMCQA):
 
     def make_splits(self, manual_dir):
         test, keys = self.medmcqa_eval(manual_dir)
+        # MedMCQA's `exp` is an explanation in another voice, not a MedReason trace: with
+        # reasoning_traces=True it would become eval target text the model never learned to write.
+        test = [dict(ex, reasoning="") for ex in test]
         path = find_file(manual_dir, ["medreason.jsonl", "medreason.parquet", "medreason.json"], "MedReason")
         train, unmatched, open_ended, overlap = [], 0, 0, 0
         for line, row in read_records(path):
