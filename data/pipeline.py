@@ -65,7 +65,8 @@ class PackedBatchIterator:
         self.local_rows = list(rows)
         self.train, self.pack = train, pack
         self.cursor = 0
-        self.dropped = 0  # examples that could not fit (counted once per stream position)
+        self.dropped = 0  # examples that could not fit (training; counted once per stream position)
+        self.truncated_targets = 0  # examples whose target tail was cut to fit (evaluation)
         self._read_ahead = read_ahead
         self._pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 0 else None
         self._pending: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
@@ -73,10 +74,11 @@ class PackedBatchIterator:
     # -- state --------------------------------------------------------------------------------
 
     def get_state(self) -> dict:
-        return {"cursor": int(self.cursor)}
+        return {"cursor": int(self.cursor), "dropped": int(self.dropped)}
 
     def set_state(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
+        self.dropped = int(state.get("dropped", 0))
         self._pending.clear()
 
     # -- stream -------------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class PackedBatchIterator:
             row.append(ex)
             used += n
             self.cursor += 1
+            self.truncated_targets += bool(ex.get("target_truncated"))
         return row or None
 
     def __iter__(self):

@@ -2,8 +2,10 @@
 
 The loss mask comes from the prompt rendered with `add_generation_prompt=True`, which must be a
 token prefix of the full rendering. The target runs to and including the end-of-turn token. Long
-inputs are truncated by cutting only the `document` field; the instruction and the target are never
-cut (an example whose instruction + target alone do not fit is dropped and counted).
+inputs are truncated by cutting only the `document` field; in training the instruction and the
+target are never cut (an example whose instruction + target alone do not fit is dropped and
+counted). Evaluation keeps every example: after the document, the target's tail is cut (marked
+`target_truncated`, counted by the pipeline), so the longest references still count.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class SFTOptions:
     truncation: str = "document_end"  # cut the document's end, or its middle (keep head and tail)
     reasoning_traces: bool = False
     model_vocab_size: int | None = None
+    keep_all: bool = False  # evaluation: never drop; cut the target's tail when nothing else fits
 
     def __post_init__(self):
         if self.truncation not in TRUNCATIONS:
@@ -77,16 +80,20 @@ def _cut_document(tok: Tokenizer, document: str, n_remove: int, how: str) -> str
 
 
 def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | None:
-    """-> {"tokens", "targets", "loss_mask"} (numpy, one segment), or None if it cannot fit."""
+    """-> {"tokens", "targets", "loss_mask", "target_truncated"} (numpy, one segment), or None if it
+    cannot fit (training only)."""
     document = _text(record, "document")
     prompt, full = _render_ids(tok, record, document, opts)
     n_target = len(full) - len(prompt)
-    if opts.max_target_tokens is not None and n_target > opts.max_target_tokens:
+    if not opts.keep_all and opts.max_target_tokens is not None and n_target > opts.max_target_tokens:
         return None
-    margin = 0
+    margin, truncated = 0, False
     while len(full) > opts.max_seq_len:
         if not document:
-            return None  # the instruction + target alone are too long
+            if not opts.keep_all:
+                return None  # the instruction + target alone are too long
+            full, truncated = full[: opts.max_seq_len], True  # evaluation: the target's tail goes
+            break
         document = _cut_document(tok, document, len(full) - opts.max_seq_len + margin, opts.truncation)
         prompt, full = _render_ids(tok, record, document, opts)
         margin = margin * 2 + 8  # re-rendering at the cut can merge tokens differently
@@ -96,4 +103,4 @@ def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | N
     targets = np.append(ids[1:], 0).astype(np.int32)
     loss_mask = np.zeros(len(ids), np.float32)
     loss_mask[len(prompt) - 1 : len(ids) - 1] = 1.0  # position t predicts ids[t + 1]
-    return {"tokens": ids, "targets": targets, "loss_mask": loss_mask}
+    return {"tokens": ids, "targets": targets, "loss_mask": loss_mask, "target_truncated": truncated}

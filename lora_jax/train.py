@@ -350,6 +350,7 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
     tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces)
     opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
+    eval_opts = dataclasses.replace(opts, keep_all=True)  # evaluation never drops an example
     b_train, b_eval = config.train.global_batch_size, config.eval.batch_size
     train_rows, eval_rows = process_rows(sharding, b_train), process_rows(sharding, b_eval)
     train = PackedBatchIterator(
@@ -357,9 +358,18 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     )
 
     def eval_iterator():
-        return PackedBatchIterator(sources["test"], tok, opts, b_eval, train=False, pack=d.pack, rows=eval_rows)
+        return PackedBatchIterator(sources["test"], tok, eval_opts, b_eval, train=False, pack=d.pack, rows=eval_rows)
 
     return train, eval_iterator, train_rows, eval_rows
+
+
+def dataset_counts(config, workdir: epath.Path) -> dict[str, int]:
+    """What the dataset builder dropped, kept or de-duplicated (its info metadata counts)."""
+    from data.prepare import builder_class
+
+    d = config.data
+    builder = builder_class(d.name)(data_dir=d.data_dir or str(workdir / "tfds"), bad_images=d.bad_images)
+    return {k: int(v) for k, v in builder.info.metadata.items() if isinstance(v, (int, float))}
 
 
 def process_rows(sharding, global_batch_size: int) -> list[int]:
@@ -527,16 +537,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     progress = periodic_actions.ReportProgress(num_train_steps=config.train.total_steps, writer=writer)
 
+    data_counts = dataset_counts(config, workdir)
+    if data_counts and jax.process_index() == 0:
+        writer.write_scalars(0, {f"data/{k}": v for k, v in data_counts.items()})
+        print("data: " + ", ".join(f"{k} {v}" for k, v in data_counts.items()), flush=True)
+
     def evaluate(step):
-        totals = np.zeros(2)
-        for i, local in enumerate(eval_iterator()):
+        totals, it = np.zeros(2), eval_iterator()
+        for i, local in enumerate(it):
             if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
                 break
             out = eval_step(lora, frozen, global_batch(local, batch_sh, eval_rows, config.eval.batch_size))
             totals += [float(out["nll_sum"]), float(out["target_tokens"])]
         loss = totals[0] / max(totals[1], 1.0)
-        writer.write_scalars(step, {"eval_loss": loss})
-        return loss
+        writer.write_scalars(step, {"eval_loss": loss, "eval_truncated_targets": it.truncated_targets})
+        return loss, it.truncated_targets
 
     history, metrics, last = [], None, None
     timer_start, timed_steps = None, 0
@@ -560,7 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise FloatingPointError(f"non-finite loss {last['loss']} at step {done}; stopping (nothing saved)")
         if is_log:
             elapsed = time.perf_counter() - timer_start
-            scalars = dict(last, trainable_params=n_trainable)
+            scalars = dict(last, trainable_params=n_trainable, train_dropped_examples=train_iter.dropped)
             targets, real = np.mean(jax.device_get(counts), axis=0)
             counts = []
             if timed_steps:
@@ -585,13 +600,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             evaluate(done)
     store.wait()
     final_step = config.train.total_steps
-    eval_loss = evaluate(final_step)
+    eval_loss, eval_truncated = evaluate(final_step)
     export_adapter(graphdef, lora, frozen, workdir, config.model.hf_dir or "")
     writer.flush()
     summary = {
         "final_step": final_step,
         "train_loss_history": history,
         "eval_loss": eval_loss,
+        "eval_truncated_targets": eval_truncated,
+        "train_dropped_examples": train_iter.dropped,
+        "data_counts": data_counts,
         "trainable_params": n_trainable,
         "resumed_from": start,
     }

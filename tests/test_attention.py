@@ -85,3 +85,26 @@ def test_traced_window_and_bf16():
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="valid: causal_blocks, chunked, xla"):
         get_attention_impl("flash9")
+
+
+def test_chunked_attention_with_the_kv_cache_matches_the_reference():
+    """Prefill 13 tokens, then decode 7 one at a time, with chunked attention: the logits of the full
+    sequence under the reference attention without a cache."""
+    from flax import nnx
+
+    from lora_jax.decode import forward_with_cache, init_cache
+    from lora_jax.model import RuntimeOptions, Transformer
+    from tests.tiny_model import TINY
+
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, size=(2, 20)))
+    ref = Transformer(TINY, None, RuntimeOptions(attention_impl="xla"), rngs=nnx.Rngs(0))(tokens)
+    model = Transformer(TINY, None, RuntimeOptions(attention_impl="chunked"), rngs=nnx.Rngs(0))
+    positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
+    ones = jnp.ones((2, 20), jnp.int32)
+    cache = init_cache(model, 2, 40)
+    logits, cache = forward_with_cache(model, tokens[:, :13], positions[:, :13], ones[:, :13], cache)
+    steps = [logits]
+    for i in range(13, 20):
+        logits, cache = forward_with_cache(model, tokens[:, i : i + 1], positions[:, i : i + 1], ones[:, :1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(ref), atol=1e-5)

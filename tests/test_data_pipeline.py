@@ -111,3 +111,26 @@ def test_nothing_fits_is_an_error_not_a_hang(setup):
     tok, src = setup
     with pytest.raises(ValueError, match="no example fits data.max_seq_len=16"):
         next(PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=16), 2))
+
+
+def test_evaluation_keeps_every_example_and_counts_cut_targets(setup):
+    """Training drops what cannot fit; evaluation keeps every example, cutting the target's tail, so the
+    longest references still count (GovReport's eval used to lose them)."""
+    from data.sft import tokenize_example
+
+    tok, src = setup
+    test = [src["test"][i] for i in range(len(src["test"]))]
+    full = [tokenize_example(tok, r, SFTOptions(max_seq_len=4096)) for r in test]
+    seq_len = min(len(f["tokens"]) for f in full) - 2  # every example is 2+ tokens too long
+    opts = SFTOptions(max_seq_len=seq_len, max_target_tokens=3)
+    train_view = PackedBatchIterator(src["test"], tok, opts, 2, train=True, pack=False, num_threads=0)
+    with pytest.raises(ValueError, match="no example fits"):
+        next(train_view)
+    eval_opts = SFTOptions(max_seq_len=seq_len, max_target_tokens=3, keep_all=True)
+    it = PackedBatchIterator(src["test"], tok, eval_opts, 2, train=False, pack=False, num_threads=0)
+    batches = list(it)
+    assert sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches) == len(test)
+    assert it.dropped == 0 and it.truncated_targets == len(test)
+    for b in batches:
+        for r in np.nonzero(b["segment_ids"].max(axis=1) > 0)[0]:
+            assert b["loss_mask"][r].sum() > 0 and b["loss_mask"][r, -1] == 0  # targets left; none past the cut

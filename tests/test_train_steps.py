@@ -210,3 +210,20 @@ def test_the_trainer_updates_only_lora_and_keeps_moments_only_for_lora(batches):
         moved = [float(np.abs(a[name] - value).max()) > 0 for a in after]
         assert moved == ([False, True] if name.endswith("lora_a") else [True, True]), name
     assert all(np.array_equal(a, np.array(b)) for a, b in zip(frozen_before, jax.tree.leaves(t.frozen)))
+
+
+def test_a_real_arms_defaults_train(batches):
+    """bfloat16 base and compute, remat="dots", chunked attention (base.py's defaults for real arms) run
+    the real step: the loss is float32's within bfloat16 tolerance, and remat changes no float32 number
+    (in bfloat16 the recomputed activations may round differently: adapters agree to 1e-3)."""
+    b8 = {"train.global_batch_size": 8}
+    real = {**b8, "model.param_dtype": "bfloat16", "model.compute_dtype": "bfloat16", "model.attention_impl": "chunked"}
+    f32_none, f32_lora_none, _, _ = run_steps(make_config(**b8), one_device(), batches, 3)
+    f32_dots, f32_lora_dots, _, _ = run_steps(make_config(**{**b8, "model.remat": "dots"}), one_device(), batches, 3)
+    bf16_dots, lora_dots, _, _ = run_steps(make_config(**{**real, "model.remat": "dots"}), one_device(), batches, 3)
+    bf16_none, lora_none, _, _ = run_steps(make_config(**{**real, "model.remat": "none"}), one_device(), batches, 3)
+    np.testing.assert_allclose(bf16_dots, f32_none, rtol=2e-2)
+    np.testing.assert_allclose(f32_dots, f32_none, atol=1e-6)
+    assert max_diff(f32_lora_dots, f32_lora_none) <= 1e-6
+    np.testing.assert_allclose(bf16_dots, bf16_none, atol=1e-6)
+    assert max_diff(lora_dots, lora_none) <= 1e-3
