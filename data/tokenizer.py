@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 
@@ -90,8 +92,12 @@ class Tokenizer:
         if self._hf:
             enc = self._hf.encode(text, add_special_tokens=False)
             return enc.ids, enc.offsets
-        pieces = self._sp.encode(text, out_type="immutable_proto").pieces
-        return [p.id for p in pieces], [(p.begin, p.end) for p in pieces]
+        # SentencePiece offsets are UTF-8 byte positions; callers cut `text` by character index.
+        pieces = self._sp.encode(text, out_type="proto").pieces
+        starts = list(itertools.accumulate((len(c.encode()) for c in text), initial=0))  # byte start of each char
+        down = lambda b: bisect.bisect_right(starts, b) - 1  # noqa: E731 — the char holding byte b
+        up = lambda b: bisect.bisect_left(starts, b)  # noqa: E731 — a mid-character end rounds up
+        return [p.id for p in pieces], [(down(p.begin), up(p.end)) for p in pieces]
 
     def decode(self, ids) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=False) if self._hf else self._sp.decode(list(ids))

@@ -168,3 +168,17 @@ def test_sentencepiece_tokenizer_dir(tmp_path):
     assert tok.decode(ex["targets"][ex["loss_mask"] == 1]).replace(" ", "") == (
         RECORD["target"] + "<|im_end|>"
     ).replace(" ", "")
+    # Truncating a non-ASCII document: offsets are characters (SentencePiece reports bytes).
+    text = "Der Umsatz stieg um 42 Millionen – während die Kosten fielen. " * 6
+    ids, offsets = tok.encode_with_offsets(text)
+    assert all(0 <= b <= e <= len(text) for b, e in offsets) and offsets[-1][1] == len(text.rstrip())
+    surfaces = [p.surface for p in tok._sp.encode(text, out_type="proto").pieces]
+    assert [text[b:e] for b, e in offsets] == surfaces  # each piece's own characters
+    record = dict(RECORD, document=text)
+    full_len = len(tokenize_example(tok, record, SFTOptions(max_seq_len=4096))["tokens"])
+    for how in ("document_end", "document_middle"):
+        cut = tokenize_example(tok, record, SFTOptions(max_seq_len=full_len - 25, truncation=how))
+        assert cut is not None and len(cut["tokens"]) <= full_len - 25
+        assert tok.decode(cut["targets"][cut["loss_mask"] == 1]).replace(" ", "") == (
+            RECORD["target"] + "<|im_end|>"
+        ).replace(" ", "")
