@@ -125,7 +125,7 @@ class HFCheckpoint:
             h.update(f"{name}{f.shape(name)}{f.dtype(name)}".encode())
             shape = f.shape(name)
             row = math.prod(shape[1:]) if shape else 1
-            first = f.read(name, slice(0, -(-64 // row))) if shape else f.read(name)  # >= 64 leading values
+            first = f.read(name, slice(0, min(shape[0], -(-64 // row)))) if shape else f.read(name)  # 64 values
             h.update(np.ascontiguousarray(first.reshape(-1)[:64]).tobytes())
         return h.hexdigest()[:16]
 

@@ -122,10 +122,10 @@ CASES = [
         "malformed JSON line",
         lambda t, W: [
             "--config.data.use_bundled_samples=False",
-            f"--config.data.manual_dir={_cocohd_dir(t / 'c', ['{}', '{oops'])}",
+            f"--config.data.manual_dir={_cocohd_dir(t / 'c', ['{oops'])}",
             f"--workdir={t / 'fresh'}",
         ],
-        "cocohd.jsonl:2: malformed JSON line",
+        "cocohd.jsonl:1: malformed JSON line",
     ),
     (
         "unreadable parquet",
