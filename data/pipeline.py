@@ -9,9 +9,6 @@ batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import functools
 from typing import Sequence
 
 import grain
@@ -56,7 +53,8 @@ class PackedBatchIterator:
             raise ValueError("the data source is empty")
         if train:
             ds = ds.shuffle(seed=seed).repeat()
-        self._examples = ds.map(functools.partial(tokenize_example, tokenizer, opts=options))
+        # Wrapped: grain drops elements that are None, and a dropped example must still move the cursor.
+        self._examples = ds.map(lambda record: (tokenize_example(tokenizer, record, opts=options),))
         self.seq_len = options.max_seq_len
         self.global_batch_size = global_batch_size
         if rows is None:
@@ -67,9 +65,10 @@ class PackedBatchIterator:
         self.cursor = 0
         self.dropped = 0  # examples that could not fit (training; counted once per stream position)
         self.truncated_targets = 0  # examples whose target tail was cut to fit (evaluation)
-        self._read_ahead = read_ahead
-        self._pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 0 else None
-        self._pending: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
+        # grain tokenizes ahead of the cursor on its own threads (its iterator ends them).
+        self._read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=read_ahead if num_threads else 0)
+        self._stream = None  # grain iterator positioned at self.cursor (+1 when an example is peeked)
+        self._peeked: tuple | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -79,32 +78,34 @@ class PackedBatchIterator:
     def set_state(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
         self.dropped = int(state.get("dropped", 0))
-        self._pending.clear()
+        self._stream, self._peeked = None, None
 
     # -- stream -------------------------------------------------------------------------------
 
     def _exhausted(self, i: int) -> bool:
         return not self.train and i >= self.num_records
 
-    def _example(self, i: int):
-        """The tokenized example at stream position i, tokenizing ahead on worker threads."""
-        if self._pool is None:
-            return self._examples[i]
-        for j in range(i, i + self._read_ahead):
-            if j not in self._pending and not self._exhausted(j):
-                self._pending[j] = self._pool.submit(self._examples.__getitem__, j)
-        while self._pending and next(iter(self._pending)) < i:
-            self._pending.popitem(last=False)
-        return self._pending[i].result()
+    def _example(self):
+        """The tokenized example at the cursor (None if it cannot fit); `_advance` moves past it."""
+        if self._peeked is None:
+            if self._stream is None:
+                ds = self._examples[self.cursor :] if self.cursor else self._examples
+                self._stream = iter(ds.to_iter_dataset(self._read))
+            self._peeked = next(self._stream)
+        return self._peeked[0]
+
+    def _advance(self) -> None:
+        self.cursor += 1
+        self._peeked = None
 
     def _next_row(self) -> list[dict] | None:
         """Consumes examples from the cursor into one row; a row closes when the next does not fit."""
         row, used, skipped = [], 0, 0
         while not self._exhausted(self.cursor):
-            ex = self._example(self.cursor)
+            ex = self._example()
             if ex is None:
                 self.dropped += 1
-                self.cursor += 1
+                self._advance()
                 skipped += 1
                 if skipped >= self.num_records:
                     raise ValueError(
@@ -117,7 +118,7 @@ class PackedBatchIterator:
                 break
             row.append(ex)
             used += n
-            self.cursor += 1
+            self._advance()
             self.truncated_targets += bool(ex.get("target_truncated"))
         return row or None
 

@@ -1,4 +1,4 @@
-"""Trainable-parameter counts and FLOPs, with the one definition of MFU used everywhere (DESIGN.md).
+"""Trainable-parameter counts and FLOPs, with the one definition of MFU used everywhere.
 
 Per token:
   forward  = 2 x (every matmul weight, LoRA included, LM head included, embedding gather excluded)

@@ -19,7 +19,7 @@ from lora_jax.errors import ConfigError
 
 TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 
-# The study's nine arms, by the token used in config file names (DESIGN.md).
+# The study's nine arms, by the token used in config file names.
 ARMS: dict[str, tuple[str, ...]] = {
     "qkv": ("qkv",),
     "oproj": ("o_proj",),

@@ -55,7 +55,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axes (GSPMD propagation, see STACK_NOTES)."""
+    """A ("data", "fsdp", "tensor") mesh with Auto axes: GSPMD propagates shardings (with jax 0.10's default
+    Explicit axes the embedding gather fails with DuplicateSpecError)."""
     devices = devices if devices is not None else jax.devices()
     sizes = resolve_mesh_shape(shape, len(devices))
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)

@@ -327,7 +327,7 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
 
 
 def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding):
-    """(train iterator, eval-iterator factory, their row indices on this process).
+    """(train iterator, eval-iterator factory).
 
     Process 0 prepares the tfds dataset; the others wait. Each process materialises exactly the
     global batch rows its devices hold under the batch `sharding`."""
@@ -360,7 +360,7 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     def eval_iterator():
         return PackedBatchIterator(sources["test"], tok, eval_opts, b_eval, train=False, pack=d.pack, rows=eval_rows)
 
-    return train, eval_iterator, train_rows, eval_rows
+    return train, eval_iterator
 
 
 def dataset_counts(config, workdir: epath.Path) -> dict[str, int]:
@@ -380,22 +380,12 @@ def process_rows(sharding, global_batch_size: int) -> list[int]:
     return sorted(rows)
 
 
-def global_batch(local: dict, sharding, rows: list[int] | None = None, size: int | None = None) -> dict:
-    """Host arrays holding the global `rows` of a batch of `size` rows (default: all of them) -> global
-    arrays on `sharding`. Each device receives exactly its slice, so this is right for any mesh, also
-    when the batch is replicated across processes (e.g. tensor parallelism over several hosts)."""
-    n_local = next(iter(local.values())).shape[0]
-    rows = list(range(n_local)) if rows is None else list(rows)
-    size = len(rows) if size is None else size
-    where = {r: i for i, r in enumerate(rows)}
-
-    def make(v):
-        def piece(index):
-            return v[[where[r] for r in range(*index[0].indices(size))]][(slice(None),) + tuple(index[1:])]
-
-        return jax.make_array_from_callback((size,) + v.shape[1:], sharding, piece)
-
-    return {k: make(v) for k, v in local.items()}
+def global_batch(local: dict, sharding, size: int | None = None) -> dict:
+    """Host arrays holding this process's rows of a batch of `size` rows (default: all of them, one
+    process) -> global arrays on `sharding`. The rows are those `process_rows` gives for the sharding,
+    so this is right for any mesh, also when the batch is replicated across processes."""
+    size = size or next(iter(local.values())).shape[0]
+    return {k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]) for k, v in local.items()}
 
 
 def _metric_writer(workdir: epath.Path):
@@ -453,7 +443,7 @@ def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -
         o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm
     )
     # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
-    # replicated — left to itself it lands on one device and clashes in jit (STACK_NOTES).
+    # replicated — left to itself it lands on one device and clashes in jit ("incompatible devices").
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     lora_leaf_sh = jax.tree.map(lambda x: x.sharding, lora)
     opt_out_sh = optax.tree_map_params(
@@ -516,9 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer = build_trainer(model, config, mesh)
     graphdef, lora, frozen, opt_state = trainer.graphdef, trainer.lora, trainer.frozen, trainer.opt_state
     train_step, eval_step, batch_sh = trainer.train_step, trainer.eval_step, trainer.batch_sharding
-    train_iter, eval_iterator, train_rows, eval_rows = data_iterators(
-        config, workdir, tok_dir, model.config.vocab_size, batch_sh
-    )
+    train_iter, eval_iterator = data_iterators(config, workdir, tok_dir, model.config.vocab_size, batch_sh)
 
     start = store.latest_step() or 0
     if start:
@@ -547,7 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for i, local in enumerate(it):
             if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
                 break
-            out = eval_step(lora, frozen, global_batch(local, batch_sh, eval_rows, config.eval.batch_size))
+            out = eval_step(lora, frozen, global_batch(local, batch_sh, config.eval.batch_size))
             totals += [float(out["nll_sum"]), float(out["target_tokens"])]
         loss = totals[0] / max(totals[1], 1.0)
         writer.write_scalars(step, {"eval_loss": loss, "eval_truncated_targets": it.truncated_targets})
@@ -557,7 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timer_start, timed_steps = None, 0
     counts = []  # (target, real) token counts of the steps since the last log, on device until then
     for step in range(start, config.train.total_steps):
-        batch = global_batch(next(train_iter), batch_sh, train_rows, b)
+        batch = global_batch(next(train_iter), batch_sh, b)
         lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
         if timer_start is None:  # the first step compiles: time from the second on
