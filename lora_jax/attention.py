@@ -154,42 +154,43 @@ def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, scale, q_block, kv
 
 
 def _flash_bwd(scale, q_block, kv_block, res, d_out):
+    """One pass over the (key block, query block) pairs that any query may see: the probabilities of a
+    pair are recomputed once and feed dQ, dK and dV together; masked pairs (above the causal diagonal,
+    other segments, outside the window) are skipped."""
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, out, lse = res
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
     qb = (_blocks(q, q_block), _blocks(q_pos, q_block), _blocks(q_seg, q_block), _blocks(d_out, q_block))
     qb += (lse, jnp.moveaxis(delta.reshape(delta.shape[:3] + (-1, q_block)), 3, 0))
     kb = (_blocks(k, kv_block), _blocks(v, kv_block), _blocks(kv_pos, kv_block), _blocks(kv_seg, kv_block))
+    n_q = qb[0].shape[0]
 
-    def probs_and_ds(qi, qpos, qseg, doi, lsei, deltai, kj, vj, kpos, kseg):
-        s, mask = _block_scores(qi, kj, qpos, kpos, qseg, kseg, window, scale)
-        p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
-        dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-        return p, p * (dp - deltai[..., None])
+    def kv_block_step(dq, kargs):
+        kj, vj, kpos, kseg = kargs
 
-    def dq_block(qargs):
-        def step(dq, kargs):
-            _, ds = probs_and_ds(*qargs, *kargs)
-            return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kargs[0], preferred_element_type=jnp.float32), None
+        def q_block_step(carry, xs):
+            i, (qi, qpos, qseg, doi, lsei, deltai) = xs
 
-        dq0 = jnp.zeros(qargs[0].shape, jnp.float32)
-        return jax.lax.scan(step, dq0, kb)[0] * scale
+            def update(carry):
+                dq, dk, dv = carry
+                s, mask = _block_scores(qi, kj, qpos, kpos, qseg, kseg, window, scale)
+                p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+                ds = p * (dp - deltai[..., None])
+                dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qi, preferred_element_type=jnp.float32)
+                dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
+                return dq.at[i].add(dq_i), dk, dv
 
-    def dkv_block(kargs):
-        def step(carry, qargs):
-            dk, dv = carry
-            p, ds = probs_and_ds(*qargs, *kargs)
-            dv = dv + jnp.einsum(
-                "bkgqs,bqkgd->bskd", p.astype(qargs[3].dtype), qargs[3], preferred_element_type=jnp.float32
-            )
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qargs[0], preferred_element_type=jnp.float32)
-            return (dk, dv), None
+            visible = jnp.any(attention_mask(qpos, kpos, qseg, kseg, window))
+            return jax.lax.cond(visible, update, lambda c: c, carry), None
 
-        zeros = jnp.zeros(kargs[0].shape, jnp.float32)
-        dk, dv = jax.lax.scan(step, (zeros, zeros), qb)[0]
-        return dk * scale, dv
+        zeros = jnp.zeros(kj.shape, jnp.float32)
+        (dq, dk, dv), _ = jax.lax.scan(q_block_step, (dq, zeros, zeros), (jnp.arange(n_q), qb))
+        return dq, (dk * scale, dv)
 
-    dq = _unblock(jax.lax.map(dq_block, qb))
-    dk, dv = jax.lax.map(dkv_block, kb)
+    dq0 = jnp.zeros(qb[0].shape, jnp.float32)  # [n_q_blocks, batch, q_block, kv_heads, q_per_kv, head_dim]
+    dq, (dk, dv) = jax.lax.scan(kv_block_step, dq0, kb)
+    dq = _unblock(dq) * scale
     return (dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype)) + (None,) * 5
 
 
