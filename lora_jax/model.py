@@ -26,6 +26,9 @@ from lora_jax.errors import ConfigError
 from lora_jax.lora import LoraSpec, delta_weight, init_lora_a, lora_delta, lora_dropout, lora_matmul
 from lora_jax.model_config import ModelConfig
 from lora_jax.rope import apply_rope, inverse_frequencies, rope_angles
+from lora_jax.sharding import constrain
+
+RESIDUAL = ("act_batch", "act_len", "act_embed")
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -171,7 +174,7 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         self.check_length(t if cache is None else cache["k"].shape[2])
         cdt = opts.compute_dtype
-        h = jnp.take(self.embed.get_value(), tokens, axis=0).astype(cdt)
+        h = constrain(jnp.take(self.embed.get_value(), tokens, axis=0).astype(cdt), RESIDUAL)
         cos, sin = rope_angles(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
         if cache is not None:
             # Slots written by this call take the tokens' positions and segments; then all layers
@@ -277,6 +280,7 @@ def make_layer_fn(ctx: _LayerContext):
         window = xs.get("window")
         x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
         qkv = _project(x, p["qkv"], "qkv", 1, ctx, idx)  # [b, t, kv, g+2, d]
+        qkv = constrain(qkv, ("act_batch", "act_len", "act_kv_heads", None, None))
         q = apply_rope(qkv[..., :g, :], ctx.cos, ctx.sin)
         k = apply_rope(qkv[..., g, :], ctx.cos, ctx.sin)
         v = qkv[..., g + 1, :]
@@ -293,11 +297,13 @@ def make_layer_fn(ctx: _LayerContext):
         attn = ctx.attn(
             q, keys, values, ctx.positions, kv_pos, ctx.segment_ids, kv_seg, window=window, scale=cfg.head_dim**-0.5
         )
-        h = h + _project(attn, p["o_proj"], "o_proj", 3, ctx, idx)
+        attn = constrain(attn, ("act_batch", "act_len", "act_kv_heads", None, None))
+        h = constrain(h + _project(attn, p["o_proj"], "o_proj", 3, ctx, idx), RESIDUAL)
         x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
         gate_up = _project(x, p["fc1"], "fc1", 1, ctx, idx)  # [b, t, 2, mlp]
+        gate_up = constrain(gate_up, ("act_batch", "act_len", None, "act_mlp"))
         act = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        h = h + _project(act, p["fc2"], "fc2", 1, ctx, idx)
+        h = constrain(h + _project(act, p["fc2"], "fc2", 1, ctx, idx), RESIDUAL)
         return h, ys
 
     return layer

@@ -34,6 +34,14 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "gate_up": None,
     "mlp": "tensor",
     "lora_rank": None,
+    # Activations: rows over the data-parallel axes (FSDP shards rows too), heads and the MLP
+    # intermediate over "tensor"; the sequence and the residual width stay whole.
+    "act_batch": ("data", "fsdp"),
+    "act_len": None,
+    "act_embed": None,
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
 
 
@@ -86,6 +94,27 @@ def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mes
             used.update(mesh_axes)
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding by logical axes, when traced under a mesh (`under_mesh`); else x.
+
+    Without these GSPMD may keep whole activations on every device (at 7B and 32K tokens that does
+    not fit), since only parameters and the batch carry shardings into the jitted step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(logical_axes, x.shape, mesh))
+
+
+def under_mesh(fn, mesh: Mesh):
+    """fn traced with `mesh` as the abstract mesh, so `constrain` applies inside it."""
+
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:

@@ -459,13 +459,13 @@ def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -
     shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(graphdef, tx, step_opts, schedule),
+        make_train_step(graphdef, tx, step_opts, schedule, mesh),
         in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
         out_shardings=(lora_sh, opt_sh, None),
         donate_argnums=(0, 1),
     )
     eval_step = jax.jit(
-        make_eval_step(graphdef, config.train.loss_chunk_tokens), in_shardings=(lora_sh, frozen_sh, batch_sh)
+        make_eval_step(graphdef, config.train.loss_chunk_tokens, mesh), in_shardings=(lora_sh, frozen_sh, batch_sh)
     )
     return Trainer(graphdef, lora, frozen, opt_state, train_step, eval_step, batch_sh)
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from lora_jax.lora import dropout_key, row_dropout_keys
 from lora_jax.loss import chunked_cross_entropy
+from lora_jax.sharding import under_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,10 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return {k: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, schedule):
-    """(lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics). Jit it with shardings."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, schedule, mesh=None):
+    """(lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics). Jit it with shardings.
+
+    With `mesh`, activations inside are pinned to their logical shardings (`sharding.constrain`)."""
 
     def step_fn(lora, opt_state, frozen, batch, step):
         grad_fn = jax.value_and_grad(
@@ -85,12 +88,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         }
         return lora, opt_state, metrics
 
-    return step_fn
+    return step_fn if mesh is None else under_mesh(step_fn, mesh)
 
 
-def make_eval_step(graphdef, chunk: int):
+def make_eval_step(graphdef, chunk: int, mesh=None):
     def eval_fn(lora, frozen, batch) -> dict[str, Any]:
         nll, n = batch_loss_sums(graphdef, lora, frozen, batch, chunk, None)
         return {"nll_sum": nll, "target_tokens": n}
 
-    return eval_fn
+    return eval_fn if mesh is None else under_mesh(eval_fn, mesh)
