@@ -1,0 +1,196 @@
+"""Batched generation with the KV cache: chunked prefill, then one token per step in a while loop.
+
+The model is used as given: adapters unmerged (the study's serving mode), merged (`merge_lora`), or
+a model without adapters (the base). Prompts are left-padded to one length (mask 0 on padding);
+each row stops on a stop id (EOS, the chat template's end-of-turn token) and the loop ends as soon
+as every row has stopped (`lax.while_loop`, not a fixed-length scan). Stop *strings* are applied to
+the decoded text by `complete` (token boundaries rarely align with them).
+
+Memory: the cache holds k/v for prompt + new tokens (in the compute dtype unless `cache_dtype`
+says otherwise). A prefill in chunks of `prefill_chunk` tokens bounds the activations and, with a
+memory-bounded attention (`attention_impl="chunked"`), the attention scores too, so a 32K-token
+prompt needs little beyond the cache itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_jax.decode import init_cache
+from lora_jax.errors import ConfigError
+from lora_jax.model import Transformer
+from lora_jax.sharding import constrain, under_mesh
+
+CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)  # [layers, batch, slots, kv_heads, head_dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    stop_ids: tuple[int, ...] = ()  # a row stops after emitting one of these (it is returned)
+    prefill_chunk: int = 0  # 0 = the whole prompt in one call
+    cache_dtype: str | None = None  # "bfloat16" | "float32"; None = the model's compute dtype
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(
+                f"sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 "
+                f"(got {self.temperature}, {self.top_k}, {self.top_p})"
+            )
+        if self.prefill_chunk < 0:
+            raise ConfigError(f"prefill_chunk={self.prefill_chunk} must be >= 0")
+
+
+def check_request(model: Transformer, prompt_len: int, opts: GenerationOptions) -> None:
+    """Clear errors for requests the cache or the model's context cannot hold."""
+    limit = model.config.max_position_embeddings
+    if prompt_len < 1:
+        raise ConfigError("empty prompt: every row needs at least one prompt token")
+    if prompt_len > limit:
+        raise ConfigError(f"prompt of {prompt_len} tokens is longer than the model's context ({limit})")
+    if prompt_len + opts.max_new_tokens > limit:
+        raise ConfigError(
+            f"max_new_tokens={opts.max_new_tokens} after a {prompt_len}-token prompt passes the model's "
+            f"context ({limit}); at most {limit - prompt_len}"
+        )
+
+
+def sample(logits: jax.Array, key: jax.Array, opts: GenerationOptions) -> jax.Array:
+    """Next ids [batch] from float32 logits [batch, vocab]: argmax at temperature 0, else top-k / top-p."""
+    if opts.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / opts.temperature
+    if opts.top_k:
+        kth = jax.lax.top_k(logits, opts.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if opts.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+        sorted_logits = jnp.where(before >= opts.top_p, -jnp.inf, sorted_logits)  # the first always stays
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _last_logits(model: Transformer, tokens, positions, segment_ids, cache):
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache)
+    return model.logits_from_hidden(h[:, -1:])[:, 0], cache
+
+
+def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions):
+    b, t = tokens.shape
+    mask = mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}.get(opts.cache_dtype)
+    cache = init_cache(model, b, t + opts.max_new_tokens, dtype)
+    cache = dict(cache, k=constrain(cache["k"], CACHE_AXES), v=constrain(cache["v"], CACHE_AXES))
+    chunk = opts.prefill_chunk or t
+    if t % chunk:
+        raise ConfigError(f"prompt length {t} must be a multiple of prefill_chunk={chunk} (left-pad it)")
+    if chunk == t:
+        logits, cache = _last_logits(model, tokens, positions, mask, cache)
+    else:
+
+        def prefill(carry, xs):
+            return _last_logits(model, *xs, carry[1]), None
+
+        blocks = [jnp.moveaxis(x.reshape(b, t // chunk, chunk), 1, 0) for x in (tokens, positions, mask)]
+        init = (jnp.zeros((b, model.config.vocab_size), jnp.float32), cache)
+        (logits, cache), _ = jax.lax.scan(prefill, init, blocks)
+    stop = jnp.asarray(opts.stop_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < opts.max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits, cache, pos, done, out = carry
+        tok = jnp.where(done, 0, sample(logits, jax.random.fold_in(key, i), opts))
+        out = out.at[:, i].set(tok)
+        done = done | jnp.isin(tok, stop)
+        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        return i + 1, logits, cache, pos + 1, done, out
+
+    out = jnp.zeros((b, opts.max_new_tokens), jnp.int32)
+    init = (jnp.zeros((), jnp.int32), logits, cache, positions[:, -1] + 1, jnp.zeros((b,), bool), out)
+    steps, _, _, _, _, out = jax.lax.while_loop(cond, body, init)
+    # Tokens per row: up to and including its stop id, else every step taken.
+    hit = jnp.isin(out, stop) & (jnp.arange(opts.max_new_tokens)[None] < steps)
+    lengths = jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1) + 1, steps)
+    return out, lengths
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, opts: GenerationOptions, mesh):
+    def run(state, tokens, mask, key):
+        return _generate(nnx.merge(graphdef, state), tokens, mask, key, opts)
+
+    return jax.jit(run if mesh is None else under_mesh(run, mesh))
+
+
+def generate(model: Transformer, tokens, mask, opts: GenerationOptions, seed: int = 0, mesh=None):
+    """tokens, mask: [batch, prompt_len] (left-padded: mask 0 on padding). Returns (ids [batch,
+    max_new_tokens] (0 after a row stopped), lengths [batch]: tokens per row up to and including its
+    stop id). Jitted once per (model structure, options, shapes); `mesh` pins the cache's sharding."""
+    tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+    check_request(model, tokens.shape[1], opts)
+    if bool(jnp.any(jnp.sum(mask, axis=1) == 0)):
+        raise ConfigError("empty prompt: every row needs at least one prompt token")
+    graphdef, state = nnx.split(model)
+    out, lengths = _compiled(graphdef, opts, mesh)(state, tokens, mask, jax.random.key(seed))
+    return np.asarray(out), np.asarray(lengths)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> (tokens, mask) [batch, length], left-padded to a multiple of `multiple`."""
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // multiple) * multiple
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for r, p in enumerate(prompts):
+        if len(p):
+            tokens[r, length - len(p) :] = p
+            mask[r, length - len(p) :] = 1
+    return tokens, mask
+
+
+def complete(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    opts: GenerationOptions,
+    decode: Callable[[list[int]], str],
+    *,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 8,
+    seed: int = 0,
+    mesh=None,
+) -> list[str]:
+    """Prompt ids (e.g. the chat template's generation prompt, as training renders it) -> completions:
+    the decoded text before the first stop id and before the first stop string."""
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        group = list(prompts[start : start + batch_size])
+        group += [group[-1]] * (batch_size - len(group))  # one compiled shape for every batch
+        tokens, mask = left_pad(group, max(opts.prefill_chunk, 1))
+        out, lengths = generate(model, tokens, mask, opts, seed=seed + start, mesh=mesh)
+        for row in range(min(batch_size, len(prompts) - start)):
+            ids = [int(i) for i in out[row, : lengths[row]]]
+            if ids and ids[-1] in opts.stop_ids:
+                ids = ids[:-1]
+            text = decode(ids)
+            cuts = [text.find(s) for s in stop_strings if s and s in text]
+            texts.append(text[: min(cuts)] if cuts else text)
+    return texts
