@@ -154,6 +154,45 @@ def generate(model: Transformer, tokens, mask, opts: GenerationOptions, seed: in
     return np.asarray(out), np.asarray(lengths)
 
 
+class Stepper:
+    """Token-by-token decoding for latency measurement (the serving view: each token is observable).
+
+    `prefill(tokens, mask)` -> first ids [batch]; then each `step()` -> next ids [batch]. Both are
+    jitted once; the cache stays on device between calls. Greedy or sampled as `opts` says."""
+
+    def __init__(self, model: Transformer, opts: GenerationOptions, batch: int, prompt_len: int, seed: int = 0):
+        check_request(model, prompt_len, opts)
+        self.graphdef, self.params = nnx.split(model)
+        self.opts, self.key = opts, jax.random.key(seed)
+        dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}.get(opts.cache_dtype)
+        self.cache0 = init_cache(model, batch, prompt_len + opts.max_new_tokens, dtype)
+        self._prefill = jax.jit(self._prefill_fn)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+
+    def _prefill_fn(self, params, cache, tokens, mask, key):
+        model = nnx.merge(self.graphdef, params)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        logits, cache = _last_logits(model, tokens, positions, mask, cache)
+        tok = sample(logits, jax.random.fold_in(key, 0), self.opts)
+        return tok, cache, positions[:, -1] + 1
+
+    def _step_fn(self, params, cache, tok, pos, i, key):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache)
+        return sample(logits, jax.random.fold_in(key, i), self.opts), cache, pos + 1
+
+    def prefill(self, tokens, mask) -> jax.Array:
+        tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+        self.tok, self.cache, self.pos = self._prefill(self.params, self.cache0, tokens, mask, self.key)
+        self.i = 1
+        return self.tok
+
+    def step(self) -> jax.Array:
+        self.tok, self.cache, self.pos = self._step(self.params, self.cache, self.tok, self.pos, self.i, self.key)
+        self.i += 1
+        return self.tok
+
+
 def left_pad(prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts -> (tokens, mask) [batch, length], left-padded to a multiple of `multiple`."""
     longest = max(len(p) for p in prompts)

@@ -146,8 +146,8 @@ CASES = [
     ("schedule changed on resume", lambda t, W: ["--config.train.total_steps=40"], "train.total_steps=20"),
     (
         "data and accumulation changed on resume",
-        lambda t, W: ["--config.data.max_seq_len=512", "--config.optim.grad_accum_steps=2"],
-        "data.max_seq_len=1024, this run has 512; optim.grad_accum_steps=1, this run has 2",
+        lambda t, W: ["--config.data.max_seq_len=900", "--config.optim.grad_accum_steps=2"],
+        "data.max_seq_len=1024, this run has 900; optim.grad_accum_steps=1, this run has 2",
     ),
 ]
 

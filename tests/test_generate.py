@@ -172,3 +172,14 @@ def test_empty_prompt_and_bad_options_are_refused():
         GenerationOptions(max_new_tokens=0)
     with pytest.raises(ConfigError, match="top_p"):
         GenerationOptions(max_new_tokens=2, top_p=0.0)
+
+
+def test_stepper_decodes_the_same_tokens_as_generate():
+    model = adapted_model()
+    tokens, mask = left_pad(PROMPTS)
+    ref = generate(model, tokens, mask, GenerationOptions(max_new_tokens=5))[0]
+    from lora_jax.generate import Stepper
+
+    stepper = Stepper(model, GenerationOptions(max_new_tokens=5), 3, tokens.shape[1])
+    out = [np.asarray(stepper.prefill(tokens, mask))] + [np.asarray(stepper.step()) for _ in range(4)]
+    np.testing.assert_array_equal(np.stack(out, axis=1), ref)

@@ -33,7 +33,8 @@ def test_runlocal_arm_writes_events_checkpoints_and_adapter(reference_run):
     assert tb_loss[20] == pytest.approx(losses[-1], rel=1e-6)
     mfu = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in ea.Tensors("mfu")]
     assert all(0 < m <= 1 for m in mfu)
-    speeds = {tag: [float(tensor_util.make_ndarray(e.tensor_proto)) for e in ea.Tensors(tag)] for tag in tags}
+    speed_tags = ("tokens_per_s", "real_tokens_per_s", "target_tokens_per_s")
+    speeds = {tag: [float(tensor_util.make_ndarray(e.tensor_proto)) for e in ea.Tensors(tag)] for tag in speed_tags}
     padded, real, target = speeds["tokens_per_s"], speeds["real_tokens_per_s"], speeds["target_tokens_per_s"]
     assert all(0 < tg < r <= p for p, r, tg in zip(padded, real, target))  # padding and prompts excluded
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]

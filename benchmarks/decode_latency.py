@@ -1,0 +1,250 @@
+"""Decode latency per arm: TTFT and TPOT p50/p95 for the base model, unmerged and merged adapters.
+
+    python benchmarks/decode_latency.py [--arms o_proj,o_proj+fc2,qkv,all] [--batches 1,8]
+        [--requests 50] [--peer hf] [--json out.json]
+
+Bench model: Llama, vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 kv heads,
+LoRA rank 16, float32; prompt 128 tokens, 64 new tokens, greedy. Serving convention (vLLM's
+benchmark): per request TTFT = time to the first token; TPOT = (time of the last token - time of the
+first) / (tokens - 1); p50/p95 over --requests requests after --warmup. Each token is observed as
+it is produced (prefill, then one jitted step per token).
+
+Beside our figures: the weight-read bound measured in this process (bytes of weights read per
+decode step / streaming read bandwidth), and with --peer hf (needs torch, transformers, peft: the
+test extra) Hugging Face `generate` + PEFT on the identical model (unmerged, and
+`merge_and_unload`), interleaved request by request with ours, with the ratio ours / HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lora_jax.generate import GenerationOptions, Stepper  # noqa: E402
+from lora_jax.lora import LoraSpec  # noqa: E402
+from lora_jax.model import RuntimeOptions, Transformer, merge_lora  # noqa: E402
+from lora_jax.model_config import ModelConfig  # noqa: E402
+
+BENCH = ModelConfig(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=64,
+    max_position_embeddings=4096,
+)
+ARMS = {"o_proj": ("o_proj",), "o_proj+fc2": ("o_proj", "fc2"), "qkv": ("qkv",), "all": ("qkv", "o_proj", "fc1", "fc2")}
+HF_MODULES = {
+    "qkv": ["q_proj", "k_proj", "v_proj"],
+    "o_proj": ["o_proj"],
+    "fc1": ["gate_proj", "up_proj"],
+    "fc2": ["down_proj"],
+}
+PROMPT, NEW, RANK = 128, 64, 16
+
+
+def percentile(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def read_bandwidth() -> float:
+    """Streaming read bytes/s: best of 5 jitted sums over a 512 MiB float32 array."""
+    x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(5))
+    return x.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes a batch-1 decode step reads: every parameter but the embedding table (one row)."""
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[0] != "embed":
+            total += var.get_value().nbytes
+    return total
+
+
+class OursRunner:
+    def __init__(self, model, batch):
+        self.stepper = Stepper(model, GenerationOptions(max_new_tokens=NEW), batch, PROMPT)
+        self.tokens = np.random.default_rng(0).integers(0, BENCH.vocab_size, size=(batch, PROMPT)).astype(np.int32)
+        self.mask = np.ones_like(self.tokens)
+
+    def request(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        self.stepper.prefill(self.tokens, self.mask).block_until_ready()
+        first = time.perf_counter()
+        for _ in range(NEW - 1):
+            self.stepper.step().block_until_ready()
+        last = time.perf_counter()
+        return first - start, (last - first) / (NEW - 1)
+
+
+class HFRunner:
+    def __init__(self, model, batch):
+        import torch
+        import transformers
+
+        self.torch, self.model = torch, model
+        rng = np.random.default_rng(0)
+        self.tokens = torch.as_tensor(rng.integers(0, BENCH.vocab_size, size=(batch, PROMPT)))
+        times = self.times = []
+
+        class Clock(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                times.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        self.stop = transformers.StoppingCriteriaList([Clock()])
+
+    def request(self) -> tuple[float, float]:
+        self.times.clear()
+        start = time.perf_counter()
+        with self.torch.no_grad():
+            self.model.generate(
+                self.tokens,
+                attention_mask=self.torch.ones_like(self.tokens),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                stopping_criteria=self.stop,
+                pad_token_id=0,
+            )
+        first, last = self.times[0], self.times[-1]
+        return first - start, (last - first) / (len(self.times) - 1)
+
+
+def build_pair(targets, workdir, peer: bool):
+    """(our model with adapters, HF model with the same adapters or None). B is random (non-zero)."""
+    from lora_jax.sharding import make_mesh
+
+    if not peer:
+        model = Transformer(BENCH, LoraSpec(targets=targets, rank=RANK, alpha=32.0), rngs=nnx.Rngs(0))
+        for t in targets:
+            b = getattr(model.layers, t).lora_b
+            b.set_value(jax.random.normal(jax.random.key(1), b.get_value().shape) * 0.01)
+        return model, None
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax.hf_checkpoint import load_hf_model
+    from lora_jax.peft_io import read_peft_adapter, set_lora_weights
+
+    torch.manual_seed(0)
+    hf_dir, adapter_dir = os.path.join(workdir, "base"), os.path.join(workdir, "-".join(targets))
+    if not os.path.exists(hf_dir):
+        cfg = transformers.LlamaConfig(
+            vocab_size=BENCH.vocab_size,
+            hidden_size=BENCH.hidden_size,
+            intermediate_size=BENCH.intermediate_size,
+            num_hidden_layers=BENCH.num_layers,
+            num_attention_heads=BENCH.num_heads,
+            num_key_value_heads=BENCH.num_kv_heads,
+            head_dim=BENCH.head_dim,
+            max_position_embeddings=BENCH.max_position_embeddings,
+        )
+        transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    modules = [m for t in targets for m in HF_MODULES[t]]
+    lora_cfg = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=modules, init_lora_weights=False)
+    hf = peft.get_peft_model(hf, lora_cfg).eval()
+    hf.save_pretrained(adapter_dir)
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    spec, weights = read_peft_adapter(adapter_dir, load_hf_model(hf_dir, None, RuntimeOptions(), mesh).config)
+    ours = load_hf_model(hf_dir, spec, RuntimeOptions(), mesh)
+    set_lora_weights(ours, weights)
+    return ours, hf
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peer", choices=["none", "hf"], default="none")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    peer = args.peer == "hf"
+    bandwidth = read_bandwidth()
+    rows = []
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {PROMPT}, {NEW} new tokens, {args.requests} requests")
+    print(f"{'arm':>10} {'mode':>9} {'b':>2} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p95':>9} {'bound':>7}  peer")
+    with tempfile.TemporaryDirectory() as workdir:
+        for arm in args.arms.split(","):
+            model, hf = build_pair(ARMS[arm], workdir, peer)
+            _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
+            base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
+            nnx.update(base, frozen)  # the same frozen weights, no adapters
+            merged = nnx.merge(*nnx.split(model))
+            merge_lora(merged)
+            for mode, ours_model in (("base", base), ("unmerged", model), ("merged", merged)):
+                hf_model = None
+                if peer:  # merge_and_unload folds the adapters into the HF model in place: merged comes last
+                    hf_model = hf.merge_and_unload() if mode == "merged" else hf
+                for batch in (int(x) for x in args.batches.split(",")):
+                    ours = OursRunner(ours_model, batch)
+                    theirs = HFRunner(hf_model, batch) if hf_model is not None else None
+                    if peer and mode == "base":
+                        with hf.disable_adapter():
+                            rows.append(measure(arm, mode, batch, ours, theirs, args, ours_model, bandwidth))
+                    else:
+                        rows.append(measure(arm, mode, batch, ours, theirs, args, ours_model, bandwidth))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+
+
+def measure(arm, mode, batch, ours, theirs, args, model, bandwidth):
+    samples = {"ours": [], "hf": []}
+    for i in range(args.warmup + args.requests):  # interleaved: ours, HF, ours, HF, ...
+        for name, runner in (("ours", ours), ("hf", theirs)):
+            if runner is not None:
+                ttft, tpot = runner.request()
+                if i >= args.warmup:
+                    samples[name].append((ttft, tpot))
+    row = {"arm": arm, "mode": mode, "batch": batch, "weight_read_bound_s": weight_bytes(model) / bandwidth}
+    for name, xs in samples.items():
+        if xs:
+            ttft, tpot = zip(*xs)
+            row[name] = {
+                "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+                "ttft_p95_ms": 1e3 * percentile(ttft, 95),
+                "tpot_p50_ms": 1e3 * percentile(tpot, 50),
+                "tpot_p95_ms": 1e3 * percentile(tpot, 95),
+            }
+    o = row["ours"]
+    line = (
+        f"{arm:>10} {mode:>9} {batch:>2} {o['ttft_p50_ms']:>8.2f}ms {o['tpot_p50_ms']:>8.2f}ms "
+        f"{o['tpot_p95_ms']:>8.2f}ms {1e3 * row['weight_read_bound_s']:>6.2f}ms"
+    )
+    if "hf" in row:
+        h = row["hf"]
+        line += f"  HF TPOT p50 {h['tpot_p50_ms']:.2f}ms p95 {h['tpot_p95_ms']:.2f}ms  ours/HF {o['tpot_p50_ms'] / h['tpot_p50_ms']:.2f}"
+    print(line, flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()
