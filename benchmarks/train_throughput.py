@@ -4,6 +4,7 @@ Bench model: Llama, vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 head
 (head_dim 64), LoRA rank 16 alpha 32, batch 4 x 512.
 
     python benchmarks/train_throughput.py [--arms o_proj,o_proj+fc2,qkv,all] [--dtypes float32,bfloat16]
+    python benchmarks/train_throughput.py --peer peft [--rounds 3]   # ours vs PEFT, interleaved, float32
 
 MFU = achieved FLOP/s (lora_jax.accounting's training-step definition) / the best of >= 5 timed
 float32 2048^3 matmuls measured in this process, on one device. Median of --steps timed steps.
@@ -59,26 +60,88 @@ def synthetic_batch(batch, seq_len, vocab, seed=0):
     }
 
 
-def measure(config, steps, mesh):
-    model = Transformer(
-        train.random_model_config(config), train.lora_spec(config), train.runtime_options(config), rngs=nnx.Rngs(0)
-    )
-    shard_model(model, mesh)
-    t = train.build_trainer(model, config, mesh)
-    b, s = config.train.global_batch_size, config.data.max_seq_len
-    batch = train.global_batch(synthetic_batch(b, s, config.model.vocab_size), t.batch_sharding)
-    lora, opt = t.lora, t.opt_state
-    lora, opt, m = t.train_step(lora, opt, t.frozen, batch, 0)  # compile
-    jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        lora, opt, m = t.train_step(lora, opt, t.frozen, batch, i + 1)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    flops = accounting.train_flops_per_step(model.config, model.lora, b, s)
-    return step_s, b * s / step_s, flops
+class OursStep:
+    """Our jitted train step on the bench model, compiled once; `run(n)` -> median seconds per step."""
+
+    def __init__(self, config, mesh):
+        model = Transformer(
+            train.random_model_config(config), train.lora_spec(config), train.runtime_options(config), rngs=nnx.Rngs(0)
+        )
+        shard_model(model, mesh)
+        self.t = train.build_trainer(model, config, mesh)
+        b, s = config.train.global_batch_size, config.data.max_seq_len
+        self.batch = train.global_batch(synthetic_batch(b, s, config.model.vocab_size), self.t.batch_sharding)
+        self.lora, self.opt, self.i = self.t.lora, self.t.opt_state, 0
+        self.flops = accounting.train_flops_per_step(model.config, model.lora, b, s)
+        self.run(1)  # compile
+
+    def run(self, steps: int) -> float:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.lora, self.opt, m = self.t.train_step(self.lora, self.opt, self.t.frozen, self.batch, self.i)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+            self.i += 1
+        return statistics.median(times)
+
+
+class PeftStep:
+    """The same step as a PEFT user runs it: transformers Llama (float32, eager attention) + LoRA on the
+    arm's modules (q/k/v separately for qkv, gate/up for fc1), AdamW on the adapters, batch x seq_len."""
+
+    MODULES = {"qkv": ["q_proj", "k_proj", "v_proj"], "o_proj": ["o_proj"], "fc1": ["gate_proj", "up_proj"]}
+    MODULES["fc2"] = ["down_proj"]
+
+    def __init__(self, targets, batch, seq_len):
+        import peft
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=BENCH["vocab_size"],
+            hidden_size=BENCH["hidden_size"],
+            intermediate_size=BENCH["intermediate_size"],
+            num_hidden_layers=BENCH["num_layers"],
+            num_attention_heads=BENCH["num_heads"],
+            num_key_value_heads=BENCH["num_kv_heads"],
+            head_dim=BENCH["head_dim"],
+            max_position_embeddings=seq_len,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+        lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[m for t in targets for m in self.MODULES[t]])
+        self.torch, self.model = torch, peft.get_peft_model(model, lora).train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        tokens = torch.as_tensor(np.random.default_rng(0).integers(0, BENCH["vocab_size"], size=(batch, seq_len)))
+        self.tokens = tokens
+        self.run(1)  # warm-up
+
+    def run(self, steps: int) -> float:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def compare_with_peft(arms, args, mesh):
+    """Interleaved rounds (ours, PEFT, ours, PEFT, ...): the host drifts, so only the ratio is a claim."""
+    print(f"float32, batch {args.batch} x {args.seq_len}, {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"{'arm':<14}{'ours tok/s':>11}{'PEFT tok/s':>11}{'ours/PEFT':>10}  per round")
+    tokens = args.batch * args.seq_len
+    for arm in arms:
+        targets = ("qkv", "o_proj", "fc1", "fc2") if arm == "all" else tuple(arm.split("+"))
+        ours = OursStep(bench_config(targets, "float32", args.attention, args.remat, args.batch, args.seq_len), mesh)
+        theirs = PeftStep(targets, args.batch, args.seq_len)
+        rounds = [(ours.run(args.steps), theirs.run(args.steps)) for _ in range(args.rounds)]
+        o, p = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
+        per_round = " ".join(f"{b / a:.2f}" for a, b in rounds)
+        print(f"{arm:<14}{tokens / o:>11.0f}{tokens / p:>11.0f}{p / o:>10.2f}  [{per_round}]", flush=True)
 
 
 def main():
@@ -90,8 +153,13 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq_len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--peer", choices=["none", "peft"], default="none")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    if args.peer == "peft":
+        compare_with_peft(args.arms.split(","), args, mesh)
+        return
     print(f"device: {jax.devices()[0].device_kind}; peak = best of 5+5 float32 2048^3 matmuls around each row")
     print(f"{'arm':<14}{'dtype':<10}{'step s':>8}{'tokens/s':>10}{'TFLOP/step':>12}{'peak GF/s':>11}{'MFU':>7}")
     for arm in args.arms.split(","):
@@ -101,7 +169,9 @@ def main():
             # The host's speed drifts (shared machine): the peak is the best of the measurements taken
             # right before and right after each timing.
             before = accounting.measure_matmul_peak()
-            step_s, tok_s, flops = measure(config, args.steps, mesh)
+            runner = OursStep(config, mesh)
+            step_s = runner.run(args.steps)
+            tok_s, flops = args.batch * args.seq_len / step_s, runner.flops
             peak = max(before, accounting.measure_matmul_peak())
             mfu = flops / step_s / peak
             print(
