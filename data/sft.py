@@ -67,6 +67,24 @@ def _render_ids(tok, record, document, opts):
     return prompt, full[: eot[0] + 1]  # drop what the template writes after the end-of-turn token
 
 
+def generation_prompt_ids(tok: Tokenizer, record: dict, opts: SFTOptions, max_new_tokens: int) -> list[int]:
+    """The prompt a model generates from: the user turn rendered with add_generation_prompt=True exactly
+    as training renders it, the document cut as training cuts it so that prompt + max_new_tokens fit
+    max_seq_len (what is scored is what was trained)."""
+    document = _text(record, "document")
+    budget = opts.max_seq_len - max_new_tokens
+
+    def render(document):
+        user = {"role": "user", "content": user_content(_text(record, "instruction"), document)}
+        return tok.encode(tok.render([user], True))
+
+    ids, margin = render(document), 0
+    while len(ids) > budget and document:
+        document = _cut_document(tok, document, len(ids) - budget + margin, opts.truncation)
+        ids, margin = render(document), margin * 2 + 8
+    return ids
+
+
 def _cut_document(tok: Tokenizer, document: str, n_remove: int, how: str) -> str:
     ids, offsets = tok.encode_with_offsets(document)
     keep = len(ids) - n_remove

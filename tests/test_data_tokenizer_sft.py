@@ -182,3 +182,17 @@ def test_sentencepiece_tokenizer_dir(tmp_path):
         assert tok.decode(cut["targets"][cut["loss_mask"] == 1]).replace(" ", "") == (
             RECORD["target"] + "<|im_end|>"
         ).replace(" ", "")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generation_prompt_is_the_trained_prompt(tmp_path, family):
+    """What a model generates from is the prefix of its training example before the loss starts, also
+    when the document has to be cut to leave room for the new tokens."""
+    from data.sft import generation_prompt_ids
+
+    tok = Tokenizer(str(make_tokenizer_dir(tmp_path, family)))
+    ex = tokenize_example(tok, RECORD, SFTOptions(max_seq_len=512))
+    start = int(np.argmax(ex["loss_mask"])) + 1
+    assert generation_prompt_ids(tok, RECORD, SFTOptions(max_seq_len=512), 16) == list(ex["tokens"][:start])
+    short = generation_prompt_ids(tok, RECORD, SFTOptions(max_seq_len=start + 10), 16)
+    assert len(short) <= start + 10 - 16 and short[:5] == list(ex["tokens"][:5])
