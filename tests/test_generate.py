@@ -27,12 +27,18 @@ def adapted_model(targets=("o_proj", "fc2"), options=RuntimeOptions()):
     return model
 
 
-def full_recompute_greedy(model, prompt, n):
-    """Step-by-step argmax over the whole sequence, no cache: the reference."""
+@nnx.jit
+def _full_logits(model, tokens):
+    return model(tokens)
+
+
+def full_recompute_greedy(model, prompt, n, length=32):
+    """Step-by-step argmax over the whole sequence, no cache: the reference. The sequence is right-padded
+    to one length (causal: padding after a position never changes its logits), so it compiles once."""
     seq = list(prompt)
     for _ in range(n):
-        logits = model(jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        logits = _full_logits(model, jnp.asarray([seq + [0] * (length - len(seq))]))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt) :]
 
 

@@ -1,0 +1,225 @@
+"""Config -> the objects a run is made of, and every check that can fail before anything runs.
+
+`validate` refuses a config with one clear ConfigError (or a missing-file error) naming the key
+and what was expected, before any file is written or any program compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+from lora_jax.attention import get_attention_impl
+from lora_jax.errors import ConfigError, MissingFileError, WorkdirError
+from lora_jax.lora import LoraSpec
+from lora_jax.model import REMAT_POLICIES, RuntimeOptions
+from lora_jax.model_config import ModelConfig
+from lora_jax.multihost import decided_on_process_0
+from lora_jax.sharding import resolve_mesh_shape
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _dtype(name: str, key: str):
+    if name not in DTYPES:
+        raise ConfigError(f"{key}={name!r} is unknown; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
+    lo = config.lora
+    return LoraSpec(
+        targets=tuple(lo.targets),
+        rank=lo.rank,
+        alpha=lo.alpha,
+        dropout=lo.dropout,
+        use_rslora=lo.use_rslora,
+        rank_overrides=dict(lo.rank_overrides),
+        alpha_overrides=dict(lo.alpha_overrides),
+    )
+
+
+def runtime_options(config: ml_collections.ConfigDict) -> RuntimeOptions:
+    m = config.model
+    return RuntimeOptions(
+        param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
+        compute_dtype=_dtype(m.compute_dtype, "model.compute_dtype"),
+        attention_impl=m.attention_impl,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+    )
+
+
+def random_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    m = config.model
+    missing = [k for k in MODEL_DIMS if m[k] is None]
+    if missing:
+        raise ConfigError(
+            "model.hf_dir is unset: set --config.model.hf_dir=<local Hugging Face checkpoint dir> and "
+            "--config.data.manual_dir=<the dataset's upstream files> (README: 'A real arm'), or run the tiny "
+            f"random model with the config suffix :runlocal (random init needs model.{', model.'.join(missing)})"
+        )
+    small = [f"model.{k}={m[k]}" for k in MODEL_DIMS if m[k] < 1]
+    if small:
+        raise ConfigError(f"{', '.join(small)}: model dimensions must be >= 1")
+    return ModelConfig(
+        **{k: int(m[k]) for k in MODEL_DIMS}, max_position_embeddings=m.max_position_embeddings, rms_norm_eps=1e-6
+    )
+
+
+def check_hf_conflicts(config: ml_collections.ConfigDict, hf: ModelConfig, source: str) -> None:
+    """When model.hf_dir is set its config.json is the truth; a different value in our config is an error."""
+    for key in MODEL_DIMS:
+        ours = config.model[key]
+        if ours is not None and ours != getattr(hf, key):
+            raise ConfigError(f"model.{key}={ours} conflicts with {source}/config.json ({getattr(hf, key)})")
+
+
+def _check_range(config: ml_collections.ConfigDict, key: str, low, high=None) -> None:
+    section, name = key.split(".")
+    value = config[section][name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+# Every numeric field with its valid range [low, high).
+RANGES = {
+    "lora.rank": (1,),
+    "lora.alpha": (1e-12,),
+    "lora.dropout": (0, 1),
+    "data.max_seq_len": (8,),
+    "data.max_target_tokens": (1,),
+    "optim.learning_rate": (1e-12,),
+    "optim.warmup_steps": (0,),
+    "optim.weight_decay": (0,),
+    "optim.grad_clip_norm": (0,),
+    "optim.grad_accum_steps": (1,),
+    "train.total_steps": (1,),
+    "train.global_batch_size": (1,),
+    "train.seed": (0,),
+    "train.log_every_steps": (1,),
+    "train.checkpoint_every_steps": (1,),
+    "train.max_to_keep": (1,),
+    "train.loss_chunk_tokens": (1,),
+    "eval.eval_every_steps": (0,),
+    "eval.max_eval_batches": (0,),
+    "eval.batch_size": (1,),
+    "model.max_position_embeddings": (1,),
+}
+MODES = ("train",)
+IMAGE_DATASETS = ("llavacot", "invoiceocr")
+TRUNCATIONS = ("document_end", "document_middle")
+BAD_IMAGE_POLICIES = ("error", "drop")
+# Settings a resumed run may change when the user lists them in train.allow_changed_on_resume.
+RESUMABLE_CHANGES = (
+    "data.max_seq_len",
+    "data.max_target_tokens",
+    "data.truncation",
+    "data.pack",
+    "data.reasoning_traces",
+    "data.bad_images",
+    "data_source",
+    "lora.dropout",
+    "optim.learning_rate",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.grad_clip_norm",
+    "optim.grad_accum_steps",
+    "train.total_steps",
+    "train.global_batch_size",
+    "train.seed",
+)
+
+
+def _check_dir(key: str, path: str | None, must_hold: str | None = None) -> None:
+    if path is None:
+        return
+    p = epath.Path(path)
+    if not p.is_dir():
+        raise MissingFileError(f"{key}: no such directory: {path}")
+    if must_hold and not (p / must_hold).exists():
+        raise MissingFileError(f"{key}: {path} has no {must_hold}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check that needs no data and no compilation: fails fast with one clear ConfigError, before
+    anything is written."""
+    from data.prepare import DATASETS
+
+    if config.mode not in MODES:
+        raise ConfigError(f"mode={config.mode!r} is unknown; valid: {', '.join(MODES)}")
+    for key, bounds in RANGES.items():
+        _check_range(config, key, *bounds)
+    lora_spec(config)
+    runtime_options(config)
+    if config.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={config.model.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}")
+    get_attention_impl(config.model.attention_impl)
+    d = config.data
+    if d.name not in DATASETS:
+        raise ConfigError(f"data.name={d.name!r} is unknown; valid: {', '.join(DATASETS)}")
+    if d.name in IMAGE_DATASETS:
+        raise ConfigError(
+            f"data.name={d.name!r} is an image task, and the vision tower is not built yet: training would "
+            "silently ignore the images (its builder and samples exist; training waits for the tower)"
+        )
+    if d.truncation not in TRUNCATIONS:
+        raise ConfigError(f"data.truncation={d.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
+    if d.bad_images not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"data.bad_images={d.bad_images!r} is unknown; valid: {', '.join(BAD_IMAGE_POLICIES)}")
+    if d.max_target_tokens >= d.max_seq_len:
+        raise ConfigError(
+            f"data.max_target_tokens={d.max_target_tokens} must be below data.max_seq_len={d.max_seq_len}"
+        )
+    unknown = sorted(set(config.train.allow_changed_on_resume) - set(RESUMABLE_CHANGES))
+    if unknown:
+        raise ConfigError(
+            f"train.allow_changed_on_resume has {', '.join(unknown)}; valid: {', '.join(RESUMABLE_CHANGES)}"
+        )
+    sizes = resolve_mesh_shape(config.mesh.shape, jax.device_count())
+    data_parallel = sizes[0] * sizes[1]
+    accum = config.optim.grad_accum_steps
+    b = config.train.global_batch_size
+    if b % accum or (b // accum) % data_parallel:
+        raise ConfigError(
+            f"train.global_batch_size={b} must split into {accum} micro-batches whose rows divide the "
+            f"data x fsdp mesh axes ({data_parallel})"
+        )
+    if config.eval.batch_size % data_parallel:
+        raise ConfigError(f"eval.batch_size={config.eval.batch_size} must divide by data x fsdp ({data_parallel})")
+    _check_dir("model.hf_dir", config.model.hf_dir, "config.json")
+    _check_dir("data.tokenizer_dir", d.tokenizer_dir)
+    if config.model.hf_dir is None:
+        random_model_config(config)
+    if not d.use_bundled_samples:
+        from data.prepare import check_manual_dir
+
+        check_manual_dir(d.name, d.manual_dir)
+
+
+def check_workdir_writable(workdir: epath.Path) -> None:
+    """Creates the workdir and writes (then removes) a probe file there, on process 0, before anything
+    heavy runs; a read-only or full disk is reported with the path now, not after model building."""
+
+    def probe() -> str:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            probe_file = workdir / f".write_probe.{os.getpid()}"
+            probe_file.write_text("ok")
+            probe_file.unlink()
+        except OSError as e:
+            return f"--workdir {workdir} is not writable ({e.strerror or e})"
+        return ""
+
+    error = decided_on_process_0(probe)
+    if error:
+        raise WorkdirError(error)
