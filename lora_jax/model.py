@@ -15,6 +15,7 @@ Fused layouts keep heads whole under a tensor-parallel split of the kv-head axis
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -249,13 +250,21 @@ class _LayerContext:
     fused_lora_matmul: bool = True
 
 
+def _fusing_pays(x, w, n_in: int) -> bool:
+    """Forming W + A·sB costs in·out·r; the plain adapter path costs tokens·(in + out)·r. Decoding (a few
+    tokens a step) keeps the plain path, so an unmerged adapter never rewrites the weight per token."""
+    tokens = math.prod(x.shape[: x.ndim - n_in])
+    n_in_size = math.prod(w.shape[:n_in])
+    return tokens * (n_in_size + w.size // n_in_size) >= w.size
+
+
 def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     """Frozen kernel (+ bias) + LoRA delta. x: [..., *in_dims] -> [..., *out_dims] in compute dtype."""
     cdt = ctx.compute_dtype
     w = p["kernel"].astype(cdt)
     has_lora = ctx.lora is not None and "lora_a" in p
     no_dropout = ctx.lora is not None and (ctx.lora.dropout == 0.0 or ctx.dropout_key is None)
-    if has_lora and no_dropout and cdt == jnp.float32 and ctx.fused_lora_matmul:
+    if has_lora and no_dropout and cdt == jnp.float32 and ctx.fused_lora_matmul and _fusing_pays(x, w, n_in):
         # Base + adapter as one matmul with the merged weight (custom VJP, see lora.py). Only in
         # float32: a bfloat16 merged weight would round small adapter deltas away.
         b = p["lora_b"] * ctx.lora.scale_for(target)

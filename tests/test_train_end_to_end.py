@@ -36,7 +36,7 @@ def test_runlocal_arm_writes_events_checkpoints_and_adapter(reference_run):
     speed_tags = ("tokens_per_s", "real_tokens_per_s", "target_tokens_per_s")
     speeds = {tag: [float(tensor_util.make_ndarray(e.tensor_proto)) for e in ea.Tensors(tag)] for tag in speed_tags}
     padded, real, target = speeds["tokens_per_s"], speeds["real_tokens_per_s"], speeds["target_tokens_per_s"]
-    assert all(0 < tg < r <= p for p, r, tg in zip(padded, real, target))  # padding and prompts excluded
+    assert all(0 < tg < r <= p * (1 + 1e-6) for p, r, tg in zip(padded, real, target))  # no padding, no prompts
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
     cfg = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["o_proj", "down_proj"] and cfg["r"] == 8
