@@ -35,6 +35,7 @@ from lora_jax.generate import GenerationOptions, Stepper  # noqa: E402
 from lora_jax.lora import LoraSpec  # noqa: E402
 from lora_jax.model import RuntimeOptions, Transformer, merge_lora  # noqa: E402
 from lora_jax.model_config import ModelConfig  # noqa: E402
+from lora_jax.peft_io import HF_MODULES  # noqa: E402
 
 BENCH = ModelConfig(
     vocab_size=32000,
@@ -47,12 +48,6 @@ BENCH = ModelConfig(
     max_position_embeddings=4096,
 )
 ARMS = {"o_proj": ("o_proj",), "o_proj+fc2": ("o_proj", "fc2"), "qkv": ("qkv",), "all": ("qkv", "o_proj", "fc1", "fc2")}
-HF_MODULES = {
-    "qkv": ["q_proj", "k_proj", "v_proj"],
-    "o_proj": ["o_proj"],
-    "fc1": ["gate_proj", "up_proj"],
-    "fc2": ["down_proj"],
-}
 PROMPT, NEW, RANK = 128, 64, 16
 
 
@@ -166,7 +161,7 @@ def build_pair(targets, workdir, peer: bool):
         )
         transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
-    modules = [m for t in targets for m in HF_MODULES[t]]
+    modules = [m for t in targets for _, m in HF_MODULES[t]]
     lora_cfg = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=modules, init_lora_weights=False)
     hf = peft.get_peft_model(hf, lora_cfg).eval()
     hf.save_pretrained(adapter_dir)

@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 from configs import base  # noqa: E402
 from lora_jax import accounting, train  # noqa: E402
 from lora_jax.model import Transformer  # noqa: E402
+from lora_jax.peft_io import HF_MODULES  # noqa: E402
 from lora_jax.sharding import make_mesh, shard_model  # noqa: E402
 
 BENCH = dict(
@@ -90,9 +91,6 @@ class PeftStep:
     """The same step as a PEFT user runs it: transformers Llama (float32, eager attention) + LoRA on the
     arm's modules (q/k/v separately for qkv, gate/up for fc1), AdamW on the adapters, batch x seq_len."""
 
-    MODULES = {"qkv": ["q_proj", "k_proj", "v_proj"], "o_proj": ["o_proj"], "fc1": ["gate_proj", "up_proj"]}
-    MODULES["fc2"] = ["down_proj"]
-
     def __init__(self, targets, batch, seq_len):
         import peft
         import torch
@@ -110,7 +108,7 @@ class PeftStep:
             max_position_embeddings=seq_len,
         )
         model = transformers.LlamaForCausalLM(cfg)
-        lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[m for t in targets for m in self.MODULES[t]])
+        lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[m for t in targets for _, m in HF_MODULES[t]])
         self.torch, self.model = torch, peft.get_peft_model(model, lora).train()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         tokens = torch.as_tensor(np.random.default_rng(0).integers(0, BENCH["vocab_size"], size=(batch, seq_len)))

@@ -80,13 +80,6 @@ def describe_change(old: dict, new: dict) -> str:
     return "no change"
 
 
-def prepared_manifest(name: str, data_dir: str, **builder_kwargs) -> dict | None:
-    """The manifest a prepared dataset in data_dir was built from (None if absent or unprepared)."""
-    builder = builder_class(name)(data_dir=data_dir, **builder_kwargs)
-    path = epath.Path(builder.data_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def prepare(name: str, manual_dir: str, data_dir: str, **builder_kwargs) -> tfds.core.DatasetBuilder:
     """Builds the dataset, or reuses it when it was built from exactly these files and options."""
     manifest = source_manifest(name, manual_dir, **builder_kwargs)

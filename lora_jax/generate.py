@@ -28,6 +28,7 @@ from lora_jax.errors import ConfigError
 from lora_jax.model import Transformer
 from lora_jax.sharding import constrain, under_mesh
 
+CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)  # [layers, batch, slots, kv_heads, head_dim]
 
 
@@ -94,7 +95,7 @@ def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions):
     b, t = tokens.shape
     mask = mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}.get(opts.cache_dtype)
+    dtype = CACHE_DTYPES.get(opts.cache_dtype)
     cache = init_cache(model, b, t + opts.max_new_tokens, dtype)
     cache = dict(cache, k=constrain(cache["k"], CACHE_AXES), v=constrain(cache["v"], CACHE_AXES))
     chunk = opts.prefill_chunk or t
@@ -164,7 +165,7 @@ class Stepper:
         check_request(model, prompt_len, opts)
         self.graphdef, self.params = nnx.split(model)
         self.opts, self.key = opts, jax.random.key(seed)
-        dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}.get(opts.cache_dtype)
+        dtype = CACHE_DTYPES.get(opts.cache_dtype)
         self.cache0 = init_cache(model, batch, prompt_len + opts.max_new_tokens, dtype)
         self._prefill = jax.jit(self._prefill_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))

@@ -117,8 +117,6 @@ RANGES = {
 }
 MODES = ("train",)
 IMAGE_DATASETS = ("llavacot", "invoiceocr")
-TRUNCATIONS = ("document_end", "document_middle")
-BAD_IMAGE_POLICIES = ("error", "drop")
 # Settings a resumed run may change when the user lists them in train.allow_changed_on_resume.
 RESUMABLE_CHANGES = (
     "data.max_seq_len",
@@ -153,7 +151,9 @@ def _check_dir(key: str, path: str | None, must_hold: str | None = None) -> None
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data and no compilation: fails fast with one clear ConfigError, before
     anything is written."""
+    from data.images import BAD_IMAGE_POLICIES
     from data.prepare import DATASETS
+    from data.sft import TRUNCATIONS
 
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r} is unknown; valid: {', '.join(MODES)}")
