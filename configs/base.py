@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.truncation = "document_end"  # "document_end" | "document_middle": only the document is ever cut
     d.pack = True  # pack several examples per row (segment_ids keep them apart)
     d.reasoning_traces = False  # put reasoning traces (if the dataset has them) before the answer
+    d.render_date = "2024-07-26"  # "today" for chat templates that print a date (Llama 3.x): pinned, never the clock
     d.use_bundled_samples = False  # the tiny samples written by data/samples.py (runlocal)
     d.bad_images = "error"  # an undecodable image file: "error" (stop, naming it) | "drop" (drop and count)
 

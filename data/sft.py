@@ -1,7 +1,10 @@
 """One record -> one SFT example: token ids and the loss mask of the batch contract.
 
 The loss mask comes from the prompt rendered with `add_generation_prompt=True`, which must be a
-token prefix of the full rendering. The target runs to and including the end-of-turn token. Long
+token prefix of the full rendering. With `reasoning_traces`, the trace must land inside the target:
+where a template strips it (DeepSeek-R1-Distill keeps only the text after `</think>`), the
+`<think>` block is written where the template starts the reply (see `render_texts`); where even
+that cannot work, the example fails with an error naming the tokenizer, never silently. The target runs to and including the end-of-turn token. Long
 inputs are truncated by cutting only the `document` field; in training the instruction and the
 target are never cut (an example whose instruction + target alone do not fit is dropped and
 counted). Evaluation keeps every example: after the document, the target's tail is cut (marked
@@ -44,6 +47,10 @@ def user_content(instruction: str, document: str) -> str:
     return f"{instruction}\n\n{document}" if document else instruction
 
 
+def think_block(reasoning: str) -> str:
+    return f"<think>\n{reasoning}\n</think>\n\n"
+
+
 def assistant_message(tok: Tokenizer, target: str, reasoning: str, with_reasoning: bool) -> dict:
     """Reasoning goes where the family's template puts it: `reasoning_content` if the template reads
     it (e.g. Qwen3's thinking block), else a <think> block before the answer."""
@@ -51,14 +58,50 @@ def assistant_message(tok: Tokenizer, target: str, reasoning: str, with_reasonin
         return {"role": "assistant", "content": target}
     if "reasoning_content" in tok.template:
         return {"role": "assistant", "content": target, "reasoning_content": reasoning}
-    return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{target}"}
+    return {"role": "assistant", "content": think_block(reasoning) + target}
+
+
+_MARK = "\x02lora_jax-reply\x03"  # finds where the template writes the reply's content
+
+
+def _spliced(tok: Tokenizer, user: dict, target: str, reasoning: str) -> str:
+    """The conversation with the think block written right where the template starts the reply.
+
+    For templates that strip reasoning from assistant turns (DeepSeek-R1-Distill keeps only the text
+    after `</think>`) or whose generation prompt already opens a think block: the model is trained
+    to write exactly what it is asked to continue at generation time."""
+    text = tok.render([user, {"role": "assistant", "content": _MARK + target}], False)
+    at = text.find(_MARK)
+    if at < 0:
+        raise DataError(f"{tok.dir}: the chat template does not write the assistant's reply as given")
+    return text[:at] + think_block(reasoning) + text[at + len(_MARK) :]
+
+
+def render_texts(tok: Tokenizer, user: dict, target: str, reasoning: str, with_reasoning: bool) -> tuple[str, str]:
+    """(generation prompt, full conversation) as text; the prompt is a prefix of the conversation and,
+    when traces are on, the whole trace is in the part after it (the target), or this raises."""
+    prompt = tok.render([user], True)
+    traced = with_reasoning and bool(reasoning)
+    full = tok.render([user, assistant_message(tok, target, reasoning, with_reasoning)], False)
+    if full.startswith(prompt) and (not traced or reasoning in full[len(prompt) :]):
+        return prompt, full
+    full = _spliced(tok, user, target, reasoning if traced else "")
+    if not full.startswith(prompt):
+        raise DataError(f"{tok.dir}: the generation prompt is not a prefix of the full chat rendering")
+    if traced and reasoning not in full[len(prompt) :]:
+        raise DataError(
+            f"{tok.dir}: the chat template drops reasoning traces from the assistant's reply and no other "
+            "rendering keeps them after the generation prompt; set data.reasoning_traces=False"
+        )
+    return prompt, full
 
 
 def _render_ids(tok, record, document, opts):
     user = {"role": "user", "content": user_content(_text(record, "instruction"), document)}
-    reply = assistant_message(tok, _text(record, "target"), _text(record, "reasoning"), opts.reasoning_traces)
-    prompt = tok.encode(tok.render([user], True))
-    full = tok.encode(tok.render([user, reply], False))
+    prompt_text, full_text = render_texts(
+        tok, user, _text(record, "target"), _text(record, "reasoning").strip(), opts.reasoning_traces
+    )
+    prompt, full = tok.encode(prompt_text), tok.encode(full_text)
     if full[: len(prompt)] != prompt:
         raise DataError(f"{tok.dir}: the generation prompt is not a token prefix of the full chat rendering")
     eot = [i for i in range(len(prompt), len(full)) if full[i] == tok.end_of_turn_id]

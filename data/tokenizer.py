@@ -9,7 +9,7 @@ import logging
 
 from etils import epath
 
-from data.chat_template import FALLBACK_TEMPLATE, render_chat
+from data.chat_template import DEFAULT_RENDER_DATE, FALLBACK_TEMPLATE, parse_render_date, render_chat
 from data.records import DataError, MissingDataError
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
@@ -24,7 +24,10 @@ def _token_text(value):
 class Tokenizer:
     """Text <-> ids, chat rendering, and the special ids the SFT pipeline needs."""
 
-    def __init__(self, tokenizer_dir: str, reasoning_traces: bool = False):
+    def __init__(self, tokenizer_dir: str, reasoning_traces: bool = False, render_date: str = DEFAULT_RENDER_DATE):
+        """render_date: the "today" a template may write into the prompt (YYYY-MM-DD; see chat_template)."""
+        parse_render_date(render_date)
+        self.render_date = render_date
         d = epath.Path(tokenizer_dir)
         self.dir = str(d)
         config_path = d / "tokenizer_config.json"
@@ -103,7 +106,7 @@ class Tokenizer:
         return self._hf.decode(list(ids), skip_special_tokens=False) if self._hf else self._sp.decode(list(ids))
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return render_chat(self.template, messages, add_generation_prompt, self.special_tokens)
+        return render_chat(self.template, messages, add_generation_prompt, self.special_tokens, self.render_date)
 
     def check_vocab(self, ids, model_vocab_size: int, where: str) -> None:
         bad = [i for i in ids if not 0 <= i < model_vocab_size]

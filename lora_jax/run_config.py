@@ -124,6 +124,7 @@ RESUMABLE_CHANGES = (
     "data.truncation",
     "data.pack",
     "data.reasoning_traces",
+    "data.render_date",
     "data.bad_images",
     "data_source",
     "lora.dropout",
@@ -151,6 +152,7 @@ def _check_dir(key: str, path: str | None, must_hold: str | None = None) -> None
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data and no compilation: fails fast with one clear ConfigError, before
     anything is written."""
+    from data.chat_template import parse_render_date
     from data.images import BAD_IMAGE_POLICIES
     from data.prepare import DATASETS
     from data.sft import TRUNCATIONS
@@ -174,6 +176,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if d.truncation not in TRUNCATIONS:
         raise ConfigError(f"data.truncation={d.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
+    try:
+        parse_render_date(d.render_date)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if d.bad_images not in BAD_IMAGE_POLICIES:
         raise ConfigError(f"data.bad_images={d.bad_images!r} is unknown; valid: {', '.join(BAD_IMAGE_POLICIES)}")
     if d.max_target_tokens >= d.max_seq_len:

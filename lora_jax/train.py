@@ -144,7 +144,7 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
         prepare(d.name, manual, data_dir, bad_images=d.bad_images)
     multihost_utils.sync_global_devices("tfds prepared")
     sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
-    tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces)
+    tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces, render_date=d.render_date)
     opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
     eval_opts = dataclasses.replace(opts, keep_all=True)  # evaluation never drops an example
     b_train, b_eval = config.train.global_batch_size, config.eval.batch_size

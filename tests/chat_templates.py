@@ -1,7 +1,12 @@
-"""Chat templates in the style of Qwen2.5 and Llama 3.1, written for these tests.
+"""Chat templates in the style of Qwen2.5, Llama 3.1/3.2, Qwen3 and DeepSeek-R1-Distill, written for
+these tests.
 
-They exercise what the real ones use: loop controls, namespace-free branching, `tojson`,
-`raise_exception`, `strftime_now`, `bos_token`, trim_blocks/lstrip_blocks whitespace control.
+They exercise what the real ones use: loop controls, `namespace`, `tojson`, `raise_exception`,
+`strftime_now`, `bos_token`, trim_blocks/lstrip_blocks whitespace control — and the behaviours that
+matter for training: Llama 3.2 prints today's date unless `date_string` is given; Qwen3 writes
+`reasoning_content` as a <think> block on the last assistant turn; DeepSeek-R1-Distill keeps only
+the text after `</think>` of an assistant turn, and (since its 2025 revision) its generation prompt
+opens a <think> block itself.
 """
 
 QWEN25_STYLE = """{%- if tools %}
@@ -54,3 +59,78 @@ LLAMA31_STYLE = """{{- bos_token }}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
 """
+
+LLAMA32_STYLE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+QWEN3_STYLE = """{%- set ns = namespace(last_query=-1) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' %}
+        {%- set content = message.content %}
+        {%- set reasoning = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query %}
+            {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>assistant\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+{%- endif %}
+"""
+
+
+def deepseek_r1_distill_style(opens_think: bool) -> str:
+    """opens_think: the generation prompt ends with '<think>\\n' (the template's 2025 revision)."""
+    opener = "<think>\\n" if opens_think else ""
+    return (
+        "{{ bos_token }}"
+        "{%- for message in messages %}{%- if message.role == 'system' %}{{ message.content }}{%- endif %}{%- endfor %}"
+        "{%- for message in messages %}"
+        "{%- if message.role == 'user' %}{{ '<\uff5cUser\uff5c>' + message.content }}"
+        "{%- elif message.role == 'assistant' %}"
+        "{%- set content = message.content %}"
+        "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}"
+        "{{ '<\uff5cAssistant\uff5c>' + content + '<\uff5cend\u2581of\u2581sentence\uff5c>' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<\uff5cAssistant\uff5c>" + opener + "' }}{%- endif %}"
+    )

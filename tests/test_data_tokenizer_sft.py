@@ -8,7 +8,18 @@ import pytest
 from data import samples
 from data.sft import SFTOptions, tokenize_example
 from data.tokenizer import Tokenizer
-from tests.chat_templates import LLAMA31_STYLE, QWEN25_STYLE
+from tests.chat_templates import (
+    LLAMA31_STYLE,
+    LLAMA32_STYLE,
+    QWEN3_STYLE,
+    QWEN25_STYLE,
+    deepseek_r1_distill_style,
+)
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+DEEPSEEK_SPECIALS = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"]
+DEEPSEEK_SPECIALS += ["<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]
+DEEPSEEK_CONFIG = {"bos_token": DEEPSEEK_SPECIALS[0], "eos_token": DEEPSEEK_SPECIALS[1], "pad_token": DEEPSEEK_SPECIALS[1]}
 
 FAMILIES = {
     "qwen2.5": dict(
@@ -25,15 +36,33 @@ FAMILIES = {
         eot="<|eot_id|>",
     ),
 }
+# The four chat templates the study's open models ship, for the reasoning-trace and date checks.
+REASONING_FAMILIES = {
+    "qwen2.5": FAMILIES["qwen2.5"],
+    "llama3.2": dict(FAMILIES["llama3.1"], template=LLAMA32_STYLE),
+    "qwen3": dict(FAMILIES["qwen2.5"], template=QWEN3_STYLE),
+    "deepseek-r1-distill": dict(
+        template=deepseek_r1_distill_style(opens_think=True),
+        specials=DEEPSEEK_SPECIALS,
+        config=DEEPSEEK_CONFIG,
+        eot=DEEPSEEK_SPECIALS[1],
+    ),
+    "deepseek-r1-distill-2024": dict(
+        template=deepseek_r1_distill_style(opens_think=False),
+        specials=DEEPSEEK_SPECIALS,
+        config=DEEPSEEK_CONFIG,
+        eot=DEEPSEEK_SPECIALS[1],
+    ),
+}
 CORPUS = ["What is the net change in revenue?", "The answer is 42 million.", "Summarize the report below."] * 20
 
 
-def make_tokenizer_dir(tmp_path, family):
+def make_tokenizer_dir(tmp_path, family, families=FAMILIES):
     """A small BPE trained on a fixed corpus (deterministic), with the family's specials and template."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-    spec = FAMILIES[family]
+    spec = families[family]
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -41,7 +70,7 @@ def make_tokenizer_dir(tmp_path, family):
         vocab_size=400, special_tokens=spec["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    if family == "llama3.1":  # like the real one: the tokenizer itself prepends BOS
+    if family.startswith("llama"):  # like the real one: the tokenizer itself prepends BOS
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
@@ -196,3 +225,65 @@ def test_generation_prompt_is_the_trained_prompt(tmp_path, family):
     assert generation_prompt_ids(tok, RECORD, SFTOptions(max_seq_len=512), 16) == list(ex["tokens"][:start])
     short = generation_prompt_ids(tok, RECORD, SFTOptions(max_seq_len=start + 10), 16)
     assert len(short) <= start + 10 - 16 and short[:5] == list(ex["tokens"][:5])
+
+
+TRACE = "Revenue rose from 100 to 142.\nSo the change is 42 million."
+
+
+@pytest.mark.parametrize("family", list(REASONING_FAMILIES))
+def test_every_trace_token_is_in_the_loss_mask(tmp_path, family):
+    """DeepSeek-R1-Distill's template drops what precedes `</think>`: the trace must still be trained."""
+    tok = Tokenizer(str(make_tokenizer_dir(tmp_path, family, REASONING_FAMILIES)))
+    record = dict(RECORD, reasoning=TRACE)
+    ex = tokenize_example(tok, record, SFTOptions(max_seq_len=512, reasoning_traces=True))
+    masked = list(ex["targets"][ex["loss_mask"] == 1])
+    trace_ids = tok.encode(TRACE)
+    assert any(masked[i : i + len(trace_ids)] == trace_ids for i in range(len(masked))), family
+    text = tok.decode(masked)
+    assert text.index(TRACE) < text.index(RECORD["target"]) and text.endswith(tok.end_of_turn)
+    # the model is trained to continue exactly the prompt it is given at generation time
+    prompt = tok.encode(tok.render([{"role": "user", "content": f"{RECORD['instruction']}\n\n{RECORD['document']}"}], True))
+    assert list(ex["tokens"][: len(prompt)]) == prompt
+    assert tokenize_example(tok, record, SFTOptions(max_seq_len=512, reasoning_traces=False)) is not None
+
+
+def test_a_template_that_cannot_carry_traces_is_an_error(tmp_path):
+    from data.records import DataError
+
+    d = make_tokenizer_dir(tmp_path, "qwen2.5")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    # a template that never writes the assistant's content: no rendering can train the trace
+    config["chat_template"] = QWEN25_STYLE.replace("message.content + '<|im_end|>'", "'ok<|im_end|>'")
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=f"{d}: the chat template does not write the assistant's reply"):
+        tokenize_example(Tokenizer(str(d)), dict(RECORD, reasoning=TRACE), SFTOptions(512, reasoning_traces=True))
+
+
+def test_rendering_does_not_depend_on_the_day(tmp_path, monkeypatch):
+    """Llama 3.2 prints today's date unless pinned: the same record must be the same ids every day."""
+    import datetime as real_datetime
+
+    import transformers
+
+    from data import chat_template
+
+    d = make_tokenizer_dir(tmp_path, "llama3.2", REASONING_FAMILIES)
+    tok = Tokenizer(str(d))
+
+    def ids_on(day):
+        class Frozen(real_datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return cls(2026, 11, day)
+
+        monkeypatch.setattr(chat_template, "datetime", Frozen, raising=False)
+        return list(tokenize_example(tok, RECORD, SFTOptions(max_seq_len=512))["tokens"])
+
+    assert ids_on(1) == ids_on(29)
+    # the pinned day is data.render_date, passed as transformers users pin it (date_string)
+    messages = [{"role": "user", "content": "What is the net change?"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    expected = theirs.apply_chat_template(messages, add_generation_prompt=True, date_string="26 Jul 2024")
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert tok.encode(tok.render(messages, True)) == list(expected)
+    assert "Today Date: 03 Feb 2025" in Tokenizer(str(d), render_date="2025-02-03").render(messages, True)
