@@ -55,6 +55,21 @@ def split_off(rows: list, n_test: int, seed: int) -> tuple[list, list]:
     return [r for r in rows if r["id"] not in test_ids], [r for r in rows if r["id"] in test_ids]
 
 
+class LazyRows:
+    """A split whose rows are made while tfds writes them (`produce()` yields examples, or None for a
+    row dropped on the way, e.g. a bad image), so image bytes are read one row at a time and never
+    all held at once; its length, known up front, is the number of rows to produce."""
+
+    def __init__(self, n: int, produce):
+        self.n, self.produce = n, produce
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return self.produce()
+
+
 class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Subclasses set SPLIT_SIZES and implement `make_splits(manual_dir) -> {split: [example, ...]}`."""
 
@@ -74,12 +89,27 @@ class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def read_image(self, folder, name, where: str) -> bytes | None:
         """The decode-checked image bytes, or None when it is bad and bad_images="drop" (counted)."""
+        return self._checked(lambda: images.read_image(folder, name, where))
+
+    def image_bytes(self, data, where: str) -> bytes | None:
+        """Image bytes stored inline (Parquet), decode-checked like read_image."""
+
+        def check():
+            if not isinstance(data, (bytes, bytearray)) or not data:
+                raise DataError(f"{where}: image has no bytes")
+            images.check_image(bytes(data), f"{where}: image")
+            return bytes(data)
+
+        return self._checked(check)
+
+    def _checked(self, read) -> bytes | None:
         try:
-            return images.read_image(folder, name, where)
+            return read()
         except DataError:
             if self.bad_images == "error":
                 raise
             self.counts["dropped_bad_images"] = self.counts.get("dropped_bad_images", 0) + 1
+            self._record_counts()
             return None
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -99,16 +129,25 @@ class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for name, rows in splits.items():
             if not rows:
                 raise DataError(f"{manual_dir}: split {name!r} of {self.name} is empty after parsing and filtering")
+        self._record_counts()
+        return {name: self._generate_examples(name, rows, manual_dir) for name, rows in splits.items()}
+
+    def _record_counts(self):
+        """Into the dataset info (tfds writes it after generation, so counts made while writing land too)."""
         for key, value in self.counts.items():
             self.info.metadata[key] = value
             logging.info("%s: %s = %d", self.name, key, value)
-        return {name: self._generate_examples(rows) for name, rows in splits.items()}
 
-    def _generate_examples(self, rows):
+    def _generate_examples(self, split, rows, manual_dir):
         seen = set()
         for row in rows:
+            if row is None:  # dropped while being made (counted by whoever dropped it)
+                continue
             key = row["id"]
             while key in seen:  # tfds needs unique keys; upstream ids are not always unique
                 key = key + "+"
             seen.add(key)
             yield key, row
+        if not seen:
+            raise DataError(f"{manual_dir}: split {split!r} of {self.name} is empty after parsing and filtering")
+        self._record_counts()

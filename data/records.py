@@ -26,33 +26,43 @@ def read_records(path) -> Iterator[tuple[int, dict[str, Any]]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        try:
-            table = pq.read_table(str(path))
+        try:  # read in batches: image columns can be larger than memory
+            batches = pq.ParquetFile(str(path)).iter_batches(batch_size=64)
+            i = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    i += 1
+                    yield i, row
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"{path}: unreadable Parquet file ({' '.join(str(e).split())})") from None
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, row
         return
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        for i, row in enumerate(rows, start=1):
+    if path.suffix == ".json":
+        with path.open() as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            yield from _json_array(path)
+            return
+    with path.open() as f:  # JSON lines, streamed: a file larger than memory is fine
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: element {i} is not a JSON object")
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
             yield i, row
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
+
+
+def _json_array(path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    for i, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}: element {i} is not a JSON object")
         yield i, row
 
 
@@ -70,9 +80,16 @@ def normalize_text(text: str) -> str:
 
 
 def find_file(manual_dir, candidates, what: str):
-    """The first of `candidates` present in manual_dir; FileNotFoundError listing them otherwise."""
+    """The first of `candidates` (names, or glob patterns such as the hub's `data/train-*.parquet`)
+    present in manual_dir; FileNotFoundError listing them otherwise."""
     manual_dir = epath.Path(manual_dir)
     for name in candidates:
-        if (manual_dir / name).exists():
+        if "*" in name:
+            hits = sorted(manual_dir.glob(name))
+            if len(hits) > 1:
+                raise DataError(f"{manual_dir}: {len(hits)} files match {name}; expected one")
+            if hits:
+                return hits[0]
+        elif (manual_dir / name).exists():
             return manual_dir / name
     raise MissingDataError(f"{manual_dir}: no {what} file; expected one of {', '.join(candidates)}")

@@ -165,7 +165,11 @@ def write_sample_manual_dir(name: str, directory) -> str:
     elif name == "fincot":
         train = [
             {
-                "Question": f"Revenue rose from {100 + i} to {120 + 2 * i} million. What is the change?",
+                "Question": (
+                    "Please answer the given financial question based on the context.\n"
+                    f"Context: Revenue rose from {100 + i} to {120 + 2 * i} million.\n"
+                    "Question: What is the change?\nAnswer:"
+                ),
                 "Reasoning_process": f"{120 + 2 * i} - {100 + i} = {20 + i}.",
                 "Final_response": f"{20 + i} million",
             }

@@ -103,7 +103,7 @@ def test_empty_split_is_an_error(tmp_path):
     manual = tmp_path / "m"
     manual.mkdir()
     (manual / "cocohd.jsonl").write_text(
-        json.dumps({"id": "a", "transcript": "t", "target": {}, "split": "test"}) + "\n"
+        json.dumps({"id": "a", "transcript": "t", "target": samples._hearing(0)["target"], "split": "test"}) + "\n"
     )
     with pytest.raises(DataError, match="split 'train' of cocohd is empty"):
         data_sources("cocohd", str(manual), str(tmp_path / "t"))

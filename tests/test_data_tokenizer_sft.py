@@ -19,7 +19,11 @@ from tests.chat_templates import (
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 DEEPSEEK_SPECIALS = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"]
 DEEPSEEK_SPECIALS += ["<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]
-DEEPSEEK_CONFIG = {"bos_token": DEEPSEEK_SPECIALS[0], "eos_token": DEEPSEEK_SPECIALS[1], "pad_token": DEEPSEEK_SPECIALS[1]}
+DEEPSEEK_CONFIG = {
+    "bos_token": DEEPSEEK_SPECIALS[0],
+    "eos_token": DEEPSEEK_SPECIALS[1],
+    "pad_token": DEEPSEEK_SPECIALS[1],
+}
 
 FAMILIES = {
     "qwen2.5": dict(
@@ -242,7 +246,9 @@ def test_every_trace_token_is_in_the_loss_mask(tmp_path, family):
     text = tok.decode(masked)
     assert text.index(TRACE) < text.index(RECORD["target"]) and text.endswith(tok.end_of_turn)
     # the model is trained to continue exactly the prompt it is given at generation time
-    prompt = tok.encode(tok.render([{"role": "user", "content": f"{RECORD['instruction']}\n\n{RECORD['document']}"}], True))
+    prompt = tok.encode(
+        tok.render([{"role": "user", "content": f"{RECORD['instruction']}\n\n{RECORD['document']}"}], True)
+    )
     assert list(ex["tokens"][: len(prompt)]) == prompt
     assert tokenize_example(tok, record, SFTOptions(max_seq_len=512, reasoning_traces=False)) is not None
 

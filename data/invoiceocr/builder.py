@@ -1,4 +1,9 @@
-"""Invoice OCR: invoice image -> JSON (Donut `gt_parse`: header, items, summary), JSON key/value match."""
+"""Invoice OCR: invoice image -> JSON (Donut `gt_parse`: header, items, summary), JSON key/value match.
+
+Layouts: `metadata.jsonl` image folders (one, or train/ + test|validation/), or the Parquet files of
+katanaml-org/invoices-donut-data-v1 as the hub stores them (`data/{train,validation,test}-*.parquet`,
+rows {image: {bytes, path}, ground_truth}); the hub's validation split is not used.
+"""
 
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ class Builder(StudyBuilder):
     SPLIT_SIZES = {"train": 1400, "test": 447}
     DESCRIPTION = "Invoice OCR to JSON (Donut format)."
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
-    Put in data.manual_dir the Donut-format invoice dataset (e.g. https://huggingface.co/datasets/katanaml-org/invoices-donut-data-v1
-    exported as an image folder): train/metadata.jsonl and test/metadata.jsonl (or one metadata.jsonl),
-    rows {file_name, ground_truth: "{\\"gt_parse\\": {header, items, summary}}"}, with the images beside them.
+    Put in data.manual_dir the Donut-format invoice dataset: the repository
+    https://huggingface.co/datasets/katanaml-org/invoices-donut-data-v1 as downloaded (data/train-*.parquet,
+    data/test-*.parquet), or image folders: train/metadata.jsonl and test/metadata.jsonl (or one
+    metadata.jsonl), rows {file_name, ground_truth: "{\\"gt_parse\\": {header, items, summary}}"}, with the
+    images beside them.
     """
 
     def _read(self, folder):
@@ -51,8 +58,27 @@ class Builder(StudyBuilder):
             )
         return rows
 
+    def _read_parquet(self, path):
+        rows = []
+        for line, row in read_records(path):
+            where = f"{path}:{line}"
+            image = row.get("image")
+            data = image.get("bytes") if isinstance(image, dict) else image
+            target = json.dumps(ground_truth(row, where), ensure_ascii=False)
+            checked = self.image_bytes(data, where)
+            if checked is not None:
+                rows.append(example(f"{path.stem}/{line}", INSTRUCTION, target, answer=target, images=[checked]))
+        return rows
+
     def make_splits(self, manual_dir):
-        if (manual_dir / "train" / "metadata.jsonl").exists():
+        self.counts["dropped_bad_images"] = 0
+        hub = {s: sorted(manual_dir.glob(f"data/{s}-*.parquet")) for s in ("train", "test")}
+        if hub["train"] or hub["test"]:
+            if not (hub["train"] and hub["test"]):
+                raise MissingDataError(f"{manual_dir}/data: expected both train-*.parquet and test-*.parquet")
+            train = [r for p in hub["train"] for r in self._read_parquet(p)]
+            test = [r for p in hub["test"] for r in self._read_parquet(p)]
+        elif (manual_dir / "train" / "metadata.jsonl").exists():
             train = self._read(manual_dir / "train")
             test_dir = next(
                 (manual_dir / d for d in ("test", "validation") if (manual_dir / d / "metadata.jsonl").exists()), None

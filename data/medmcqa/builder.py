@@ -9,7 +9,21 @@ LETTERS = "ABCD"
 INSTRUCTION = "Answer the following multiple-choice medical question with the letter of the correct option."
 EVAL_SIZE = 3683
 EVAL_SEED = 20260101
-DEV_FILES = ["dev.json", "dev.jsonl", "validation.jsonl", "validation.json", "validation.parquet"]
+DEV_FILES = [
+    "dev.json",
+    "dev.jsonl",
+    "validation.jsonl",
+    "validation.json",
+    "validation.parquet",
+    "data/validation-*.parquet",  # openlifescienceai/medmcqa as the hub stores it
+]
+TRAIN_FILES = ["train.json", "train.jsonl", "train.parquet", "data/train-*.parquet"]
+
+
+def dedup_key(question: str, options) -> str:
+    """What makes two questions the same: the stem *and* its options (generic stems such as "Which of
+    the following is true?" recur across unrelated questions)."""
+    return normalize_text(" ".join([question, *options]))
 
 
 def detect_cop_base(rows: list[tuple[int, dict]], path) -> int:
@@ -55,7 +69,7 @@ def parse_rows(path, cop_base: int | None = None) -> list[tuple[str, dict]]:
             reasoning=row.get("exp") or "",
             answer=letter,
         )
-        out.append((normalize_text(row["question"]), ex))
+        out.append((dedup_key(row["question"], [row["op" + c] for c in "abcd"]), ex))
     return out
 
 
@@ -88,13 +102,14 @@ class Builder(EvaluatedOnMedMCQA):
     DESCRIPTION = "MedMCQA; evaluation = seeded sample of dev (test has no labels)."
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     Put in data.manual_dir MedMCQA's train and dev files: train.json + dev.json from
-    https://github.com/medmcqa/medmcqa (JSON lines, cop 1-indexed) or train/validation .jsonl/.parquet
-    exported from https://huggingface.co/datasets/openlifescienceai/medmcqa (cop 0-indexed).
+    https://github.com/medmcqa/medmcqa (JSON lines, cop 1-indexed), or the repository
+    https://huggingface.co/datasets/openlifescienceai/medmcqa as downloaded (data/train-*.parquet,
+    data/validation-*.parquet; cop 0-indexed), or train/validation .jsonl/.parquet exported from it.
     """
 
     def make_splits(self, manual_dir):
         test, keys = self.medmcqa_eval(manual_dir)
-        train_path = find_file(manual_dir, ["train.json", "train.jsonl", "train.parquet"], "MedMCQA train")
+        train_path = find_file(manual_dir, TRAIN_FILES, "MedMCQA train")
         train = parse_rows(train_path, self.cop_base)
         kept = [ex for k, ex in train if k not in keys]
         self.counts["train_dropped_overlapping_eval"] = len(train) - len(kept)

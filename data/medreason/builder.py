@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 from data.builder_base import example, select
-from data.medmcqa.builder import INSTRUCTION, EvaluatedOnMedMCQA
+from data.medmcqa.builder import INSTRUCTION, EvaluatedOnMedMCQA, dedup_key
 from data.records import DataError, find_file, normalize_text, read_records, require
 
+OPEN_INSTRUCTION = "Answer the following medical question."
+FILES = ["medreason.jsonl", "medreason.parquet", "medreason.json", "ours_quality_33000.jsonl"]
 _OPTION_LINE = re.compile(r"^\s*([A-J])[.):]\s*(.*\S)\s*$")
 
 
@@ -46,8 +48,9 @@ class Builder(EvaluatedOnMedMCQA):
     SPLIT_SIZES = {"train": 31682}
     DESCRIPTION = "MedReason reasoning SFT; test = the MedMCQA evaluation split."
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
-    Put in data.manual_dir: medreason.jsonl (or .parquet/.json), the rows of
-    https://huggingface.co/datasets/UCSC-VLAA/MedReason ({question, options, answer, reasoning}), and
+    Put in data.manual_dir: the rows of https://huggingface.co/datasets/UCSC-VLAA/MedReason
+    ({question, options, answer, reasoning}) as the hub names them (ours_quality_33000.jsonl) or as
+    medreason.jsonl (or .parquet/.json), and
     MedMCQA's dev file (dev.json from https://github.com/medmcqa/medmcqa, or validation.jsonl from
     the Hugging Face copy): the evaluation split is built from it exactly as for MedMCQA.
     """
@@ -57,21 +60,21 @@ class Builder(EvaluatedOnMedMCQA):
         # MedMCQA's `exp` is an explanation in another voice, not a MedReason trace: with
         # reasoning_traces=True it would become eval target text the model never learned to write.
         test = [dict(ex, reasoning="") for ex in test]
-        path = find_file(manual_dir, ["medreason.jsonl", "medreason.parquet", "medreason.json"], "MedReason")
+        path = find_file(manual_dir, FILES, "MedReason")
         train, unmatched, open_ended, overlap = [], 0, 0, 0
         for line, row in read_records(path):
             where = f"{path}:{line}"
             require(row, ["question", "answer"], where)
-            if normalize_text(row["question"]) in keys:
+            options = parse_options(row.get("options"), where)
+            if dedup_key(row["question"], options.values()) in keys:
                 overlap += 1
                 continue
-            options = parse_options(row.get("options"), where)
             answer = strip_explanation(str(row["answer"]))
             reasoning = row.get("reasoning") or ""
             rid = row.get("id", f"medreason-{line}")
-            if not options:  # open-ended: trained as free text, not scored as multiple choice
+            if not options:  # open-ended: asked and trained as free text, not as multiple choice
                 open_ended += 1
-                train.append(example(rid, f"{INSTRUCTION}\n\n{row['question']}", answer, reasoning=reasoning))
+                train.append(example(rid, f"{OPEN_INSTRUCTION}\n\n{row['question']}", answer, reasoning=reasoning))
                 continue
             letter = match_letter(answer, options)
             if letter is None:
