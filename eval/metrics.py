@@ -1,0 +1,28 @@
+"""The metric registry: name -> score(reply, reference) -> Scored, and the aggregate of a suite."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from eval import exact_match, field_accuracy, finqa_accuracy, json_match, mcq_accuracy, rouge_lsum
+from eval.scored import Scored
+
+METRICS: dict[str, Callable[[str, str], Scored]] = {
+    "finqa_accuracy": finqa_accuracy.score,
+    "rouge_lsum": rouge_lsum.score,
+    "mcq_accuracy": mcq_accuracy.score,
+    "json_key_value_match": json_match.score,
+    "exact_match": exact_match.score,
+    "field_accuracy": field_accuracy.score,
+}
+
+
+def aggregate(scores: list[Scored], bad_references: int = 0) -> dict:
+    """Mean score over the scored examples, with the format failures counted apart."""
+    n = len(scores)
+    return {
+        "score": sum(s.score for s in scores) / n if n else 0.0,
+        "examples": n,
+        "format_failures": sum(bool(s.format_failure) for s in scores),
+        "bad_references": bad_references,
+    }
