@@ -134,9 +134,15 @@ def main(argv):
         config = _CONFIG.value
         check_schema(config)
         logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
-        from lora_jax import train
+        workdir = _WORKDIR.value or default_workdir()
+        if config.mode == "eval":
+            from eval import run
 
-        train.train_and_evaluate(config, _WORKDIR.value or default_workdir())
+            run.evaluate(config, workdir)
+        else:
+            from lora_jax import train
+
+            train.train_and_evaluate(config, workdir)
     except (UserError, DataError) as e:
         if _VERBOSE.value:
             raise

@@ -42,12 +42,24 @@ ARM_TARGETS = {
     "all": ("qkv", "o_proj", "fc1", "fc2"),
 }
 STUDY_TARGETS = ("qkv", "o_proj", "fc1", "fc2")
+# Each dataset's generation suite: (metric, max_new_tokens, examples scored (0 = the whole split)).
+# The study's evaluation sets: FinQA test 1147, GovReport 837, MedMCQA 3683 (MedReason scores on the
+# same rows), CoCoHD 1053, LLaVA-CoT 270, Invoice OCR 447 — the builders' test splits.
+SUITES = {
+    "fincot": ("finqa_accuracy", 2048, 0),
+    "govreport": ("rouge_lsum", 1024, 0),
+    "medmcqa": ("mcq_accuracy", 64, 0),
+    "medreason": ("mcq_accuracy", 2048, 0),
+    "cocohd": ("json_key_value_match", 2048, 0),
+    "llavacot": ("exact_match", 1024, 0),
+    "invoiceocr": ("field_accuracy", 1024, 0),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.arm = ""  # arm token of the config file name, e.g. "oproj_fc2" (recorded in checkpoints)
-    config.mode = "train"  # "train" (the only mode so far)
+    config.mode = "train"  # "train" | "eval" (score --workdir's latest checkpoint, eval.adapter_dir, or the base)
 
     config.model = m = ml_collections.ConfigDict()
     m.hf_dir = config_dict.placeholder(str)  # local Hugging Face checkpoint dir; None = random init below
@@ -106,9 +118,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.allow_changed_on_resume = ()  # keys (e.g. "train.total_steps") a resumed run may change on purpose
 
     config.eval = e = ml_collections.ConfigDict()
-    e.eval_every_steps = 0  # evaluation loss on the test split every N steps (0 = only at the end)
-    e.max_eval_batches = 0  # 0 = the whole split
-    e.batch_size = 8  # rows per evaluation batch
+    e.evaluators = ("loss", "generate")  # what evaluation runs (eval/evaluators.py): test loss, the suite
+    e.eval_every_steps = 0  # evaluators every N steps during training (0 = only at the end)
+    e.max_eval_batches = 0  # loss evaluator: 0 = the whole split
+    e.batch_size = 8  # loss evaluator: rows per batch
+    e.adapter_dir = config_dict.placeholder(str)  # mode=eval: a PEFT adapter dir to score (else --workdir's)
+    e.samples_to_log = 4  # generations written to TensorBoard as text
+    e.suites = ml_collections.ConfigDict()  # one per dataset; the run scores suites[data.name]
+    for name, (metric, max_new, n) in SUITES.items():
+        e.suites[name] = ml_collections.ConfigDict(
+            dict(
+                split="test",  # the split scored
+                metric=metric,  # eval/metrics.py METRICS
+                num_examples=n,  # the split's first N examples (0 = all)
+                max_new_tokens=max_new,  # generation budget (prompts are cut so that prompt + this fit)
+                stop=(),  # stop strings; end-of-turn and EOS ids always stop
+                batch_size=8,  # prompts decoded together
+                prefill_chunk=2048 if name in ("govreport", "cocohd") else 0,  # 0 = whole prompt at once
+                temperature=0.0,  # 0 = greedy, as the study scores
+            )
+        )
 
     config.mesh = ms = ml_collections.ConfigDict()
     ms.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
@@ -136,6 +165,8 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     t = config.train
     t.total_steps, t.global_batch_size, t.log_every_steps, t.checkpoint_every_steps = 20, 4, 2, 10
     config.eval.batch_size, config.eval.max_eval_batches = 4, 2
+    for suite in config.eval.suites.values():  # a few short generations: the path runs, in seconds
+        suite.num_examples, suite.max_new_tokens, suite.batch_size, suite.prefill_chunk = 4, 16, 4, 0
     config.mesh.shape = (1, 1, -1)  # any device count: the 4-row batch is never split, the model is
 
 

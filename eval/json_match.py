@@ -30,7 +30,10 @@ def value_match(pred, ref) -> float:
 
 
 def reference_object(reference) -> dict:
-    ref = json.loads(reference) if isinstance(reference, str) else reference
+    try:
+        ref = json.loads(reference) if isinstance(reference, str) else reference
+    except json.JSONDecodeError as e:
+        raise ValueError(f"reference is not valid JSON ({e.msg})") from None
     if not isinstance(ref, dict) or not ref:
         raise ValueError("reference is not a non-empty JSON object")
     return ref

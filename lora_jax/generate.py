@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -194,10 +195,15 @@ class Stepper:
         return self.tok
 
 
-def left_pad(prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged prompts -> (tokens, mask) [batch, length], left-padded to a multiple of `multiple`."""
+def left_pad(
+    prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0, max_length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> (tokens, mask) [batch, length], left-padded to a multiple of `multiple`
+    (the longest prompt's own length when that multiple would pass max_length)."""
     longest = max(len(p) for p in prompts)
     length = -(-longest // multiple) * multiple
+    if max_length is not None and length > max_length:
+        length = longest
     tokens = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for r, p in enumerate(prompts):
@@ -217,14 +223,18 @@ def complete(
     batch_size: int = 8,
     seed: int = 0,
     mesh=None,
+    pad_multiple: int = 1,
 ) -> list[str]:
     """Prompt ids (e.g. the chat template's generation prompt, as training renders it) -> completions:
-    the decoded text before the first stop id and before the first stop string."""
+    the decoded text before the first stop id and before the first stop string. Prompts are padded to
+    a multiple of `pad_multiple` (and of prefill_chunk) so that few prompt lengths need a compile."""
     texts = []
+    multiple = math.lcm(max(opts.prefill_chunk, 1), max(pad_multiple, 1))
+    room = model.config.max_position_embeddings - opts.max_new_tokens
     for start in range(0, len(prompts), batch_size):
         group = list(prompts[start : start + batch_size])
         group += [group[-1]] * (batch_size - len(group))  # one compiled shape for every batch
-        tokens, mask = left_pad(group, max(opts.prefill_chunk, 1))
+        tokens, mask = left_pad(group, multiple, max_length=room)
         out, lengths = generate(model, tokens, mask, opts, seed=seed + start, mesh=mesh)
         for row in range(min(batch_size, len(prompts) - start)):
             ids = [int(i) for i in out[row, : lengths[row]]]

@@ -265,3 +265,38 @@ def set_lora_weights(model: Transformer, weights: dict[str, tuple[np.ndarray, np
             if old.shape != value.shape:
                 raise ValueError(f"adapter {target}: shape {value.shape} does not fit the model's {old.shape}")
             var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
+
+
+def with_adapter(model: Transformer, adapter_dir: str, hf_dir: str | None = None, options=None, mesh=None):
+    """`model`'s base with the PEFT adapter in adapter_dir: its weights set in place when the adapter
+    fits the model's adapter slots (same targets, ranks and scales), else (given the base's hf_dir) the base
+    loaded again with adapters shaped like the file's. One call: base + adapter, scored as PEFT would."""
+    spec, weights = read_peft_adapter(adapter_dir, model.config, model.lora)
+    fits = model.lora is not None and spec.targets == model.lora.targets
+    fits = fits and spec.use_rslora == model.lora.use_rslora
+    fits = fits and all(
+        spec.rank_for(t) == model.lora.rank_for(t) and math.isclose(spec.alpha_for(t), model.lora.alpha_for(t))
+        for t in spec.targets
+    )
+    if not fits:
+        if hf_dir is None:
+            have = "no adapters" if model.lora is None else f"targets {model.lora.targets}"
+            raise CheckpointError(
+                f"{adapter_dir}: adapter on {spec.targets} does not fit the model ({have}); a randomly "
+                "initialised base can only take an adapter of the config's own arm"
+            )
+        from lora_jax.hf_checkpoint import load_hf_model
+
+        model = load_hf_model(hf_dir, spec, options, mesh)
+    set_lora_weights(model, weights)
+    return model
+
+
+def load_hf_model_with_adapter(hf_dir: str, adapter_dir: str, options, mesh) -> Transformer:
+    """A Hugging Face checkpoint with a PEFT adapter on it, in one call."""
+    from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
+
+    spec, weights = read_peft_adapter(adapter_dir, HFCheckpoint(hf_dir).config)
+    model = load_hf_model(hf_dir, spec, options, mesh)
+    set_lora_weights(model, weights)
+    return model

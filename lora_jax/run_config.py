@@ -115,7 +115,7 @@ RANGES = {
     "eval.batch_size": (1,),
     "model.max_position_embeddings": (1,),
 }
-MODES = ("train",)
+MODES = ("train", "eval")
 IMAGE_DATASETS = ("llavacot", "invoiceocr")
 # Settings a resumed run may change when the user lists them in train.allow_changed_on_resume.
 RESUMABLE_CHANGES = (

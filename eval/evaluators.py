@@ -1,0 +1,115 @@
+"""The evaluator registry, driven by config: `config.eval.evaluators` names what runs every
+`eval.eval_every_steps` steps and at the end of training (and once in mode=eval).
+
+  loss      — token-level loss on the test split (`eval_loss`, `eval_truncated_targets`);
+  generate  — the dataset's suite (`config.eval.suites.<data.name>`): greedy generation and the
+              study's metric; `<workdir>/eval/<suite>.json` holds the aggregate, the format
+              failures and every example's prediction, reference and score.
+
+An evaluator is a function (EvalContext, step) -> {scalar name: value}; add one with @evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import jax
+from etils import epath
+
+from eval.generation_suite import run_suite
+from eval.suites import suite_of
+from lora_jax.errors import ConfigError
+from lora_jax.safetensors_io import write_text_atomic
+
+EVALUATORS: dict[str, Callable] = {}
+
+
+def evaluator(name: str):
+    def register(fn):
+        EVALUATORS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclasses.dataclass
+class EvalContext:
+    config: object
+    workdir: epath.Path
+    writer: object  # clu metric writer
+    data: object  # assemble.RunData
+    model: Callable[[], object]  # -> the model as it is now (nnx Transformer, adapters unmerged)
+    eval_loss: Callable[[], tuple[float, int]]  # -> (loss, truncated targets) on the test split
+    adapter: str  # what is being scored, for the results file
+    mesh: object = None
+
+
+def check_evaluators(config) -> None:
+    unknown = [n for n in config.eval.evaluators if n not in EVALUATORS]
+    if unknown:
+        raise ConfigError(f"eval.evaluators has {', '.join(unknown)}; valid: {', '.join(EVALUATORS)}")
+    if "generate" in config.eval.evaluators:
+        suite_of(config)
+
+
+def run_evaluators(ctx: EvalContext, step: int) -> dict:
+    """Runs every configured evaluator; returns their results by evaluator name."""
+    return {name: EVALUATORS[name](ctx, step) for name in ctx.config.eval.evaluators}
+
+
+@evaluator("loss")
+def loss_evaluator(ctx: EvalContext, step: int) -> dict:
+    loss, truncated = ctx.eval_loss()
+    scalars = {"eval_loss": loss, "eval_truncated_targets": truncated}
+    ctx.writer.write_scalars(step, scalars)
+    return scalars
+
+
+@evaluator("generate")
+def generate_evaluator(ctx: EvalContext, step: int) -> dict:
+    suite = suite_of(ctx.config)
+    source = ctx.data.sources[suite.split]
+    n = len(source) if not suite.num_examples else min(suite.num_examples, len(source))
+    records = [source[i] for i in range(n)]
+    result = run_suite(
+        ctx.model(), ctx.data.tokenizer, records, suite, ctx.data.sft_options, ctx.mesh, ctx.config.train.seed
+    )
+    per_example = result.pop("per_example")
+    summary = dict(result, suite=suite.name, metric=suite.metric, split=suite.split, step=step, adapter=ctx.adapter)
+    if jax.process_index() == 0:
+        out = epath.Path(ctx.workdir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / f"{suite.name}.json", json.dumps(dict(summary, per_example=per_example), indent=1))
+        prefix = f"eval/{suite.name}"
+        ctx.writer.write_scalars(
+            step,
+            {
+                f"{prefix}/{suite.metric}": result["score"],
+                f"{prefix}/format_failures": result["format_failures"],
+                f"{prefix}/dropped_prompt_too_long": result["dropped_prompt_too_long"],
+                f"{prefix}/bad_references": result["bad_references"],
+            },
+        )
+        ctx.writer.write_texts(step, {f"{prefix}/samples": _samples_markdown(per_example[: suite.samples_to_log])})
+        print(
+            f"eval {suite.name}: {suite.metric} {result['score']:.4f} over {result['examples']} examples, "
+            f"{result['format_failures']} format failures, {result['dropped_prompt_too_long']} prompts too long",
+            flush=True,
+        )
+    return summary
+
+
+def _samples_markdown(rows: list[dict]) -> str:
+    def quote(text: str) -> str:
+        return "\n".join("    " + line for line in (text or "(empty)").splitlines()) or "    (empty)"
+
+    parts = []
+    for r in rows:
+        parts.append(
+            f"**{r['id']}** — score {r['score']}"
+            + (f", format failure: {r['format_failure']}" if r.get("format_failure") else "")
+            + f"\n\nprediction:\n\n{quote(r['prediction'])}\n\nreference:\n\n{quote(r['reference'])}"
+        )
+    return "\n\n---\n\n".join(parts) or "(no examples)"

@@ -1,0 +1,202 @@
+"""Building a run's parts from its config: the model, the tokenizer dir, the data iterators, the run's
+identity (what a checkpoint must agree with), and global batches from per-process rows.
+
+Used by training and by mode=eval alike, so both see the same model, data and prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import jax
+from etils import epath
+from flax import nnx
+
+from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.model import Transformer
+from lora_jax.run_config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options
+from lora_jax.sharding import shard_model
+
+
+def build_model(config, mesh) -> tuple[Transformer, str]:
+    """The model (base weights + fresh adapters) on `mesh`, and a fingerprint of its base. Writes nothing."""
+    spec, opts = lora_spec(config), runtime_options(config)
+    if config.model.hf_dir:
+        ckpt = HFCheckpoint(config.model.hf_dir)
+        check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
+        model = load_hf_model(config.model.hf_dir, spec, opts, mesh, seed=config.train.seed, ckpt=ckpt)
+        fingerprint = ckpt.fingerprint()
+    else:
+        cfg = random_model_config(config)
+        model = Transformer(cfg, spec, opts, rngs=nnx.Rngs(config.train.seed))
+        shard_model(model, mesh)
+        fingerprint = (
+            "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
+        )
+    return model, fingerprint
+
+
+def tokenizer_dir(config, workdir: epath.Path) -> str:
+    """data.tokenizer_dir, else model.hf_dir, else (random model) the bundled tiny tokenizer written to
+    workdir (by process 0; the others wait for it)."""
+    tok_dir = config.data.tokenizer_dir or config.model.hf_dir
+    if tok_dir is None:  # a random model (runlocal): the tiny byte-level tokenizer its vocab was sized for
+        from data import samples
+
+        tok_dir = workdir / "bundled" / "tokenizer"
+        _on_process_0_then_all(lambda: samples.write_tiny_tokenizer(tok_dir), "bundled tokenizer")
+    return str(tok_dir)
+
+
+def _on_process_0_then_all(write, what: str) -> None:
+    """Process 0 writes shared files; the others wait until it is done (never two writers of one file)."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"written: {what}")
+
+
+def manual_dir(config, workdir: epath.Path) -> str:
+    """data.manual_dir, or (runlocal) where the bundled samples go."""
+    d = config.data
+    if d.manual_dir is None and d.use_bundled_samples:
+        return str(workdir / "bundled" / d.name)
+    return d.manual_dir
+
+
+def data_source_manifest(config) -> dict | None:
+    """What the run's dataset is built from (files, sizes, mtimes, builder options); None for the bundled
+    runlocal samples, which data/samples.py writes deterministically. Reads only."""
+    from data.prepare import source_manifest
+
+    d = config.data
+    if d.manual_dir is None and d.use_bundled_samples:
+        return None
+    return source_manifest(d.name, d.manual_dir, bad_images=d.bad_images)
+
+
+def run_identity(config, fingerprint: str, data_source: str) -> dict:
+    """What a checkpoint must agree with to be resumed: the adapters' shape, the base, the data and the
+    schedule (a resumed run must see the batches and learning rates an uninterrupted one would)."""
+    spec = lora_spec(config)
+    identity = {
+        "arm": config.arm,
+        "targets": list(spec.targets),
+        "lora": {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "use_rslora": spec.use_rslora,
+            "rank_overrides": dict(spec.rank_overrides),
+            "alpha_overrides": dict(spec.alpha_overrides),
+        },
+        "base_fingerprint": fingerprint,
+        "dataset": config.data.name,
+        "data_source": data_source,
+    }
+    for key in RESUMABLE_CHANGES:
+        if "." in key:
+            section, name = key.split(".")
+            identity[key] = config[section][name]
+    return json.loads(json.dumps(identity))  # as it reads back from the checkpoint's JSON
+
+
+@dataclasses.dataclass
+class RunData:
+    train: object  # PackedBatchIterator over the training split (shuffled, endless)
+    eval_iterator: object  # () -> a fresh one-pass PackedBatchIterator over the test split
+    sources: dict  # split -> tfds data source (records of the common schema)
+    tokenizer: object  # data.tokenizer.Tokenizer
+    sft_options: object  # data.sft.SFTOptions of training (prompts are rendered and cut the same way)
+
+
+def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding) -> RunData:
+    """The run's data: iterators for training and the loss evaluation, the splits, the tokenizer.
+
+    Process 0 prepares the tfds dataset; the others wait. Each process materialises exactly the
+    global batch rows its devices hold under the batch `sharding`."""
+    from jax.experimental import multihost_utils
+
+    from data import samples
+    from data.pipeline import PackedBatchIterator
+    from data.prepare import open_sources, prepare
+    from data.sft import SFTOptions
+    from data.tokenizer import Tokenizer
+
+    d = config.data
+    manual = manual_dir(config, workdir)
+    if d.manual_dir is None and d.use_bundled_samples:
+        _on_process_0_then_all(lambda: samples.write_sample_manual_dir(d.name, manual), "bundled samples")
+    data_dir = d.data_dir or str(workdir / "tfds")
+    if jax.process_index() == 0:
+        prepare(d.name, manual, data_dir, bad_images=d.bad_images)
+    multihost_utils.sync_global_devices("tfds prepared")
+    sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
+    tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces, render_date=d.render_date)
+    opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
+    eval_opts = dataclasses.replace(opts, keep_all=True)  # evaluation never drops an example
+    b_train, b_eval = config.train.global_batch_size, config.eval.batch_size
+    train_rows, eval_rows = process_rows(sharding, b_train), process_rows(sharding, b_eval)
+    train = PackedBatchIterator(
+        sources["train"], tok, opts, b_train, seed=config.train.seed, pack=d.pack, rows=train_rows
+    )
+
+    def eval_iterator():
+        return PackedBatchIterator(sources["test"], tok, eval_opts, b_eval, train=False, pack=d.pack, rows=eval_rows)
+
+    return RunData(train, eval_iterator, sources, tok, opts)
+
+
+def dataset_counts(config, workdir: epath.Path) -> dict[str, int]:
+    """What the dataset builder dropped, kept or de-duplicated (its info metadata counts)."""
+    from data.prepare import builder_class
+
+    d = config.data
+    builder = builder_class(d.name)(data_dir=d.data_dir or str(workdir / "tfds"), bad_images=d.bad_images)
+    return {k: int(v) for k, v in builder.info.metadata.items() if isinstance(v, (int, float))}
+
+
+def process_rows(sharding, global_batch_size: int) -> list[int]:
+    """The global batch rows this process's devices hold under `sharding` (all rows when replicated)."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size, 1)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return sorted(rows)
+
+
+def global_batch(local: dict, sharding, size: int | None = None) -> dict:
+    """Host arrays holding this process's rows of a batch of `size` rows (default: all of them, one
+    process) -> global arrays on `sharding`. The rows are those `process_rows` gives for the sharding,
+    so this is right for any mesh, also when the batch is replicated across processes."""
+    size = size or next(iter(local.values())).shape[0]
+    return {k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]) for k, v in local.items()}
+
+
+def open_checkpoint_store(config, workdir: epath.Path, fingerprint: str):
+    """The workdir's CheckpointStore, refusing (WorkdirMismatchError, naming what differs) a workdir
+    that holds another run's checkpoints, before anything is written; records the data source."""
+    from data.prepare import describe_change, manifest_digest
+    from lora_jax.checkpointing import CheckpointStore, WorkdirMismatchError
+    from lora_jax.safetensors_io import write_text_atomic
+
+    source = data_source_manifest(config)
+    identity = run_identity(config, fingerprint, manifest_digest(source) if source else f"bundled:{config.data.name}")
+    try:
+        store = CheckpointStore(
+            str(workdir),
+            config.train.max_to_keep,
+            identity,
+            allowed_changes=tuple(config.train.allow_changed_on_resume),
+        )
+    except WorkdirMismatchError as e:
+        recorded = workdir / "data_source.json"
+        if "data_source" in e.keys and source and recorded.exists():
+            change = describe_change(json.loads(recorded.read_text()), source)
+            raise WorkdirMismatchError(f"{e} [data.manual_dir: {change}]", e.keys) from None
+        raise
+    if source and jax.process_index() == 0:
+        write_text_atomic(workdir / "data_source.json", json.dumps(source, indent=1))
+    return store

@@ -1,0 +1,164 @@
+"""mode=eval end to end (checkpoint, exported adapter, base model), greedy completions against a
+transformers + PEFT model on the same adapter, and the suite's bad-input counts."""
+
+import json
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli import ENV, ROOT, main_cmd
+from flax import nnx
+
+from data import samples
+from data.sft import SFTOptions
+from data.tokenizer import Tokenizer
+from eval.generation_suite import run_suite
+from eval.suites import Suite
+from lora_jax.generate import GenerationOptions, generate, left_pad
+from lora_jax.lora import LoraSpec
+from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.model_config import ModelConfig
+from lora_jax.sharding import make_mesh
+
+
+def _eval(workdir, *overrides):
+    proc = subprocess.run(
+        main_cmd(workdir, "--config.mode=eval", *overrides),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((workdir / "eval" / "results.json").read_text())
+
+
+def _suite_file(workdir):
+    return json.loads((workdir / "eval" / "cocohd.json").read_text())
+
+
+def _scalars(workdir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_eval_mode_scores_the_checkpoint_the_adapter_and_the_base(reference_run, tmp_path):
+    trained_dir, _ = reference_run
+    trained = _suite_file(trained_dir)  # written by training's final evaluation
+    assert trained["examples"] == 4 and len(trained["per_example"]) == 4 and trained["step"] == 20
+
+    workdir = tmp_path / "copy"  # the shared run stays untouched
+    shutil.copytree(trained_dir, workdir)
+    out, results = _eval(workdir)
+    from_ckpt = _suite_file(workdir)
+    assert results["adapter"] == f"checkpoint step 20 in {workdir}" and results["step"] == 20
+    assert [r["prediction"] for r in from_ckpt["per_example"]] == [r["prediction"] for r in trained["per_example"]]
+    assert from_ckpt["score"] == trained["score"] and "eval cocohd: json_key_value_match" in out
+    assert {"eval/cocohd/json_key_value_match", "eval/cocohd/format_failures", "eval_loss"} <= _scalars(workdir)
+    assert "eval/cocohd/samples" in _scalars(workdir)  # sample generations as TensorBoard text
+
+    adapter_run = tmp_path / "adapter_run"
+    _, results = _eval(adapter_run, f"--config.eval.adapter_dir={trained_dir / 'adapter'}")
+    from_adapter = _suite_file(adapter_run)
+    assert results["adapter"].startswith("PEFT adapter")
+    assert [r["prediction"] for r in from_adapter["per_example"]] == [r["prediction"] for r in trained["per_example"]]
+    assert from_adapter["score"] == trained["score"]
+    assert results["loss"]["eval_loss"] == pytest.approx(
+        json.loads((trained_dir / "summary.json").read_text())["eval_loss"], rel=1e-5
+    )
+
+    base_run = tmp_path / "base_run"
+    out, results = _eval(base_run)
+    assert results["adapter"] == "none (base model)" and "scoring the base model alone" in out
+    assert len(_suite_file(base_run)["per_example"]) == 4 and not (base_run / "checkpoints").exists()
+    trained_loss = json.loads((trained_dir / "summary.json").read_text())["eval_loss"]
+    assert results["loss"]["eval_loss"] != pytest.approx(trained_loss, rel=1e-3)  # training changed the model
+
+
+def test_greedy_completions_equal_transformers_peft(tmp_path):
+    """The same adapter on the same prompts: our cached greedy decoding and PEFT's `generate` agree."""
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax.hf_checkpoint import load_hf_model
+    from lora_jax.peft_io import export_peft, load_hf_model_with_adapter
+    from tests.hf_reference import saved_hf_dir
+
+    d = saved_hf_dir("llama")
+    mesh = make_mesh((1, 2, 4))
+    ours = load_hf_model(d, LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8), RuntimeOptions(), mesh)
+    rng = np.random.default_rng(3)
+    for t in ours.lora.targets:
+        var = getattr(ours.layers, t).lora_b
+        var.set_value(
+            jax.device_put(
+                jnp.asarray(rng.normal(size=var.get_value().shape) * 0.3, jnp.float32), var.get_value().sharding
+            )
+        )
+    export_peft(ours, str(tmp_path / "adapter"), d)
+    reloaded = load_hf_model_with_adapter(d, str(tmp_path / "adapter"), RuntimeOptions(), mesh)  # one call
+
+    prompts = [[5, 9, 2, 33, 7, 1, 40, 12, 66], [11, 3, 90], [8, 8, 19, 22, 4]]
+    tokens, mask = left_pad(prompts)
+    n = 10
+    out, _ = generate(reloaded, tokens, mask, GenerationOptions(max_new_tokens=n))
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").float().eval()
+    hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, tokens.shape[1] :].numpy()
+    np.testing.assert_array_equal(out, ref)
+    base = load_hf_model(d, LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8), RuntimeOptions(), mesh)
+    assert not np.array_equal(generate(base, tokens, mask, GenerationOptions(max_new_tokens=n))[0], out)
+
+
+def test_suite_counts_bad_input_and_never_crashes(tmp_path):
+    tok = Tokenizer(samples.write_tiny_tokenizer(tmp_path / "tok"))
+    cfg = ModelConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
+    model = Transformer(cfg, LoraSpec(targets=("o_proj",), rank=2, alpha=4), RuntimeOptions(), rngs=nnx.Rngs(0))
+    ref = json.dumps({"title": "x"})
+    records = [
+        {"id": "ok", "instruction": "Summarize as JSON.", "document": "word " * 30, "target": ref, "answer": ref},
+        {
+            "id": "long-doc",
+            "instruction": "Summarize as JSON.",
+            "document": "word " * 2000,
+            "target": ref,
+            "answer": ref,
+        },
+        {"id": "too-long", "instruction": "x" * 600, "document": "", "target": ref, "answer": ref},
+        {"id": "no-ref", "instruction": "Summarize as JSON.", "document": "", "target": "", "answer": ""},
+    ]
+    suite = Suite("cocohd", "test", "json_key_value_match", 0, 8, (), 2, 0, 0.0, 2)
+    result = run_suite(model, tok, records, suite, SFTOptions(max_seq_len=512))
+    assert result["dropped_prompt_too_long"] == 1  # the instruction alone does not fit 256 - 8
+    assert result["bad_references"] == 1 and result["examples"] == 2  # "ok" and the cut "long-doc"
+    rows = {r["id"]: r for r in result["per_example"]}
+    assert rows["long-doc"]["prompt_tokens"] <= 256 - 8  # its document was cut as training cuts it
+    assert result["format_failures"] == 2 and rows["ok"]["format_failure"] == "no parseable JSON"
+    assert rows["no-ref"]["score"] is None and rows["no-ref"]["bad_reference"] == "empty reference"
