@@ -136,9 +136,9 @@ def main(argv):
         logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
         workdir = _WORKDIR.value or default_workdir()
         if config.mode == "eval":
-            from eval import run
+            from lora_jax import evaluate
 
-            run.evaluate(config, workdir)
+            evaluate.evaluate(config, workdir)
         else:
             from lora_jax import train
 

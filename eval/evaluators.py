@@ -6,7 +6,8 @@
               study's metric; `<workdir>/eval/<suite>.json` holds the aggregate, the format
               failures and every example's prediction, reference and score.
 
-An evaluator is a function (EvalContext, step) -> {scalar name: value}; add one with @evaluator.
+An evaluator is a function (EvalContext, step) -> {result name: value}; add one with @evaluator.
+The context carries functions (test loss, completions), never the trainer or a model.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ class EvalContext:
     config: object
     workdir: epath.Path
     writer: object  # clu metric writer
-    data: object  # assemble.RunData
-    model: Callable[[], object]  # -> the model as it is now (nnx Transformer, adapters unmerged)
+    sources: dict  # split -> records (the dataset's common schema)
+    complete: Callable  # (records, Suite) -> [(prompt tokens, reply) or None], the model as it is now
     eval_loss: Callable[[], tuple[float, int]]  # -> (loss, truncated targets) on the test split
-    adapter: str  # what is being scored, for the results file
-    mesh: object = None
+    adapter: str | None  # the adapter scored (a path), None for the base model
+    adapter_source: str  # "training" | "checkpoint" | "peft" | "base"
 
 
 def check_evaluators(config) -> None:
@@ -70,18 +71,24 @@ def loss_evaluator(ctx: EvalContext, step: int) -> dict:
 @evaluator("generate")
 def generate_evaluator(ctx: EvalContext, step: int) -> dict:
     suite = suite_of(ctx.config)
-    source = ctx.data.sources[suite.split]
+    source = ctx.sources[suite.split]
     n = len(source) if not suite.num_examples else min(suite.num_examples, len(source))
-    records = [source[i] for i in range(n)]
-    result = run_suite(
-        ctx.model(), ctx.data.tokenizer, records, suite, ctx.data.sft_options, ctx.mesh, ctx.config.train.seed
+    result = run_suite([source[i] for i in range(n)], suite, ctx.complete)
+    examples = result.pop("examples")
+    summary = dict(
+        result,
+        suite=suite.name,
+        dataset=ctx.config.data.name,
+        split=suite.split,
+        metric=suite.metric,
+        step=step,
+        adapter=ctx.adapter,
+        adapter_source=ctx.adapter_source,
     )
-    per_example = result.pop("per_example")
-    summary = dict(result, suite=suite.name, metric=suite.metric, split=suite.split, step=step, adapter=ctx.adapter)
     if jax.process_index() == 0:
         out = epath.Path(ctx.workdir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / f"{suite.name}.json", json.dumps(dict(summary, per_example=per_example), indent=1))
+        write_text_atomic(out / f"{suite.name}.json", json.dumps(dict(summary, examples=examples), indent=1))
         prefix = f"eval/{suite.name}"
         ctx.writer.write_scalars(
             step,
@@ -92,9 +99,9 @@ def generate_evaluator(ctx: EvalContext, step: int) -> dict:
                 f"{prefix}/bad_references": result["bad_references"],
             },
         )
-        ctx.writer.write_texts(step, {f"{prefix}/samples": _samples_markdown(per_example[: suite.samples_to_log])})
+        ctx.writer.write_texts(step, {f"{prefix}/samples": _samples_markdown(examples[: suite.samples_to_log])})
         print(
-            f"eval {suite.name}: {suite.metric} {result['score']:.4f} over {result['examples']} examples, "
+            f"eval {suite.name}: {suite.metric} {result['score']:.4f} over {result['num_examples']} examples, "
             f"{result['format_failures']} format failures, {result['dropped_prompt_too_long']} prompts too long",
             flush=True,
         )

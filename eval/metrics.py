@@ -22,7 +22,7 @@ def aggregate(scores: list[Scored], bad_references: int = 0) -> dict:
     n = len(scores)
     return {
         "score": sum(s.score for s in scores) / n if n else 0.0,
-        "examples": n,
+        "num_examples": n,
         "format_failures": sum(bool(s.format_failure) for s in scores),
         "bad_references": bad_references,
     }

@@ -30,6 +30,7 @@ from lora_jax.assemble import (  # noqa: F401 — re-exported: train.global_batc
     tokenizer_dir,
 )
 from lora_jax.checkpointing import all_finite
+from lora_jax.evaluate import completion_fn
 from lora_jax.run_config import (  # noqa: F401 — re-exported: train.lora_spec etc. are the public names
     RESUMABLE_CHANGES,
     check_hf_conflicts,
@@ -56,7 +57,7 @@ def loss_on_test_split(eval_step, lora, frozen, it, config, batch_sh) -> tuple[f
     return totals[0] / max(totals[1], 1.0), it.truncated_targets
 
 
-def _metric_writer(workdir: epath.Path):
+def metric_writer(workdir: epath.Path):
     from clu import metric_writers
 
     return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
@@ -86,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter.set_state(data_state)
         logging.info("resumed from step %d", start)
 
-    writer = _metric_writer(workdir)
+    writer = metric_writer(workdir)
     n_trainable = sum(accounting.lora_params_per_target(model.config, spec).values())
     if start == 0:
         writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
@@ -105,11 +106,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def eval_loss():
         return loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh)
 
+    complete = completion_fn(lambda: nnx.merge(graphdef, lora, frozen), data.tokenizer, data.sft_options, mesh)
+
     def evaluate(step):
-        ctx = EvalContext(
-            config, workdir, writer, data, lambda: nnx.merge(graphdef, lora, frozen), eval_loss, f"step {step}", mesh
+        final = step == config.train.total_steps
+        adapter = str(workdir / "adapter") if final else str(workdir / "checkpoints" / str(step))
+        return run_evaluators(
+            EvalContext(config, workdir, writer, data.sources, complete, eval_loss, adapter, "training"), step
         )
-        return run_evaluators(ctx, step)
 
     history, metrics, last = [], None, None
     timer_start, timed_steps = None, 0

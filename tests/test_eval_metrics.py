@@ -209,7 +209,7 @@ def test_registry_and_aggregate():
     scores = [mcq_accuracy.score(r, "C") for r in ("C.", "B.", "I think C")]
     assert aggregate(scores, bad_references=1) == {
         "score": pytest.approx(1 / 3),
-        "examples": 3,
+        "num_examples": 3,
         "format_failures": 1,
         "bad_references": 1,
     }

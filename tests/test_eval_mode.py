@@ -17,6 +17,7 @@ from data.sft import SFTOptions
 from data.tokenizer import Tokenizer
 from eval.generation_suite import run_suite
 from eval.suites import Suite
+from lora_jax.evaluate import completion_fn
 from lora_jax.generate import GenerationOptions, generate, left_pad
 from lora_jax.lora import LoraSpec
 from lora_jax.model import RuntimeOptions, Transformer
@@ -53,14 +54,16 @@ def _scalars(workdir):
 def test_eval_mode_scores_the_checkpoint_the_adapter_and_the_base(reference_run, tmp_path):
     trained_dir, _ = reference_run
     trained = _suite_file(trained_dir)  # written by training's final evaluation
-    assert trained["examples"] == 4 and len(trained["per_example"]) == 4 and trained["step"] == 20
+    assert trained["num_examples"] == 4 and len(trained["examples"]) == 4 and trained["step"] == 20
+    assert trained["adapter"] == str(trained_dir / "adapter") and trained["adapter_source"] == "training"
 
     workdir = tmp_path / "copy"  # the shared run stays untouched
     shutil.copytree(trained_dir, workdir)
     out, results = _eval(workdir)
     from_ckpt = _suite_file(workdir)
-    assert results["adapter"] == f"checkpoint step 20 in {workdir}" and results["step"] == 20
-    assert [r["prediction"] for r in from_ckpt["per_example"]] == [r["prediction"] for r in trained["per_example"]]
+    assert results["adapter"] == str(workdir / "checkpoints" / "20") and results["step"] == 20
+    assert from_ckpt["adapter_source"] == "checkpoint" and from_ckpt["dataset"] == "cocohd"
+    assert [r["prediction"] for r in from_ckpt["examples"]] == [r["prediction"] for r in trained["examples"]]
     assert from_ckpt["score"] == trained["score"] and "eval cocohd: json_key_value_match" in out
     assert {"eval/cocohd/json_key_value_match", "eval/cocohd/format_failures", "eval_loss"} <= _scalars(workdir)
     assert "eval/cocohd/samples" in _scalars(workdir)  # sample generations as TensorBoard text
@@ -68,8 +71,8 @@ def test_eval_mode_scores_the_checkpoint_the_adapter_and_the_base(reference_run,
     adapter_run = tmp_path / "adapter_run"
     _, results = _eval(adapter_run, f"--config.eval.adapter_dir={trained_dir / 'adapter'}")
     from_adapter = _suite_file(adapter_run)
-    assert results["adapter"].startswith("PEFT adapter")
-    assert [r["prediction"] for r in from_adapter["per_example"]] == [r["prediction"] for r in trained["per_example"]]
+    assert results["adapter"] == str(trained_dir / "adapter") and results["adapter_source"] == "peft"
+    assert [r["prediction"] for r in from_adapter["examples"]] == [r["prediction"] for r in trained["examples"]]
     assert from_adapter["score"] == trained["score"]
     assert results["loss"]["eval_loss"] == pytest.approx(
         json.loads((trained_dir / "summary.json").read_text())["eval_loss"], rel=1e-5
@@ -77,8 +80,8 @@ def test_eval_mode_scores_the_checkpoint_the_adapter_and_the_base(reference_run,
 
     base_run = tmp_path / "base_run"
     out, results = _eval(base_run)
-    assert results["adapter"] == "none (base model)" and "scoring the base model alone" in out
-    assert len(_suite_file(base_run)["per_example"]) == 4 and not (base_run / "checkpoints").exists()
+    assert results["adapter"] is None and results["adapter_source"] == "base" and "scoring the base model alone" in out
+    assert len(_suite_file(base_run)["examples"]) == 4 and not (base_run / "checkpoints").exists()
     trained_loss = json.loads((trained_dir / "summary.json").read_text())["eval_loss"]
     assert results["loss"]["eval_loss"] != pytest.approx(trained_loss, rel=1e-3)  # training changed the model
 
@@ -155,10 +158,10 @@ def test_suite_counts_bad_input_and_never_crashes(tmp_path):
         {"id": "no-ref", "instruction": "Summarize as JSON.", "document": "", "target": "", "answer": ""},
     ]
     suite = Suite("cocohd", "test", "json_key_value_match", 0, 8, (), 2, 0, 0.0, 2)
-    result = run_suite(model, tok, records, suite, SFTOptions(max_seq_len=512))
+    result = run_suite(records, suite, completion_fn(lambda: model, tok, SFTOptions(max_seq_len=512)))
     assert result["dropped_prompt_too_long"] == 1  # the instruction alone does not fit 256 - 8
-    assert result["bad_references"] == 1 and result["examples"] == 2  # "ok" and the cut "long-doc"
-    rows = {r["id"]: r for r in result["per_example"]}
+    assert result["bad_references"] == 1 and result["num_examples"] == 2  # "ok" and the cut "long-doc"
+    rows = {r["id"]: r for r in result["examples"]}
     assert rows["long-doc"]["prompt_tokens"] <= 256 - 8  # its document was cut as training cuts it
     assert result["format_failures"] == 2 and rows["ok"]["format_failure"] == "no parseable JSON"
     assert rows["no-ref"]["score"] is None and rows["no-ref"]["bad_reference"] == "empty reference"

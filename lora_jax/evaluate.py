@@ -1,0 +1,142 @@
+"""mode=eval, and the completion function every generation suite uses.
+
+What mode=eval scores, in this order:
+  1. `eval.adapter_dir`: a PEFT adapter directory (ours, e.g. <workdir>/adapter, or one trained
+     elsewhere with PEFT) on the config's base model, loaded in one call;
+  2. else the latest checkpoint in --workdir (refused, naming what differs, if it belongs to
+     another run — as a resumed training run would be);
+  3. else nothing to load: the base model alone (the study's "base model" column), said on the
+     console and recorded in the results (`adapter: null`).
+Results: `<workdir>/eval/<suite>.json` (see eval/evaluators.py), `<workdir>/eval/results.json` with
+every evaluator's aggregate, TensorBoard scalars and sample texts in --workdir.
+
+Like train.py, this is an orchestrator: it builds the model and the data and hands eval/ plain
+functions (test loss, completions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from flax import nnx
+
+from data.sft import SFTOptions, generation_prompt_ids
+from data.tokenizer import Tokenizer
+from eval.evaluators import EvalContext, check_evaluators, run_evaluators
+from lora_jax.assemble import build_model, data_iterators, open_checkpoint_store, tokenizer_dir
+from lora_jax.generate import GenerationOptions, complete
+from lora_jax.multihost import decided_on_process_0
+from lora_jax.peft_io import with_adapter
+from lora_jax.run_config import check_workdir_writable, runtime_options, validate
+from lora_jax.safetensors_io import write_text_atomic
+from lora_jax.sharding import make_mesh
+from lora_jax.trainer import build_trainer
+
+PAD_MULTIPLE = 64  # prompt lengths are bucketed so that few shapes compile
+
+
+def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
+    """The chat template's end-of-turn token and EOS: a row stops at either."""
+    ids = {tok.end_of_turn_id}
+    eos = tok.special_tokens.get("eos_token")
+    if eos:
+        ids.add(tok.token_id(eos))
+    return tuple(sorted(ids))
+
+
+def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: int = 0):
+    """(records, suite) -> [(prompt tokens, reply) or None]: greedy (or the suite's temperature)
+    batched decoding of the model `model_fn()` returns, from prompts rendered and cut exactly as
+    training renders the generation prompt so that prompt + max_new_tokens fit min(data.max_seq_len,
+    the model's context); None where even the cut prompt cannot fit."""
+
+    def run(records, suite):
+        model = model_fn()
+        context = min(sft.max_seq_len, model.config.max_position_embeddings)
+        opts = dataclasses.replace(sft, max_seq_len=context)
+        prompts = [generation_prompt_ids(tok, r, opts, suite.max_new_tokens) for r in records]
+        fits = [len(p) + suite.max_new_tokens <= context for p in prompts]
+        kept = [p for p, ok in zip(prompts, fits) if ok]
+        gen = GenerationOptions(
+            max_new_tokens=suite.max_new_tokens,
+            temperature=suite.temperature,
+            stop_ids=stop_ids(tok),
+            prefill_chunk=suite.prefill_chunk,
+        )
+        texts = iter(
+            complete(
+                model,
+                kept,
+                gen,
+                tok.decode,
+                stop_strings=suite.stop,
+                batch_size=suite.batch_size,
+                seed=seed,
+                mesh=mesh,
+                pad_multiple=PAD_MULTIPLE,
+            )
+            if kept
+            else []
+        )
+        return [(len(p), next(texts)) if ok else None for p, ok in zip(prompts, fits)]
+
+    return run
+
+
+def _zero_adapters(model) -> None:
+    """B = 0: the adapters add exactly nothing, so the model computes the base model's outputs."""
+    for target in model.lora.targets if model.lora else ():
+        b = getattr(model.layers, target).lora_b
+        b.set_value(jnp.zeros_like(b.get_value()))
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
+    from lora_jax.train import loss_on_test_split, metric_writer
+
+    validate(config)
+    check_evaluators(config)
+    workdir = epath.Path(workdir)
+    check_workdir_writable(workdir)
+    mesh = make_mesh(config.mesh.shape)
+    model, fingerprint = build_model(config, mesh)
+    step, adapter, source = 0, None, "base"
+    if config.eval.adapter_dir:
+        model = with_adapter(model, config.eval.adapter_dir, config.model.hf_dir, runtime_options(config), mesh)
+        adapter, source = str(config.eval.adapter_dir), "peft"
+    elif decided_on_process_0(lambda: "yes" if (workdir / "checkpoints").exists() else ""):
+        store = open_checkpoint_store(config, workdir, fingerprint)
+        step = store.latest_step() or 0
+        if step:
+            adapter, source = str(workdir / "checkpoints" / str(step)), "checkpoint"
+    if source == "base":
+        _zero_adapters(model)
+        if jax.process_index() == 0:
+            print(f"no adapter in {workdir} and no eval.adapter_dir: scoring the base model alone", flush=True)
+    trainer = build_trainer(model, config, mesh)
+    lora, frozen, batch_sh = trainer.lora, trainer.frozen, trainer.batch_sharding
+    if source == "checkpoint":
+        lora, _, _, _ = store.restore(step, trainer.lora, trainer.opt_state)
+    data = data_iterators(config, workdir, tokenizer_dir(config, workdir), model.config.vocab_size, batch_sh)
+    writer = metric_writer(workdir)
+    ctx = EvalContext(
+        config,
+        workdir,
+        writer,
+        data.sources,
+        completion_fn(lambda: nnx.merge(trainer.graphdef, lora, frozen), data.tokenizer, data.sft_options, mesh),
+        lambda: loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh),
+        adapter,
+        source,
+    )
+    results = dict(run_evaluators(ctx, step), adapter=adapter, adapter_source=source, step=step)
+    writer.flush()
+    if jax.process_index() == 0:
+        (workdir / "eval").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(workdir / "eval" / "results.json", json.dumps(results, indent=1))
+        print(f"results: {workdir / 'eval'}", flush=True)
+    return results
