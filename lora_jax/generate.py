@@ -140,7 +140,12 @@ def _compiled(graphdef, opts: GenerationOptions, mesh):
     def run(state, tokens, mask, key):
         return _generate(nnx.merge(graphdef, state), tokens, mask, key, opts)
 
-    return jax.jit(run if mesh is None else under_mesh(run, mesh))
+    if mesh is None:
+        return jax.jit(run)
+    # Replicated outputs: every process can read the ids (a multi-host mesh would otherwise leave
+    # rows on devices another process owns).
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(under_mesh(run, mesh), out_shardings=(replicated, replicated))
 
 
 def generate(model: Transformer, tokens, mask, opts: GenerationOptions, seed: int = 0, mesh=None):
