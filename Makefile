@@ -14,8 +14,9 @@ $(VENV)/.runtime: requirements/cpu.lock | $(VENV)/bin/python
 	$(PY) -m pip install -q -r requirements/cpu.lock
 	touch $@
 
-$(VENV)/.test: requirements/test.lock requirements/cpu.lock | $(VENV)/bin/python
+$(VENV)/.test: requirements/test.lock requirements/cpu.lock requirements/launch.lock | $(VENV)/bin/python
 	$(PY) -m pip install -q -r requirements/test.lock
+	$(PY) -m pip install -q -r requirements/launch.lock
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.lora = lo = ml_collections.ConfigDict()
     lo.targets = ("o_proj",)  # subset of ("qkv", "o_proj", "fc1", "fc2")
     lo.rank = 16  # adapter rank r
+    lo.param_budget = 0  # > 0: solve one rank for the arm's targets so it trains ~this many parameters (0 = off)
     lo.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rsLoRA)
     lo.dropout = 0.0  # dropout on the LoRA input (PEFT's default 0); randomness = f(seed, step, layer)
     lo.use_rslora = False  # rank-stabilised scaling
@@ -118,12 +119,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.allow_changed_on_resume = ()  # keys (e.g. "train.total_steps") a resumed run may change on purpose
 
     config.eval = e = ml_collections.ConfigDict()
-    e.evaluators = ("loss", "generate")  # what evaluation runs (eval/evaluators.py): test loss, the suite
+    e.evaluators = ("loss", "generate", "latency")  # what runs (eval/evaluators.py): test loss, the suite, TTFT/TPOT
     e.eval_every_steps = 0  # evaluators every N steps during training (0 = only at the end)
     e.max_eval_batches = 0  # loss evaluator: 0 = the whole split
     e.batch_size = 8  # loss evaluator: rows per batch
     e.adapter_dir = config_dict.placeholder(str)  # mode=eval: a PEFT adapter dir to score (else --workdir's)
     e.samples_to_log = 4  # generations written to TensorBoard as text
+    e.latency = ml_collections.ConfigDict(
+        dict(
+            batch_size=1,  # prompts per request (the study's serving latency: one request at a time)
+            prompt_tokens=128,  # random prompt ids (latency does not depend on their values)
+            new_tokens=64,  # TPOT is over these
+            requests=20,  # timed requests per variant (base, unmerged, merged), interleaved
+            warmup=2,  # untimed requests first (compilation)
+        )
+    )
     e.suites = ml_collections.ConfigDict()  # one per dataset; the run scores suites[data.name]
     for name, (metric, max_new, n) in SUITES.items():
         e.suites[name] = ml_collections.ConfigDict(
@@ -167,6 +177,8 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.batch_size, config.eval.max_eval_batches = 4, 2
     for suite in config.eval.suites.values():  # a few short generations: the path runs, in seconds
         suite.num_examples, suite.max_new_tokens, suite.batch_size, suite.prefill_chunk = 4, 16, 4, 0
+    lat = config.eval.latency
+    lat.prompt_tokens, lat.new_tokens, lat.requests, lat.warmup = 32, 8, 3, 1
     config.mesh.shape = (1, 1, -1)  # any device count: the 4-row batch is never split, the model is
 
 

@@ -4,7 +4,9 @@
   loss      — token-level loss on the test split (`eval_loss`, `eval_truncated_targets`);
   generate  — the dataset's suite (`config.eval.suites.<data.name>`): greedy generation and the
               study's metric; `<workdir>/eval/<suite>.json` holds the aggregate, the format
-              failures and every example's prediction, reference and score.
+              failures and every example's prediction, reference and score;
+  latency   — this run's own model decoding (`config.eval.latency`): TTFT and TPOT p50/p95 of the
+              base, the adapters unmerged and merged (lora_jax/latency.py), in `<workdir>/eval/latency.json`.
 
 An evaluator is a function (EvalContext, step) -> {result name: value}; add one with @evaluator.
 The context carries functions (test loss, completions), never the trainer or a model.
@@ -45,6 +47,7 @@ class EvalContext:
     eval_loss: Callable[[], tuple[float, int]]  # -> (loss, truncated targets) on the test split
     adapter: str | None  # the adapter scored (a path), None for the base model
     adapter_source: str  # "training" | "checkpoint" | "peft" | "base"
+    latency: Callable[[], dict] | None = None  # -> {"base"|"unmerged"|"merged": {"tpot_ms_p95", …}}
 
 
 def check_evaluators(config) -> None:
@@ -120,3 +123,43 @@ def _samples_markdown(rows: list[dict]) -> str:
             + f"\n\nprediction:\n\n{quote(r['prediction'])}\n\nreference:\n\n{quote(r['reference'])}"
         )
     return "\n\n---\n\n".join(parts) or "(no examples)"
+
+
+@evaluator("latency")
+def latency_evaluator(ctx: EvalContext, step: int) -> dict:
+    settings = ctx.config.eval.latency
+    variants = ctx.latency()
+    base_p95 = variants["base"]["tpot_ms_p95"]
+    result = {
+        "step": step,
+        "adapter": ctx.adapter,
+        "adapter_source": ctx.adapter_source,
+        "batch_size": settings.batch_size,
+        "prompt_tokens": settings.prompt_tokens,
+        "new_tokens": settings.new_tokens,
+        "device": str(jax.devices()[0].device_kind),
+        "variants": variants,
+        # the study's figure: how much slower a token is with the adapters served unmerged
+        "tpot_p95_increase_unmerged": variants["unmerged"]["tpot_ms_p95"] / base_p95 - 1 if base_p95 else None,
+        "tpot_p95_increase_merged": variants["merged"]["tpot_ms_p95"] / base_p95 - 1 if base_p95 else None,
+    }
+    if jax.process_index() == 0:
+        out = epath.Path(ctx.workdir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "latency.json", json.dumps(result, indent=1))
+        ctx.writer.write_scalars(
+            step,
+            {
+                f"latency/{v}/{k}": x
+                for v, stats in variants.items()
+                for k, x in stats.items()
+                if k.endswith(("p50", "p95"))
+            },
+        )
+        u = variants["unmerged"]
+        print(
+            f"latency: TPOT p95 {u['tpot_ms_p95']:.2f} ms unmerged, {variants['merged']['tpot_ms_p95']:.2f} merged, "
+            f"{base_p95:.2f} base; TTFT p50 {u['ttft_ms_p50']:.1f} ms",
+            flush=True,
+        )
+    return result

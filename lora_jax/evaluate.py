@@ -27,7 +27,9 @@ from flax import nnx
 from data.sft import SFTOptions, generation_prompt_ids
 from data.tokenizer import Tokenizer
 from eval.evaluators import EvalContext, check_evaluators, run_evaluators
+from lora_jax import latency
 from lora_jax.assemble import build_model, data_iterators, open_checkpoint_store, tokenizer_dir
+from lora_jax.errors import ConfigError
 from lora_jax.generate import GenerationOptions, complete
 from lora_jax.multihost import decided_on_process_0
 from lora_jax.peft_io import with_adapter
@@ -87,6 +89,25 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
     return run
 
 
+def latency_fn(model_fn, config, context: int):
+    """() -> {"base"|"unmerged"|"merged": TTFT/TPOT stats} of the model as it is now (eval.latency).
+    The settings are checked now, against the model's context, not after training."""
+    s = config.eval.latency
+    for key, low in (("batch_size", 1), ("prompt_tokens", 1), ("new_tokens", 2), ("requests", 1), ("warmup", 0)):
+        if s[key] < low:
+            raise ConfigError(f"eval.latency.{key}={s[key]} must be >= {low}")
+    if s.prompt_tokens + s.new_tokens > context:
+        raise ConfigError(
+            f"eval.latency.prompt_tokens + new_tokens = {s.prompt_tokens + s.new_tokens} passes the model's context ({context})"
+        )
+
+    def run():
+        s = config.eval.latency
+        return latency.measure(model_fn(), s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup)
+
+    return run
+
+
 def _zero_adapters(model) -> None:
     """B = 0: the adapters add exactly nothing, so the model computes the base model's outputs."""
     for target in model.lora.targets if model.lora else ():
@@ -132,8 +153,10 @@ def evaluate(config, workdir: str) -> dict:
         lambda: loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh),
         adapter,
         source,
+        latency_fn(lambda: nnx.merge(trainer.graphdef, lora, frozen), config, model.config.max_position_embeddings),
     )
     results = dict(run_evaluators(ctx, step), adapter=adapter, adapter_source=source, step=step)
+    results.update(dataset=config.data.name, arm=config.arm, seed=config.train.seed, base_model=fingerprint)
     writer.flush()
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(parents=True, exist_ok=True)

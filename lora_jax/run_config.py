@@ -32,16 +32,46 @@ def _dtype(name: str, key: str):
 
 
 def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
+    """The arm's adapters. With lora.param_budget, one rank for all its targets, solved so that the
+    arm trains about that many parameters (`budget_rank`): the equal-budget version of the study."""
     lo = config.lora
+    rank = lo.rank
+    if lo.param_budget:
+        if lo.param_budget < 0:
+            raise ConfigError(f"lora.param_budget={lo.param_budget} must be > 0 (or 0 = off)")
+        if any(v is not None for v in lo.rank_overrides.values()):
+            raise ConfigError("lora.param_budget solves the rank: it cannot be combined with lora.rank_overrides")
+        rank = budget_rank(model_config_of(config), tuple(lo.targets), lo.param_budget)
     return LoraSpec(
         targets=tuple(lo.targets),
-        rank=lo.rank,
+        rank=rank,
         alpha=lo.alpha,
         dropout=lo.dropout,
         use_rslora=lo.use_rslora,
         rank_overrides=dict(lo.rank_overrides),
         alpha_overrides=dict(lo.alpha_overrides),
     )
+
+
+def budget_rank(cfg: ModelConfig, targets: tuple[str, ...], budget: int) -> int:
+    """The rank r >= 1 whose adapters on `targets` train the number of parameters closest to `budget`
+    (parameters grow linearly in r, so the count is within half a rank step of the budget)."""
+    from lora_jax.accounting import lora_params_per_target
+
+    per_rank = sum(lora_params_per_target(cfg, LoraSpec(targets=targets, rank=1, alpha=1.0)).values())
+    return max(1, round(budget / per_rank))
+
+
+def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The model's shape: config.json of model.hf_dir, else the random-init dimensions."""
+    if config.model.hf_dir:
+        from lora_jax.model_config import load_hf_model_config
+
+        path = epath.Path(config.model.hf_dir) / "config.json"
+        if not path.exists():
+            raise MissingFileError(f"model.hf_dir: {config.model.hf_dir} has no config.json")
+        return load_hf_model_config(str(config.model.hf_dir))
+    return random_model_config(config)
 
 
 def runtime_options(config: ml_collections.ConfigDict) -> RuntimeOptions:

@@ -30,7 +30,7 @@ from lora_jax.assemble import (  # noqa: F401 — re-exported: train.global_batc
     tokenizer_dir,
 )
 from lora_jax.checkpointing import all_finite
-from lora_jax.evaluate import completion_fn
+from lora_jax.evaluate import completion_fn, latency_fn
 from lora_jax.run_config import (  # noqa: F401 — re-exported: train.lora_spec etc. are the public names
     RESUMABLE_CHANGES,
     check_hf_conflicts,
@@ -107,13 +107,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh)
 
     complete = completion_fn(lambda: nnx.merge(graphdef, lora, frozen), data.tokenizer, data.sft_options, mesh)
+    latency = latency_fn(lambda: nnx.merge(graphdef, lora, frozen), config, model.config.max_position_embeddings)
 
     def evaluate(step):
         final = step == config.train.total_steps
         adapter = str(workdir / "adapter") if final else str(workdir / "checkpoints" / str(step))
-        return run_evaluators(
-            EvalContext(config, workdir, writer, data.sources, complete, eval_loss, adapter, "training"), step
-        )
+        ctx = EvalContext(config, workdir, writer, data.sources, complete, eval_loss, adapter, "training", latency)
+        return run_evaluators(ctx, step)
 
     history, metrics, last = [], None, None
     timer_start, timed_steps = None, 0
@@ -179,11 +179,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_dropped_examples": train_iter.dropped,
         "data_counts": data_counts,
         "trainable_params": n_trainable,
+        "peft_equivalent_params": sum(accounting.peft_equivalent_params_per_target(model.config, spec).values()),
+        "arm": config.arm,
+        "dataset": config.data.name,
+        "seed": config.train.seed,
+        "targets": list(spec.targets),
+        "rank": spec.rank,
+        "base_model": fingerprint,
         "resumed_from": start,
     }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(workdir, summary)
     return summary
+
+
+def _print_summary(workdir: epath.Path, summary: dict) -> None:
+    """The run's last lines: what it scored and where everything is."""
+    scores = "".join(
+        f", {r['suite']} {r['metric']} {r['score']:.4f} ({r['num_examples']} examples, "
+        f"{r['format_failures']} format failures)"
+        for r in summary["eval"].values()
+        if isinstance(r, dict) and "metric" in r
+    )
+    loss = summary["eval_loss"]
+    print(f"done: step {summary['final_step']}" + (f", eval loss {loss:.4f}" if loss is not None else "") + scores)
+    print(f"  adapter      {workdir / 'adapter'}  (PEFT: peft.PeftModel.from_pretrained(base, this dir))")
+    print(f"  checkpoints  {workdir / 'checkpoints'}  (the same command resumes; --config.mode=eval scores)")
+    print(f"  results      {workdir / 'summary.json'}, {workdir / 'eval'}")
+    print(f"  tensorboard  tensorboard --logdir {workdir}", flush=True)
 
 
 def _print_progress(done: int, total: int, scalars: dict) -> None:

@@ -167,7 +167,7 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
     from flax import nnx
     from tiny_model import TINY
 
-    from lora_jax import train
+    from lora_jax import train, trainer
     from lora_jax.errors import WorkdirError
     from lora_jax.lora import LoraSpec
     from lora_jax.model import Transformer
@@ -182,7 +182,7 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
         (tmp_path / "adapter.tmp" / "adapter_model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "export_peft", disk_full)
+    monkeypatch.setattr(trainer, "export_peft", disk_full)
     lora = jax.tree.map(lambda x: x + 1, lora)
     with pytest.raises(WorkdirError, match=r"adapter.tmp: writing the adapter failed \(No space left on device\)"):
         train.export_adapter(graphdef, lora, frozen, tmp_path, "base")

@@ -1,0 +1,125 @@
+"""The report: its statistics against hand-worked numbers and scipy, and a report over run
+directories in the results format (including runs that failed, have no results, or another base)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from eval import report
+from eval.report_stats import bootstrap_ci, paired_p_value
+
+
+def test_paired_test_hand_worked_and_against_scipy():
+    from scipy import stats
+
+    # d = (1, 1, 1): of the 8 sign flips only +++ and --- reach |mean| = 1 -> p = 2/8
+    assert paired_p_value([1, 1, 1], [0, 0, 0]) == pytest.approx(0.25)
+    # d = (1, 0): flips give |mean| 0.5 always -> p = 1
+    assert paired_p_value([1, 0], [0, 0]) == 1.0
+    assert paired_p_value([0.3, 0.3], [0.3, 0.3]) == 1.0  # identical arms
+    rng = np.random.default_rng(0)
+    a, b = rng.random(12), rng.random(12) * 0.8
+    theirs = stats.permutation_test(
+        (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
+    ).pvalue
+    assert paired_p_value(a, b) == pytest.approx(theirs, abs=1e-12)  # exact enumeration both
+    a, b = rng.random(200), rng.random(200) * 0.95  # Monte Carlo beyond 16 examples
+    theirs = stats.permutation_test(
+        (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=20000, random_state=1
+    ).pvalue
+    assert paired_p_value(a, b) == pytest.approx(theirs, abs=0.01)
+
+
+def test_bootstrap_hand_worked_and_against_scipy():
+    from scipy import stats
+
+    assert bootstrap_ci([[1, 1, 1], [1, 1, 1]]) == (1.0, 1.0, 1.0)  # no spread, no interval
+    x = np.random.default_rng(1).random(300)
+    mean, low, high = bootstrap_ci(x, resamples=5000)
+    ci = stats.bootstrap((x,), np.mean, n_resamples=5000, method="percentile", random_state=0).confidence_interval
+    assert (
+        mean == pytest.approx(x.mean())
+        and low == pytest.approx(ci.low, abs=0.005)
+        and high == pytest.approx(ci.high, abs=0.005)
+    )
+    # two seeds that disagree widen the interval beyond the examples' own noise
+    seeds = np.stack([x, np.clip(x + 0.2, 0, 1)])
+    _, low2, high2 = bootstrap_ci(seeds, resamples=2000)
+    assert high2 - low2 > 2 * (high - low)
+
+
+def test_pareto_front():
+    # (tpot, score): b is beaten by a (faster and better); c is slower but best
+    assert report.pareto([(1.0, 0.5), (2.0, 0.4), (3.0, 0.9)]) == [0, 2]
+
+
+def _run(root, name, arm, seed, scores, tpot, base_model="model-a", dataset="cocohd", source="training"):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    examples = [{"id": f"ex{i}", "prediction": "p", "reference": "r", "score": s} for i, s in enumerate(scores)]
+    suite = {"suite": dataset, "dataset": dataset, "metric": "json_key_value_match", "score": float(np.mean(scores))}
+    suite.update(num_examples=len(scores), format_failures=1, adapter_source=source, examples=examples)
+    (d / "eval" / f"{dataset}.json").write_text(json.dumps(suite))
+    variants = {v: {"tpot_ms_p95": tpot * f} for v, f in (("base", 1.0), ("unmerged", 1.0), ("merged", 0.9))}
+    (d / "eval" / "latency.json").write_text(json.dumps({"variants": variants}))
+    meta = {
+        "arm": arm,
+        "seed": seed,
+        "base_model": base_model,
+        "trainable_params": 1000,
+        "peft_equivalent_params": 1200,
+    }
+    (d / ("results.json" if source == "base" else "summary.json")).write_text(json.dumps(meta))
+
+
+def test_report_over_run_directories(tmp_path):
+    root = tmp_path / "sweep"
+    rng = np.random.default_rng(0)
+    truth = {"oproj": 0.8, "fc2": 0.6, "oproj_fc2": 0.85}
+    for arm, level in truth.items():
+        for seed in (0, 1):
+            scores = np.clip(level + rng.normal(0, 0.1, size=30), 0, 1).round(3).tolist()
+            tpot = {"oproj": 7.8, "fc2": 8.5, "oproj_fc2": 10.085}[arm]
+            _run(root, f"cocohd_{arm}_s{seed}", arm, seed, scores, tpot)
+    _run(root, "cocohd_base", "", 0, [0.1] * 30, 7.0, source="base")
+    (root / "cocohd_qkv_s0").mkdir()  # killed before any result
+    (root / "cocohd_all_s0").mkdir()
+    (root / "cocohd_all_s0" / "launch.log").write_text("$ python main.py ...\nerror: lora.rank=0 is below 1\n")
+    _run(root, "other_model_run", "oproj", 0, [1.0] * 30, 5.0, base_model="model-b")
+
+    built = report.build(str(root), str(tmp_path / "out"))
+    rows = {(r["dataset"], r["arm"]): r for r in csv.DictReader(open(tmp_path / "out" / "report.csv"))}
+    assert set(rows) == {("cocohd", a) for a in ("oproj", "fc2", "oproj_fc2", "base")}
+    for arm in truth:  # the table agrees with the runs' JSON
+        runs = [json.loads((root / f"cocohd_{arm}_s{s}" / "eval" / "cocohd.json").read_text()) for s in (0, 1)]
+        expected = np.mean([[e["score"] for e in r["examples"]] for r in runs])
+        assert float(rows[("cocohd", arm)]["score"]) == pytest.approx(expected, abs=1e-4)
+        assert float(rows[("cocohd", arm)]["ci95_low"]) < expected < float(rows[("cocohd", arm)]["ci95_high"])
+        assert rows[("cocohd", arm)]["seeds"] == "2"
+    assert rows[("cocohd", "fc2")]["worse_than_best_p<0.05"] == "yes"  # 0.6 vs 0.85 on 30 examples
+    assert float(rows[("cocohd", "oproj_fc2")]["tpot_increase_vs_cheapest"]) == pytest.approx(
+        10.085 / 7.8 - 1, abs=1e-4
+    )
+    assert float(rows[("cocohd", "base")]["score"]) == pytest.approx(0.1)
+    missing = dict(built["missing"])
+    assert missing["cocohd_qkv_s0"].startswith("no results")
+    assert missing["cocohd_all_s0"] == "failed: error: lora.rank=0 is below 1"
+    assert "base model model-b" in missing["other_model_run"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Not in the table" in md and "cocohd_all_s0" in md and "![cocohd](cocohd.png)" in md
+    assert (tmp_path / "out" / "cocohd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing import event_multiplexer
+
+    mux = event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path / "out" / "tensorboard"))
+    mux.Reload()
+    assert len(mux.Runs()) == 7  # 3 arms x 2 seeds + the base
+
+
+def test_report_of_an_empty_or_missing_root(tmp_path):
+    (tmp_path / "empty").mkdir()
+    built = report.build(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert built["rows"] == [] and (tmp_path / "out" / "report.md").exists()
+    assert report.main([f"--root={tmp_path / 'nope'}"]) == 2
