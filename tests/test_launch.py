@@ -269,7 +269,7 @@ def test_xm_dry_run_prints_each_job_and_its_requirements(capsys):
         "  python main.py --config=configs/cocohd_oproj_fc2.py --workdir=gs://b/sweep/cocohd_oproj_fc2_s0 --config.train.seed=0"
         in out
     )
-    assert out.count("executor=vertex") == 2 and "TPU_V4" in out and "'jax[tpu]'" in out
+    assert out.count("executor=vertex") == 2 and "tpu_v4=xm.Topology('8')" in out and "'jax[tpu]'" in out
 
 
 def test_xm_launch_adds_one_work_unit_per_run(monkeypatch):
@@ -295,7 +295,7 @@ def test_xm_launch_adds_one_work_unit_per_run(monkeypatch):
         "govreport_all_s1",
     ]
     assert all(isinstance(j.executor, xm_local.Vertex) for j in jobs)
-    assert "A100" in str(jobs[0].executor.requirements)
+    assert "a100=4" in str(jobs[0].executor.requirements)
     assert list(jobs[1].args.to_list()) == [
         "--config=configs/govreport_oproj.py",
         "--workdir=gs://b/gov/govreport_oproj_s1",
