@@ -22,9 +22,11 @@ from launch.sweep import ROOT, Run, SweepError, load  # noqa: E402
 
 
 def status_before(run_dir: str) -> str:
+    """done (summary.json) | resume (a finished checkpoint: orbax renames <step>.*tmp* to <step>) | new."""
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         return "done"
-    if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(os.path.join(run_dir, "checkpoints")):
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
         return "resume"
     return "new"
 

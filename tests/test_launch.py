@@ -99,7 +99,8 @@ def test_local_runner_skips_finished_resumes_unfinished_and_goes_on_after_a_fail
     spec, root = _sweep_file(tmp_path, runs), tmp_path / "root"
     proc = _local(spec, root)
     deadline = time.time() + 400
-    while not any((root / "oproj" / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
+    ckpts = root / "oproj" / "checkpoints"
+    while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())) and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep dies mid-way through its second run
     proc.wait()
@@ -117,6 +118,18 @@ def test_local_runner_skips_finished_resumes_unfinished_and_goes_on_after_a_fail
 
     out = _local(spec, root).communicate(timeout=600)[0]  # nothing left: no training at all
     assert "3 done, 0 finished, 0 resumed, 0 failed" in out
+
+    from eval import report  # the study's table from the real runs' files
+
+    built = report.build(str(root), str(tmp_path / "report"))
+    rows = {r.arm: r for r in built["rows"]}
+    assert set(rows) == {"qkv", "oproj", "fc2"} and built["missing"] == []
+    for arm, row in rows.items():
+        suite = json.loads((root / arm / "eval" / "cocohd.json").read_text())
+        assert row.mean == pytest.approx(suite["score"]) and row.examples == suite["num_examples"]
+        latency = json.loads((root / arm / "eval" / "latency.json").read_text())
+        assert row.tpot_unmerged == pytest.approx(latency["variants"]["unmerged"]["tpot_ms_p95"])
+    assert (tmp_path / "report" / "cocohd.png").exists()
 
     broken = runs + [
         {"name": "bad", "config": "configs/cocohd_qkv.py", "config_arg": "runlocal", "overrides": {"lora.rank": 0}}
