@@ -21,21 +21,19 @@ import json
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 from flax import nnx
 
 from data.sft import SFTOptions, generation_prompt_ids
 from data.tokenizer import Tokenizer
-from eval.evaluators import EvalContext, check_evaluators, run_evaluators
+from eval.evaluators import EvalContext, run_evaluators
 from lora_jax import latency
-from lora_jax.assemble import build_model, data_iterators, open_checkpoint_store, tokenizer_dir
+from lora_jax.assemble import data_iterators, open_checkpoint_store, tokenizer_dir
 from lora_jax.errors import ConfigError
 from lora_jax.generate import GenerationOptions, complete
 from lora_jax.multihost import decided_on_process_0
 from lora_jax.peft_io import with_adapter
-from lora_jax.run_config import check_workdir_writable, runtime_options, validate
+from lora_jax.run_config import runtime_options
 from lora_jax.safetensors_io import write_text_atomic
-from lora_jax.sharding import make_mesh
 from lora_jax.trainer import build_trainer
 
 PAD_MULTIPLE = 64  # prompt lengths are bucketed so that few shapes compile
@@ -117,14 +115,9 @@ def _zero_adapters(model) -> None:
 
 def evaluate(config, workdir: str) -> dict:
     """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
-    from lora_jax.train import loss_on_test_split, metric_writer
+    from lora_jax.train import loss_on_test_split, metric_writer, start_run
 
-    validate(config)
-    check_evaluators(config)
-    workdir = epath.Path(workdir)
-    check_workdir_writable(workdir)
-    mesh = make_mesh(config.mesh.shape)
-    model, fingerprint = build_model(config, mesh)
+    workdir, mesh, model, fingerprint = start_run(config, workdir)
     step, adapter, source = 0, None, "base"
     if config.eval.adapter_dir:
         model = with_adapter(model, config.eval.adapter_dir, config.model.hf_dir, runtime_options(config), mesh)

@@ -63,14 +63,21 @@ def metric_writer(workdir: epath.Path):
     return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from the latest checkpoint in workdir), evaluates, exports the adapter."""
+def start_run(config: ml_collections.ConfigDict, workdir: str):
+    """Every check that needs no data (before anything is written), then the mesh and the model:
+    (workdir, mesh, model, base fingerprint). Training and mode=eval start the same way."""
     validate(config)
     check_evaluators(config)
     workdir = epath.Path(workdir)
     check_workdir_writable(workdir)
     mesh = make_mesh(config.mesh.shape)
     model, fingerprint = build_model(config, mesh)
+    return workdir, mesh, model, fingerprint
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from the latest checkpoint in workdir), evaluates, exports the adapter."""
+    workdir, mesh, model, fingerprint = start_run(config, workdir)
     spec = model.lora
     store = open_checkpoint_store(config, workdir, fingerprint)  # refuses a foreign workdir before any write
     tok_dir = tokenizer_dir(config, workdir)

@@ -60,32 +60,16 @@ LLAMA31_STYLE = """{{- bos_token }}
 {%- endif %}
 """
 
-LLAMA32_STYLE = """{{- bos_token }}
-{%- if not date_string is defined %}
-    {%- if strftime_now is defined %}
+# Llama 3.2: as 3.1, but "today" comes from strftime_now unless date_string is given.
+LLAMA32_STYLE = LLAMA31_STYLE.replace(
+    """    {%- set date_string = "26 Jul 2024" %}""",
+    """    {%- if strftime_now is defined %}
         {%- set date_string = strftime_now("%d %b %Y") %}
     {%- else %}
         {%- set date_string = "26 Jul 2024" %}
-    {%- endif %}
-{%- endif %}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
-{{- "Cutting Knowledge Date: December 2023\n" }}
-{{- "Today Date: " + date_string + "\n\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- endif %}
-"""
+    {%- endif %}""",
+)
+assert LLAMA32_STYLE != LLAMA31_STYLE
 
 QWEN3_STYLE = """{%- set ns = namespace(last_query=-1) %}
 {%- for message in messages %}

@@ -1,6 +1,7 @@
 """mode=eval end to end (checkpoint, exported adapter, base model), greedy completions against a
 transformers + PEFT model on the same adapter, and the suite's bad-input counts."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -21,8 +22,8 @@ from lora_jax.evaluate import completion_fn
 from lora_jax.generate import GenerationOptions, generate, left_pad
 from lora_jax.lora import LoraSpec
 from lora_jax.model import RuntimeOptions, Transformer
-from lora_jax.model_config import ModelConfig
 from lora_jax.sharding import make_mesh
+from tests.tiny_model import TINY
 
 
 def _eval(workdir, *overrides):
@@ -133,16 +134,7 @@ def test_greedy_completions_equal_transformers_peft(tmp_path):
 
 def test_suite_counts_bad_input_and_never_crashes(tmp_path):
     tok = Tokenizer(samples.write_tiny_tokenizer(tmp_path / "tok"))
-    cfg = ModelConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    )
+    cfg = dataclasses.replace(TINY, vocab_size=259, max_position_embeddings=256)  # the tiny tokenizer's vocab
     model = Transformer(cfg, LoraSpec(targets=("o_proj",), rank=2, alpha=4), RuntimeOptions(), rngs=nnx.Rngs(0))
     ref = json.dumps({"title": "x"})
     records = [
