@@ -192,7 +192,7 @@ def main():
             _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
             base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
             nnx.update(base, frozen)  # the same frozen weights, no adapters
-            merged = nnx.merge(*nnx.split(model))
+            merged = nnx.clone(model)  # merge(*split(model)) would share, and merge into, model's Variables
             merge_lora(merged)
             for mode, ours_model in (("base", base), ("unmerged", model), ("merged", merged)):
                 hf_model = None

@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.lora = lo = ml_collections.ConfigDict()
     lo.targets = ("o_proj",)  # subset of ("qkv", "o_proj", "fc1", "fc2")
     lo.rank = 16  # adapter rank r
+    lo.layers = ()  # adapters on these decoder layers only, e.g. (0, 1, 2, 3) (PEFT's layers_to_transform); () = all
     lo.param_budget = 0  # > 0: solve one rank for the arm's targets so it trains ~this many parameters (0 = off)
     lo.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rsLoRA)
     lo.dropout = 0.0  # dropout on the LoRA input (PEFT's default 0); randomness = f(seed, step, layer)

@@ -30,7 +30,7 @@ def lora_params_per_target(cfg: ModelConfig, spec: LoraSpec | None) -> dict[str,
     for t in spec.targets:
         in_dims, out_dims, _, _ = target_shapes(cfg)[t]
         n_in, n_out = math.prod(in_dims), math.prod(out_dims)
-        out[t] = cfg.num_layers * spec.rank_for(t) * (n_in + n_out)
+        out[t] = spec.num_adapted_layers(cfg.num_layers) * spec.rank_for(t) * (n_in + n_out)
     return out
 
 
@@ -43,7 +43,8 @@ def peft_equivalent_params_per_target(cfg: ModelConfig, spec: LoraSpec) -> dict[
         "fc1": [(e, cfg.intermediate_size)] * 2,
         "fc2": [(cfg.intermediate_size, e)],
     }
-    return {t: cfg.num_layers * sum(spec.rank_for(t) * (i + o) for i, o in split[t]) for t in spec.targets}
+    layers = spec.num_adapted_layers(cfg.num_layers)
+    return {t: layers * sum(spec.rank_for(t) * (i + o) for i, o in split[t]) for t in spec.targets}
 
 
 def base_matmul_params(cfg: ModelConfig) -> int:

@@ -14,10 +14,12 @@ import jax
 from etils import epath
 from flax import nnx
 
-from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.hf_checkpoint import HFCheckpoint, init_adapters, load_hf_model
 from lora_jax.model import Transformer
 from lora_jax.run_config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options
 from lora_jax.sharding import shard_model
+
+RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
 
 
 def build_model(config, mesh) -> tuple[Transformer, str]:
@@ -30,11 +32,10 @@ def build_model(config, mesh) -> tuple[Transformer, str]:
         fingerprint = ckpt.fingerprint()
     else:
         cfg = random_model_config(config)
-        model = Transformer(cfg, spec, opts, rngs=nnx.Rngs(config.train.seed))
+        model = Transformer(cfg, spec, opts, rngs=nnx.Rngs(RANDOM_BASE_SEED))
         shard_model(model, mesh)
-        fingerprint = (
-            "random-" + hashlib.sha256(f"{cfg}{config.train.seed}{opts.param_dtype}".encode()).hexdigest()[:16]
-        )
+        init_adapters(model, config.train.seed)
+        fingerprint = "random-" + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
     return model, fingerprint
 
 
@@ -92,6 +93,7 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
             "use_rslora": spec.use_rslora,
             "rank_overrides": dict(spec.rank_overrides),
             "alpha_overrides": dict(spec.alpha_overrides),
+            **({"layers": list(spec.layers)} if spec.layers else {}),  # absent when all: older checkpoints match
         },
         "base_fingerprint": fingerprint,
         "dataset": config.data.name,

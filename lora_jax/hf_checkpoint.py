@@ -239,6 +239,14 @@ def load_hf_model(
     return abstract
 
 
+def init_adapters(model: Transformer, seed: int) -> None:
+    """Fresh adapters from `seed` (A random, B zero), whatever seed built the base: the same rule as
+    load_hf_model, so a seed sweep varies the adapters and the data order, never the base."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        value = var.get_value()
+        var.set_value(_init_lora(path, value.shape, seed, value.sharding, zeros=path[-1] == "lora_b"))
+
+
 def _init_lora(path, shape, seed, sharding, zeros):
     if zeros:
         return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()

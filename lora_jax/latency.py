@@ -24,7 +24,7 @@ def variants(model: Transformer) -> dict[str, Transformer]:
     _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
     base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
     nnx.update(base, frozen)
-    merged = nnx.merge(*nnx.split(model))
+    merged = nnx.clone(model)  # new Variables: merging must not touch `model` (merge(*split()) shares them)
     merge_lora(merged)
     return {"base": base, "unmerged": model, "merged": merged}
 

@@ -56,9 +56,14 @@ class LoraSpec:
     # Stored as sorted (target, value) pairs so the spec is hashable (it is static model metadata).
     rank_overrides: Mapping[str, int] | tuple = ()
     alpha_overrides: Mapping[str, float] | tuple = ()
+    layers: tuple[int, ...] = ()  # adapters on these decoder layers only (PEFT's layers_to_transform); () = all
 
     def __post_init__(self):
         object.__setattr__(self, "targets", validate_targets(self.targets))
+        layers = tuple(sorted({int(i) for i in self.layers}))
+        if any(i < 0 for i in layers):
+            raise ConfigError(f"lora.layers must be layer indices >= 0, got {self.layers}")
+        object.__setattr__(self, "layers", layers)
         for name in ("rank_overrides", "alpha_overrides"):
             overrides = dict(getattr(self, name))
             bad = [k for k in overrides if k not in TARGETS]
@@ -76,6 +81,9 @@ class LoraSpec:
 
     def alpha_for(self, target: str) -> float:
         return float(dict(self.alpha_overrides).get(target, self.alpha))
+
+    def num_adapted_layers(self, num_layers: int) -> int:
+        return len(self.layers) if self.layers else num_layers
 
     def scale_for(self, target: str) -> float:
         """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""

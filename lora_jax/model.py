@@ -131,6 +131,8 @@ class Transformer(nnx.Module):
         self.lora = lora
         self.options = options
         self.merged = False  # True after merge_lora: adapters are folded into the kernels
+        if lora is not None and lora.layers and lora.layers[-1] >= cfg.num_layers:
+            raise ConfigError(f"lora.layers={lora.layers}: the model has layers 0..{cfg.num_layers - 1}")
         pdt = options.param_dtype
         emb = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02
         self.embed = nnx.Param(emb.astype(pdt), logical_axes=("vocab", "embed"))
@@ -258,22 +260,32 @@ def _fusing_pays(x, w, n_in: int) -> bool:
     return tokens * (n_in_size + w.size // n_in_size) >= w.size
 
 
+def _layer_scale(spec: LoraSpec, target: str, layer):
+    """The adapter's scale in this layer: 0 outside lora.layers (the adapter weights of every layer
+    stay stacked for the scan; an excluded layer's adapter gets no gradient and adds nothing)."""
+    scale = spec.scale_for(target)
+    if not spec.layers:
+        return scale
+    return scale * jnp.isin(jnp.asarray(layer), jnp.asarray(spec.layers)).astype(jnp.float32)
+
+
 def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     """Frozen kernel (+ bias) + LoRA delta. x: [..., *in_dims] -> [..., *out_dims] in compute dtype."""
     cdt = ctx.compute_dtype
     w = p["kernel"].astype(cdt)
     has_lora = ctx.lora is not None and "lora_a" in p
     no_dropout = ctx.lora is not None and (ctx.lora.dropout == 0.0 or ctx.dropout_key is None)
+    scale = _layer_scale(ctx.lora, target, layer) if has_lora else None
     if has_lora and no_dropout and cdt == jnp.float32 and ctx.fused_lora_matmul and _fusing_pays(x, w, n_in):
         # Base + adapter as one matmul with the merged weight (custom VJP, see lora.py). Only in
         # float32: a bfloat16 merged weight would round small adapter deltas away.
-        b = p["lora_b"] * ctx.lora.scale_for(target)
+        b = p["lora_b"] * scale
         y = lora_matmul(x, w, p["lora_a"].astype(cdt), b.astype(cdt), n_in)
     else:
         y = jnp.tensordot(x, w, axes=n_in, preferred_element_type=jnp.float32).astype(cdt)
         if has_lora:
             x_in = lora_dropout(x, ctx.lora.dropout, ctx.dropout_key, layer, target)
-            y = y + lora_delta(x_in, p["lora_a"], p["lora_b"], ctx.lora.scale_for(target))
+            y = y + lora_delta(x_in, p["lora_a"], p["lora_b"], scale)
     if "bias" in p:
         y = y + p["bias"].astype(cdt)
     return y
@@ -324,6 +336,9 @@ def _fold_lora(model: Transformer, sign: float) -> None:
         proj = getattr(model.layers, target)
         a, b, w = proj.lora_a.get_value(), proj.lora_b.get_value(), proj.kernel.get_value()
         delta = jax.vmap(delta_weight)(a, b)  # over layers
+        if spec.layers:  # only the adapted layers
+            on = jnp.isin(jnp.arange(delta.shape[0]), jnp.asarray(spec.layers)).astype(delta.dtype)
+            delta = delta * on.reshape((-1,) + (1,) * (delta.ndim - 1))
         merged = (w.astype(jnp.float32) + sign * spec.scale_for(target) * delta).astype(w.dtype)
         proj.kernel.set_value(jax.device_put(merged, w.sharding))
 

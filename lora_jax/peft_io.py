@@ -67,7 +67,7 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         proj = getattr(model.layers, target)
         a_all = np.asarray(jax.device_get(proj.lora_a.get_value()), np.float32)
         b_all = np.asarray(jax.device_get(proj.lora_b.get_value()), np.float32)
-        for layer in range(cfg.num_layers):
+        for layer in spec.layers or range(cfg.num_layers):
             for module, (la, lb) in _hf_factors(cfg, target, a_all[layer], b_all[layer]).items():
                 block = MODULE_BLOCK[module]
                 tensors[_KEY.format(layer=layer, block=block, module=module, ab="A")] = la
@@ -96,7 +96,7 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         "fan_in_fan_out": False,
         "use_dora": False,
         "modules_to_save": None,
-        "layers_to_transform": None,
+        "layers_to_transform": list(spec.layers) or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -117,8 +117,8 @@ def _check_supported(config: dict, path: str) -> None:
         refuse("lora_bias=true")
     if config.get("modules_to_save"):
         refuse(f"modules_to_save={config.get('modules_to_save')}")
-    if config.get("layers_to_transform") is not None or config.get("layers_pattern"):
-        refuse("layers_to_transform/layers_pattern")
+    if config.get("layers_pattern") not in (None, "layers", ["layers"]):
+        refuse(f"layers_pattern={config.get('layers_pattern')!r} (decoder layers are 'layers')")
     if config.get("fan_in_fan_out"):
         refuse("fan_in_fan_out=true")
     targets = config.get("target_modules") or []
@@ -163,12 +163,15 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
             raise CheckpointError(f"{weights_path}: layer {layer} but the model has {cfg.num_layers} layers")
         factors.setdefault((module, layer), {})[ab] = np.asarray(f.read(key), np.float32)
     modules = sorted({m for m, _ in factors})
+    layers = _layers_to_transform(config, cfg, str(cfg_path))
     for module in modules:
-        missing = [i for i in range(cfg.num_layers) if (module, i) not in factors]
+        missing = [i for i in layers or range(cfg.num_layers) if (module, i) not in factors]
         if missing:
-            raise CheckpointError(
-                f"{weights_path}: module {module} has no adapter on layers {missing} (layers_to_transform)"
-            )
+            raise CheckpointError(f"{weights_path}: module {module} has no adapter on layers {missing}")
+        if layers:  # the layers PEFT leaves alone: zero factors, masked out by spec.layers anyway
+            some = factors[(module, layers[0])]
+            for i in set(range(cfg.num_layers)) - set(layers):
+                factors[(module, i)] = {k: np.zeros_like(v) for k, v in some.items()}
     r0, alpha0, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
     alpha_pat = config.get("alpha_pattern") or {}
 
@@ -218,8 +221,20 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
         use_rslora=rslora,
         rank_overrides={t: ranks[t] for t in targets if ranks[t] != base.rank},
         alpha_overrides={t: alphas[t] for t in targets if not math.isclose(alphas[t], base.alpha)},
+        layers=tuple(layers),
     )
     return spec, weights
+
+
+def _layers_to_transform(config: dict, cfg: ModelConfig, path: str) -> list[int]:
+    """PEFT's layers_to_transform (an int or a list) as sorted indices; [] = every layer."""
+    value = config.get("layers_to_transform")
+    if value is None:
+        return []
+    layers = sorted({int(v) for v in ([value] if isinstance(value, int) else value)})
+    if not layers or layers[0] < 0 or layers[-1] >= cfg.num_layers:
+        raise CheckpointError(f"{path}: layers_to_transform={value} is not within the model's {cfg.num_layers} layers")
+    return layers
 
 
 def _rank_ranges(present, layer_factors, shared=False):
@@ -273,7 +288,7 @@ def with_adapter(model: Transformer, adapter_dir: str, hf_dir: str | None = None
     loaded again with adapters shaped like the file's. One call: base + adapter, scored as PEFT would."""
     spec, weights = read_peft_adapter(adapter_dir, model.config, model.lora)
     fits = model.lora is not None and spec.targets == model.lora.targets
-    fits = fits and spec.use_rslora == model.lora.use_rslora
+    fits = fits and spec.use_rslora == model.lora.use_rslora and spec.layers == model.lora.layers
     fits = fits and all(
         spec.rank_for(t) == model.lora.rank_for(t) and math.isclose(spec.alpha_for(t), model.lora.alpha_for(t))
         for t in spec.targets

@@ -41,7 +41,7 @@ def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
             raise ConfigError(f"lora.param_budget={lo.param_budget} must be > 0 (or 0 = off)")
         if any(v is not None for v in lo.rank_overrides.values()):
             raise ConfigError("lora.param_budget solves the rank: it cannot be combined with lora.rank_overrides")
-        rank = budget_rank(model_config_of(config), tuple(lo.targets), lo.param_budget)
+        rank = budget_rank(model_config_of(config), tuple(lo.targets), lo.param_budget, tuple(lo.layers))
     return LoraSpec(
         targets=tuple(lo.targets),
         rank=rank,
@@ -50,15 +50,16 @@ def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
         use_rslora=lo.use_rslora,
         rank_overrides=dict(lo.rank_overrides),
         alpha_overrides=dict(lo.alpha_overrides),
+        layers=tuple(lo.layers),
     )
 
 
-def budget_rank(cfg: ModelConfig, targets: tuple[str, ...], budget: int) -> int:
+def budget_rank(cfg: ModelConfig, targets: tuple[str, ...], budget: int, layers: tuple[int, ...] = ()) -> int:
     """The rank r >= 1 whose adapters on `targets` train the number of parameters closest to `budget`
     (parameters grow linearly in r, so the count is within half a rank step of the budget)."""
     from lora_jax.accounting import lora_params_per_target
 
-    per_rank = sum(lora_params_per_target(cfg, LoraSpec(targets=targets, rank=1, alpha=1.0)).values())
+    per_rank = sum(lora_params_per_target(cfg, LoraSpec(targets=targets, rank=1, alpha=1.0, layers=layers)).values())
     return max(1, round(budget / per_rank))
 
 
