@@ -285,7 +285,12 @@ def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
         y = jnp.tensordot(x, w, axes=n_in, preferred_element_type=jnp.float32).astype(cdt)
         if has_lora:
             x_in = lora_dropout(x, ctx.lora.dropout, ctx.dropout_key, layer, target)
-            y = y + lora_delta(x_in, p["lora_a"], p["lora_b"], scale)
+            delta = lambda: lora_delta(x_in, p["lora_a"], p["lora_b"], scale).astype(y.dtype)  # noqa: E731
+            if ctx.lora.layers:  # a layer outside lora.layers skips the adapter's matmuls (decode latency)
+                on = jnp.isin(jnp.asarray(layer), jnp.asarray(ctx.lora.layers))
+                y = y + jax.lax.cond(on, delta, lambda: jnp.zeros_like(y))
+            else:
+                y = y + delta()
     if "bias" in p:
         y = y + p["bias"].astype(cdt)
     return y

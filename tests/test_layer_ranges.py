@@ -77,3 +77,14 @@ def test_merging_a_layer_range_and_counting_its_parameters(adapted):
             RuntimeOptions(),
             make_mesh((1, 1, 1), devices=jax.devices()[:1]),
         )
+
+
+def test_decoding_skips_the_adapter_outside_the_range(adapted):
+    """One token at a time (decode) takes the plain adapter path: a layer outside lora.layers branches
+    around the adapter's matmuls (lax.cond), so the latency suite sees what skipping layers buys."""
+    from flax import nnx
+
+    model, _ = adapted
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda st, t: nnx.merge(graphdef, st)(t))(state, jnp.asarray(TOKENS[:1, :1])))
+    assert "cond[" in jaxpr
