@@ -74,9 +74,9 @@ def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
             return [], f"failed: {errors[-1][:160]}" if errors else "failed"
         return [], "no results (no eval/<suite>.json)"
     meta = {}
-    for f in ("results.json", "summary.json"):  # mode=eval's results, else training's summary
-        if os.path.exists(os.path.join(run_dir, f)):
-            meta = _json(os.path.join(run_dir, f))
+    for path in (os.path.join(eval_dir, "results.json"), os.path.join(run_dir, "summary.json")):
+        if os.path.exists(path):  # mode=eval's results, else training's summary
+            meta = _json(path)
             break
     latency = (
         _json(os.path.join(eval_dir, "latency.json")) if os.path.exists(os.path.join(eval_dir, "latency.json")) else {}

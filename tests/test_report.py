@@ -71,7 +71,7 @@ def _run(root, name, arm, seed, scores, tpot, base_model="model-a", dataset="coc
         "trainable_params": 1000,
         "peft_equivalent_params": 1200,
     }
-    (d / ("results.json" if source == "base" else "summary.json")).write_text(json.dumps(meta))
+    (d / "eval" / "results.json" if source == "base" else d / "summary.json").write_text(json.dumps(meta))
 
 
 def test_report_over_run_directories(tmp_path):
