@@ -3,6 +3,8 @@
     python benchmarks/decode_latency.py [--arms o_proj,o_proj+fc2,qkv,all] [--batches 1,8]
         [--requests 50] [--peer hf] [--json out.json]
 
+An arm may carry a layer range, `o_proj+fc2@0-3`: adapters on layers 0..3 only (lora.layers).
+
 Bench model: Llama, vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 kv heads,
 LoRA rank 16, float32; prompt 128 tokens, 64 new tokens, greedy. Serving convention (vLLM's
 benchmark): per request TTFT = time to the first token; TPOT = (time of the last token - time of the
@@ -129,12 +131,21 @@ class HFRunner:
         return first - start, (last - first) / (len(self.times) - 1)
 
 
-def build_pair(targets, workdir, peer: bool):
+def parse_arm(arm: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """ "o_proj+fc2@0-3" -> (targets, layers 0..3); no "@" -> every layer."""
+    name, _, span = arm.partition("@")
+    if not span:
+        return ARMS[name], ()
+    lo, _, hi = span.partition("-")
+    return ARMS[name], tuple(range(int(lo), int(hi or lo) + 1))
+
+
+def build_pair(targets, workdir, peer: bool, layers=()):
     """(our model with adapters, HF model with the same adapters or None). B is random (non-zero)."""
     from lora_jax.sharding import make_mesh
 
     if not peer:
-        model = Transformer(BENCH, LoraSpec(targets=targets, rank=RANK, alpha=32.0), rngs=nnx.Rngs(0))
+        model = Transformer(BENCH, LoraSpec(targets=targets, rank=RANK, alpha=32.0, layers=layers), rngs=nnx.Rngs(0))
         for t in targets:
             b = getattr(model.layers, t).lora_b
             b.set_value(jax.random.normal(jax.random.key(1), b.get_value().shape) * 0.01)
@@ -147,7 +158,8 @@ def build_pair(targets, workdir, peer: bool):
     from lora_jax.peft_io import read_peft_adapter, set_lora_weights
 
     torch.manual_seed(0)
-    hf_dir, adapter_dir = os.path.join(workdir, "base"), os.path.join(workdir, "-".join(targets))
+    hf_dir = os.path.join(workdir, "base")
+    adapter_dir = os.path.join(workdir, "-".join(targets) + "".join(f"_{i}" for i in layers))
     if not os.path.exists(hf_dir):
         cfg = transformers.LlamaConfig(
             vocab_size=BENCH.vocab_size,
@@ -162,7 +174,9 @@ def build_pair(targets, workdir, peer: bool):
         transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     modules = [m for t in targets for _, m in HF_MODULES[t]]
-    lora_cfg = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=modules, init_lora_weights=False)
+    lora_cfg = peft.LoraConfig(
+        r=RANK, lora_alpha=32, target_modules=modules, init_lora_weights=False, layers_to_transform=list(layers) or None
+    )
     hf = peft.get_peft_model(hf, lora_cfg).eval()
     hf.save_pretrained(adapter_dir)
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -188,7 +202,8 @@ def main():
     print(f"{'arm':>10} {'mode':>9} {'b':>2} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p95':>9} {'bound':>7}  peer")
     with tempfile.TemporaryDirectory() as workdir:
         for arm in args.arms.split(","):
-            model, hf = build_pair(ARMS[arm], workdir, peer)
+            targets, layers = parse_arm(arm)
+            model, hf = build_pair(targets, workdir, peer, layers)
             _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
             base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
             nnx.update(base, frozen)  # the same frozen weights, no adapters
