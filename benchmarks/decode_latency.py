@@ -33,9 +33,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lora_jax.generate import GenerationOptions, Stepper  # noqa: E402
+from lora_jax import latency  # noqa: E402
 from lora_jax.lora import LoraSpec  # noqa: E402
-from lora_jax.model import RuntimeOptions, Transformer, merge_lora  # noqa: E402
+from lora_jax.model import RuntimeOptions, Transformer  # noqa: E402
 from lora_jax.model_config import ModelConfig  # noqa: E402
 from lora_jax.peft_io import HF_MODULES  # noqa: E402
 
@@ -79,22 +79,6 @@ def weight_bytes(model: Transformer) -> int:
         if path[0] != "embed":
             total += var.get_value().nbytes
     return total
-
-
-class OursRunner:
-    def __init__(self, model, batch):
-        self.stepper = Stepper(model, GenerationOptions(max_new_tokens=NEW), batch, PROMPT)
-        self.tokens = np.random.default_rng(0).integers(0, BENCH.vocab_size, size=(batch, PROMPT)).astype(np.int32)
-        self.mask = np.ones_like(self.tokens)
-
-    def request(self) -> tuple[float, float]:
-        start = time.perf_counter()
-        self.stepper.prefill(self.tokens, self.mask).block_until_ready()
-        first = time.perf_counter()
-        for _ in range(NEW - 1):
-            self.stepper.step().block_until_ready()
-        last = time.perf_counter()
-        return first - start, (last - first) / (NEW - 1)
 
 
 class HFRunner:
@@ -204,17 +188,12 @@ def main():
         for arm in args.arms.split(","):
             targets, layers = parse_arm(arm)
             model, hf = build_pair(targets, workdir, peer, layers)
-            _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
-            base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
-            nnx.update(base, frozen)  # the same frozen weights, no adapters
-            merged = nnx.clone(model)  # merge(*split(model)) would share, and merge into, model's Variables
-            merge_lora(merged)
-            for mode, ours_model in (("base", base), ("unmerged", model), ("merged", merged)):
+            for mode, ours_model in latency.variants(model).items():  # base, unmerged, merged
                 hf_model = None
                 if peer:  # merge_and_unload folds the adapters into the HF model in place: merged comes last
                     hf_model = hf.merge_and_unload() if mode == "merged" else hf
                 for batch in (int(x) for x in args.batches.split(",")):
-                    ours = OursRunner(ours_model, batch)
+                    ours = latency.Requests(ours_model, batch, PROMPT, NEW)
                     theirs = HFRunner(hf_model, batch) if hf_model is not None else None
                     if peer and mode == "base":
                         with hf.disable_adapter():
