@@ -38,9 +38,10 @@ class SFTOptions:
             raise ValueError(f"data.truncation={self.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
 
 
-def _text(record: dict, key: str) -> str:
+def record_text(record: dict, key: str) -> str:
+    """A text field of a record, as str (tfds gives bytes)."""
     value = record.get(key, "")
-    return value.decode("utf-8") if isinstance(value, bytes) else (value or "")
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value or "")
 
 
 def user_content(instruction: str, document: str) -> str:
@@ -97,9 +98,9 @@ def render_texts(tok: Tokenizer, user: dict, target: str, reasoning: str, with_r
 
 
 def _render_ids(tok, record, document, opts):
-    user = {"role": "user", "content": user_content(_text(record, "instruction"), document)}
+    user = {"role": "user", "content": user_content(record_text(record, "instruction"), document)}
     prompt_text, full_text = render_texts(
-        tok, user, _text(record, "target"), _text(record, "reasoning").strip(), opts.reasoning_traces
+        tok, user, record_text(record, "target"), record_text(record, "reasoning").strip(), opts.reasoning_traces
     )
     prompt, full = tok.encode(prompt_text), tok.encode(full_text)
     if full[: len(prompt)] != prompt:
@@ -114,11 +115,11 @@ def generation_prompt_ids(tok: Tokenizer, record: dict, opts: SFTOptions, max_ne
     """The prompt a model generates from: the user turn rendered with add_generation_prompt=True exactly
     as training renders it, the document cut as training cuts it so that prompt + max_new_tokens fit
     max_seq_len (what is scored is what was trained)."""
-    document = _text(record, "document")
+    document = record_text(record, "document")
     budget = opts.max_seq_len - max_new_tokens
 
     def render(document):
-        user = {"role": "user", "content": user_content(_text(record, "instruction"), document)}
+        user = {"role": "user", "content": user_content(record_text(record, "instruction"), document)}
         return tok.encode(tok.render([user], True))
 
     ids, margin = render(document), 0
@@ -143,7 +144,7 @@ def _cut_document(tok: Tokenizer, document: str, n_remove: int, how: str) -> str
 def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | None:
     """-> {"tokens", "targets", "loss_mask", "target_truncated"} (numpy, one segment), or None if it
     cannot fit (training only)."""
-    document = _text(record, "document")
+    document = record_text(record, "document")
     prompt, full = _render_ids(tok, record, document, opts)
     n_target = len(full) - len(prompt)
     if not opts.keep_all and opts.max_target_tokens is not None and n_target > opts.max_target_tokens:
@@ -159,7 +160,7 @@ def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | N
         prompt, full = _render_ids(tok, record, document, opts)
         margin = margin * 2 + 8  # re-rendering at the cut can merge tokens differently
     if opts.model_vocab_size is not None:
-        tok.check_vocab(full, opts.model_vocab_size, f"{tok.dir} (example {_text(record, 'id')})")
+        tok.check_vocab(full, opts.model_vocab_size, f"{tok.dir} (example {record_text(record, 'id')})")
     ids = np.asarray(full, np.int32)
     targets = np.append(ids[1:], 0).astype(np.int32)
     loss_mask = np.zeros(len(ids), np.float32)

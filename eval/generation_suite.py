@@ -13,15 +13,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from data.sft import record_text
 from eval.metrics import METRICS, aggregate
 from eval.suites import Suite
 
 Completion = tuple[int, str] | None  # (prompt tokens, reply text), or None: the prompt cannot fit
-
-
-def _text(record, key: str) -> str:
-    value = record.get(key, "")
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value or "")
 
 
 def run_suite(records: list, suite: Suite, complete: Callable[[list, Suite], list[Completion]]) -> dict:
@@ -35,8 +31,13 @@ def run_suite(records: list, suite: Suite, complete: Callable[[list, Suite], lis
             dropped += 1
             continue
         prompt_tokens, reply = completion
-        reference = _text(record, "answer")
-        row = {"id": _text(record, "id"), "prompt_tokens": prompt_tokens, "prediction": reply, "reference": reference}
+        reference = record_text(record, "answer")
+        row = {
+            "id": record_text(record, "id"),
+            "prompt_tokens": prompt_tokens,
+            "prediction": reply,
+            "reference": reference,
+        }
         try:
             if not reference.strip():
                 raise ValueError("empty reference")
