@@ -50,7 +50,7 @@ def _flag_value(value) -> str:
     return str(value)
 
 
-def _schema_keys() -> set[str]:
+def schema_keys() -> set[str]:
     """Every key of configs/base.py (plain values: importing it imports no lora_jax)."""
     sys.path.insert(0, ROOT)
     from configs import base
@@ -77,7 +77,7 @@ def load(spec: str) -> list[Run]:
         raw = module.get_sweep(arg or None)
     except Exception as e:  # noqa: BLE001 — whatever the sweep file raised, as one line
         raise SweepError(f"--sweep={spec}: {type(e).__name__}: {e}") from None
-    schema, runs, seen = _schema_keys(), [], {}
+    schema, runs, seen = schema_keys(), [], {}
     for i, r in enumerate(raw):
         where = f"--sweep={spec}: run {i} ({r.get('name', '?')})"
         if not r.get("name") or "/" in r["name"]:
