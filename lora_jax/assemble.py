@@ -14,6 +14,8 @@ import jax
 from etils import epath
 from flax import nnx
 
+from lora_jax.adapter_bank import AdapterBank
+from lora_jax.arm_views import ArmViews
 from lora_jax.hf_checkpoint import HFCheckpoint, init_adapters, load_hf_model
 from lora_jax.model import Transformer
 from lora_jax.run_config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options
@@ -22,9 +24,12 @@ from lora_jax.sharding import shard_model
 RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
 
 
-def build_model(config, mesh) -> tuple[Transformer, str]:
-    """The model (base weights + fresh adapters) on `mesh`, and a fingerprint of its base. Writes nothing."""
-    spec, opts = lora_spec(config), runtime_options(config)
+def build_model(config, mesh, lora=None) -> tuple[Transformer, str]:
+    """The model (base weights + fresh adapters) on `mesh`, and a fingerprint of its base. Writes nothing.
+
+    lora: the config's own LoraSpec by default; an AdapterBank gives a bank model whose adapters are
+    then drawn by `build_bank_model`."""
+    spec, opts = lora or lora_spec(config), runtime_options(config)
     if config.model.hf_dir:
         ckpt = HFCheckpoint(config.model.hf_dir)
         check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
@@ -37,6 +42,18 @@ def build_model(config, mesh) -> tuple[Transformer, str]:
         init_adapters(model, config.train.seed)
         fingerprint = "random-" + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
     return model, fingerprint
+
+
+def build_bank_model(configs: list, names: list[str], mesh) -> tuple[Transformer, str, ArmViews]:
+    """One base with the K arms' adapters (an AdapterBank), each arm's fresh adapters exactly those
+    its own run would draw; also the arms' views. The arms' configs must agree on everything but the
+    adapters (checked by the caller)."""
+    bank = AdapterBank(tuple(names), tuple(lora_spec(c) for c in configs))
+    model, fingerprint = build_model(configs[0], mesh, lora=bank)
+    views = ArmViews.build(model.config, bank, model.options, mesh)
+    lora = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, views.init_bank_lora(lora, configs[0].train.seed))
+    return model, fingerprint, views
 
 
 def tokenizer_dir(config, workdir: epath.Path) -> str:

@@ -223,7 +223,7 @@ def load_hf_model(
         shape, dtype = var.get_value().shape, var.get_value().dtype
         sharding = variable_sharding(var, mesh)
         if isinstance(var, nnx.LoRAParam):
-            var.set_value(_init_lora(path, shape, seed, sharding, zeros=path[-1] == "lora_b"))
+            var.set_value(init_lora_tensor(path, shape, seed, sharding, zeros=path[-1] == "lora_b"))
             continue
         read = _slice_reader(ckpt, cfg, tuple(str(p) for p in path))
         stacked = path[0] == "layers"
@@ -244,10 +244,10 @@ def init_adapters(model: Transformer, seed: int) -> None:
     load_hf_model, so a seed sweep varies the adapters and the data order, never the base."""
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         value = var.get_value()
-        var.set_value(_init_lora(path, value.shape, seed, value.sharding, zeros=path[-1] == "lora_b"))
+        var.set_value(init_lora_tensor(path, value.shape, seed, value.sharding, zeros=path[-1] == "lora_b"))
 
 
-def _init_lora(path, shape, seed, sharding, zeros):
+def init_lora_tensor(path, shape, seed, sharding, zeros):
     if zeros:
         return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
     key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))

@@ -20,9 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lora_jax import attention as attention_lib
+from lora_jax.adapter_bank import AdapterBank, check_adapter_ids, grouped_delta, row_delta
 from lora_jax.errors import ConfigError
 from lora_jax.lora import LoraSpec, delta_weight, init_lora_a, lora_delta, lora_dropout, lora_matmul
 from lora_jax.model_config import ModelConfig
@@ -67,7 +69,10 @@ def target_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[in
 class Projection(nnx.Module):
     """One frozen kernel stacked over layers, with an optional bias and an optional LoRA adapter."""
 
-    def __init__(self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs):
+    def __init__(
+        self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs, lora_slots=0
+    ):
+        """lora_slots > 0: a bank's adapters, [layers, slots, ...] (see adapter_bank.py)."""
         shape = (num_layers, *in_dims, *out_dims)
         # Base and adapter draws come from one key per projection, so the base weights do not
         # depend on which targets carry adapters (every arm starts from the same base).
@@ -79,10 +84,12 @@ class Projection(nnx.Module):
         # As PEFT: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (step 0 equals the base model).
         self.lora_a = self.lora_b = None
         if lora_rank:
-            a = init_lora_a(jax.random.fold_in(key, 1), (num_layers, *in_dims, lora_rank))
-            b = jnp.zeros((num_layers, lora_rank, *out_dims), jnp.float32)
-            self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=("layers", *in_axes, "lora_rank")))
-            self.lora_b = nnx.data(nnx.LoRAParam(b, logical_axes=("layers", "lora_rank", *out_axes)))
+            slots = (lora_slots,) if lora_slots else ()
+            slot_axes = ("adapters",) if lora_slots else ()
+            a = init_lora_a(jax.random.fold_in(key, 1), (num_layers, *slots, *in_dims, lora_rank))
+            b = jnp.zeros((num_layers, *slots, lora_rank, *out_dims), jnp.float32)
+            self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=("layers", *slot_axes, *in_axes, "lora_rank")))
+            self.lora_b = nnx.data(nnx.LoRAParam(b, logical_axes=("layers", *slot_axes, "lora_rank", *out_axes)))
 
     def arrays(self) -> dict[str, jax.Array]:
         out = {"kernel": self.kernel.get_value()}
@@ -95,16 +102,29 @@ class Projection(nnx.Module):
 class DecoderLayers(nnx.Module):
     """All decoder layers' parameters, stacked."""
 
-    def __init__(self, cfg: ModelConfig, lora: LoraSpec | None, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, lora: LoraSpec | AdapterBank | None, param_dtype, rngs: nnx.Rngs):
         n = cfg.num_layers
         ones = jnp.ones((n, cfg.hidden_size), param_dtype)
         self.attn_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
         self.mlp_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
         for name, (in_dims, out_dims, in_axes, out_axes) in target_shapes(cfg).items():
-            rank = lora.rank_for(name) if lora and name in lora.targets else 0
+            slots = 0
+            if isinstance(lora, AdapterBank):
+                rank, slots = lora.rank(name), len(lora.members(name))
+            else:
+                rank = lora.rank_for(name) if lora and name in lora.targets else 0
             bias = cfg.qkv_bias and name == "qkv"
             proj = Projection(
-                n, in_dims, out_dims, in_axes, out_axes, bias=bias, lora_rank=rank, param_dtype=param_dtype, rngs=rngs
+                n,
+                in_dims,
+                out_dims,
+                in_axes,
+                out_axes,
+                bias=bias,
+                lora_rank=rank,
+                param_dtype=param_dtype,
+                rngs=rngs,
+                lora_slots=slots,
             )
             setattr(self, name, proj)
 
@@ -126,12 +146,17 @@ def rms_norm(x, weight, eps):
 class Transformer(nnx.Module):
     """Decoder-only LM. `__call__` gives float32 logits; `hidden_states` the final normed activations."""
 
-    def __init__(self, cfg: ModelConfig, lora: LoraSpec | None = None, options=RuntimeOptions(), *, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, lora: LoraSpec | AdapterBank | None = None, options=RuntimeOptions(), *, rngs: nnx.Rngs
+    ):
+        """lora: one adapter (LoraSpec), K adapters over this one base (AdapterBank), or none."""
         self.config = cfg
         self.lora = lora
         self.options = options
         self.merged = False  # True after merge_lora: adapters are folded into the kernels
-        if lora is not None and lora.layers and lora.layers[-1] >= cfg.num_layers:
+        if isinstance(lora, AdapterBank):
+            lora.check_layers(cfg.num_layers)
+        elif lora is not None and lora.layers and lora.layers[-1] >= cfg.num_layers:
             raise ConfigError(f"lora.layers={lora.layers}: the model has layers 0..{cfg.num_layers - 1}")
         pdt = options.param_dtype
         emb = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02
@@ -162,15 +187,25 @@ class Transformer(nnx.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None, *, cache=None, dropout_key=None):
+    def hidden_states(
+        self, tokens, positions=None, segment_ids=None, *, cache=None, dropout_key=None, adapter_ids=None
+    ):
         """tokens/positions/segment_ids: [batch, time] int32 -> (hidden [batch, time, embed], new cache).
 
         Without a cache the keys are the tokens themselves (training, scoring). With a cache (see
         `decode.init_cache`) the tokens' k/v are written at `cache["index"]` and queries attend to
-        every filled slot.
+        every filled slot. With an AdapterBank: `adapter_ids` [batch] picks each row's adapter (-1 =
+        the base); without them the rows are grouped, row b*K + k for arm k (see adapter_bank.py).
         """
         cfg, opts = self.config, self.options
         b, t = tokens.shape
+        bank = self.lora if isinstance(self.lora, AdapterBank) else None
+        if adapter_ids is not None and bank is None:
+            raise ConfigError("adapter_ids need a model with an adapter bank (several adapters)")
+        if bank is not None and adapter_ids is None and b % bank.num_arms:
+            raise ConfigError(f"{b} rows cannot be grouped over the bank's {bank.num_arms} adapters")
+        if isinstance(adapter_ids, (list, tuple, np.ndarray)):  # concrete: checked here (traced: by the caller)
+            adapter_ids = jnp.asarray(check_adapter_ids(adapter_ids, bank.num_arms, b))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
@@ -203,6 +238,7 @@ class Transformer(nnx.Module):
             cache=cache,
             dropout_key=dropout_key,
             fused_lora_matmul=opts.fused_lora_matmul,
+            adapter_ids=adapter_ids,
         )
         params = self.layers.arrays()
         xs = {"params": params, "layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
@@ -250,6 +286,7 @@ class _LayerContext:
     cache: dict | None
     dropout_key: jax.Array | None
     fused_lora_matmul: bool = True
+    adapter_ids: jax.Array | None = None  # an AdapterBank's per-row adapter (None = grouped rows)
 
 
 def _fusing_pays(x, w, n_in: int) -> bool:
@@ -269,10 +306,27 @@ def _layer_scale(spec: LoraSpec, target: str, layer):
     return scale * jnp.isin(jnp.asarray(layer), jnp.asarray(spec.layers)).astype(jnp.float32)
 
 
+def _bank_delta(x, p, target: str, ctx: _LayerContext, layer):
+    """The bank's adapter deltas for `target` (see adapter_bank.py): grouped rows, or per-row ids."""
+    bank = ctx.lora
+    scale = jnp.asarray(bank.scale_table(target, ctx.cfg.num_layers))[layer]  # [slots]
+    x = lora_dropout(x, bank.dropout, ctx.dropout_key, layer, target)
+    if ctx.adapter_ids is None:
+        return grouped_delta(x, p["lora_a"], p["lora_b"], scale, bank.members(target), bank.num_arms)
+    arm = jnp.maximum(ctx.adapter_ids, 0)
+    slots = jnp.where(ctx.adapter_ids >= 0, jnp.asarray(bank.slot_table(target))[arm], -1)
+    return row_delta(x, p["lora_a"], p["lora_b"], scale, slots)
+
+
 def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     """Frozen kernel (+ bias) + LoRA delta. x: [..., *in_dims] -> [..., *out_dims] in compute dtype."""
     cdt = ctx.compute_dtype
     w = p["kernel"].astype(cdt)
+    if isinstance(ctx.lora, AdapterBank):
+        y = jnp.tensordot(x, w, axes=n_in, preferred_element_type=jnp.float32).astype(cdt)
+        if "lora_a" in p:
+            y = y + _bank_delta(x, p, target, ctx, layer).astype(cdt)
+        return y + p["bias"].astype(cdt) if "bias" in p else y
     has_lora = ctx.lora is not None and "lora_a" in p
     no_dropout = ctx.lora is not None and (ctx.lora.dropout == 0.0 or ctx.dropout_key is None)
     scale = _layer_scale(ctx.lora, target, layer) if has_lora else None
@@ -337,6 +391,8 @@ def make_layer_fn(ctx: _LayerContext):
 
 def _fold_lora(model: Transformer, sign: float) -> None:
     spec = model.lora
+    if isinstance(spec, AdapterBank):
+        raise ConfigError("a bank of adapters cannot be merged into one base; merge one arm's view (arm_model)")
     for target in spec.targets if spec else ():
         proj = getattr(model.layers, target)
         a, b, w = proj.lora_a.get_value(), proj.lora_b.get_value(), proj.kernel.get_value()

@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "gate_up": None,
     "mlp": "tensor",
     "lora_rank": None,
+    "adapters": None,  # an adapter bank's slot axis (adapter_bank.py): every device holds every arm
     # Activations: rows over the data-parallel axes (FSDP shards rows too), heads and the MLP
     # intermediate over "tensor"; the sequence and the residual width stay whole.
     "act_batch": ("data", "fsdp"),

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lora_jax.adapter_bank import AdapterBank
+from lora_jax.arm_views import arm_grad_norms, clip_by_arm_global_norm
 from lora_jax.lora import dropout_key, row_dropout_keys
 from lora_jax.loss import chunked_cross_entropy
 from lora_jax.sharding import under_mesh
@@ -30,22 +32,47 @@ class StepOptions:
     use_dropout: bool = False
 
 
-def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_clip_norm):
-    """AdamW with linear warmup + cosine decay, after global-norm clipping. Returns (tx, schedule)."""
+def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_clip_norm, bank=None):
+    """AdamW with linear warmup + cosine decay, after global-norm clipping. Returns (tx, schedule).
+
+    With an AdapterBank each arm is clipped by its own norm; AdamW is elementwise, so every arm is
+    updated exactly as its own optimizer would update it."""
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps, decay_steps=max(total_steps, 1)
     )
-    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm and grad_clip_norm > 0 else []
+    parts = []
+    if grad_clip_norm and grad_clip_norm > 0:
+        if bank is None:
+            parts.append(optax.clip_by_global_norm(grad_clip_norm))
+        else:
+            parts.append(clip_by_arm_global_norm(grad_clip_norm, bank))
     parts.append(optax.adamw(schedule, weight_decay=weight_decay))
     return optax.chain(*parts), schedule
 
 
 def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
-    """(sum of nll * mask, sum of mask) of one (micro-)batch."""
+    """(sum of nll * mask, sum of mask) of one (micro-)batch; with an adapter bank the nll sum is
+    per arm, [K]: every row runs through every arm (grouped rows, see adapter_bank.py)."""
     model = nnx.merge(graphdef, lora, frozen)
+    if isinstance(model.lora, AdapterBank):
+        return _bank_loss_sums(model, batch, chunk, key)
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
     return chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk)
+
+
+def _bank_loss_sums(model, batch, chunk, key):
+    k = model.lora.num_arms
+    b, t = batch["tokens"].shape
+    rows = jnp.arange(b * k) // k  # row b*K + arm reads input row b
+    if key is not None and key.ndim == 1:  # per-row dropout keys: arm k's row b gets row b's key, as alone
+        key = key[rows]
+    tokens, positions, segments = (jnp.repeat(batch[n], k, axis=0) for n in ("tokens", "positions", "segment_ids"))
+    hidden, _ = model.hidden_states(tokens, positions, segments, dropout_key=key)
+    hidden = hidden.reshape((b, k) + hidden.shape[1:])
+    w, targets, mask = model.lm_head_kernel(), batch["targets"], batch["loss_mask"]
+    nll = jnp.stack([chunked_cross_entropy(hidden[:, a], w, targets, mask, chunk)[0] for a in range(k)])
+    return nll, jnp.sum(mask.astype(jnp.float32))
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -53,15 +80,20 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return {k: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, schedule, mesh=None):
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, schedule, mesh=None, bank=None):
     """(lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics). Jit it with shardings.
 
-    With `mesh`, activations inside are pinned to their logical shardings (`sharding.constrain`)."""
+    With `mesh`, activations inside are pinned to their logical shardings (`sharding.constrain`).
+    With an AdapterBank the K arms train on the same batch; "loss" and "grad_norm" are then [K]. The
+    gradient of the summed loss is each arm's own (its adapters touch only its rows), and every arm's
+    loss is divided by the same token count, so each arm's update is the one its own run makes."""
 
     def step_fn(lora, opt_state, frozen, batch, step):
-        grad_fn = jax.value_and_grad(
-            lambda lo, mb, k: batch_loss_sums(graphdef, lo, frozen, mb, opts.loss_chunk_tokens, k), has_aux=True
-        )
+        def loss(lo, mb, k):
+            nll, n = batch_loss_sums(graphdef, lo, frozen, mb, opts.loss_chunk_tokens, k)
+            return jnp.sum(nll), (nll, n)
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
         batch = dict(batch)
         if opts.use_dropout:  # per-row keys travel with their rows into the micro-batches
             batch["dropout_keys"] = row_dropout_keys(dropout_key(opts.seed, step), batch["tokens"].shape[0])
@@ -69,11 +101,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
 
         def accumulate(carry, mb):
             grads_sum, nll_sum, count = carry
-            (nll, n), grads = grad_fn(lora, mb, mb.get("dropout_keys"))
+            (_, (nll, n)), grads = grad_fn(lora, mb, mb.get("dropout_keys"))
             return (jax.tree.map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, lora)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        nll_shape = (bank.num_arms,) if bank is not None else ()
+        init = (zeros, jnp.zeros(nll_shape, jnp.float32), jnp.zeros((), jnp.float32))
         (grads, nll, count), _ = jax.lax.scan(accumulate, init, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -81,7 +114,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         lora = optax.apply_updates(lora, updates)
         metrics = {
             "loss": nll / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.global_norm(grads) if bank is None else arm_grad_norms(grads, bank),
             "learning_rate": schedule(step),
             "target_tokens": count,
             "real_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),  # not padding

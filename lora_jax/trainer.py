@@ -11,6 +11,7 @@ import optax
 from etils import epath
 from flax import nnx
 
+from lora_jax.adapter_bank import AdapterBank
 from lora_jax.errors import WorkdirError
 from lora_jax.model import Transformer
 from lora_jax.peft_io import export_peft
@@ -60,11 +61,13 @@ class Trainer:
 
 
 def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -> Trainer:
-    """Splits the model into LoRA / frozen states and jits the steps with explicit shardings on `mesh`."""
+    """Splits the model into LoRA / frozen states and jits the steps with explicit shardings on `mesh`.
+    A model with an AdapterBank trains its K arms jointly (metrics "loss", "grad_norm" are then [K])."""
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    bank = model.lora if isinstance(model.lora, AdapterBank) else None  # K arms trained jointly
     o = config.optim
     tx, schedule = make_optimizer(
-        o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm
+        o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm, bank
     )
     # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
     # replicated — left to itself it lands on one device and clashes in jit ("incompatible devices").
@@ -83,7 +86,7 @@ def build_trainer(model: Transformer, config: ml_collections.ConfigDict, mesh) -
     shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(graphdef, tx, step_opts, schedule, mesh),
+        make_train_step(graphdef, tx, step_opts, schedule, mesh, bank),
         in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
         out_shardings=(lora_sh, opt_sh, None),
         donate_argnums=(0, 1),

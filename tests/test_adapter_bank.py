@@ -1,0 +1,132 @@
+"""Many adapters over one frozen base: K arms trained jointly equal K separate runs; per-row adapters
+in one decoding batch equal each adapter decoding alone; bad ids and mixed bases are refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from data import samples
+from data.pipeline import PackedBatchIterator
+from data.prepare import data_sources
+from data.sft import SFTOptions
+from data.tokenizer import Tokenizer
+from lora_jax import train
+from lora_jax.adapter_bank import AdapterBank, grouped_delta, row_delta
+from lora_jax.assemble import build_bank_model
+from lora_jax.errors import ConfigError
+from lora_jax.lora import LoraSpec, lora_delta
+from lora_jax.sharding import make_mesh
+
+ARMS = ("oproj", "qkv_fc1", "all")
+
+
+def arm_config(arm, **changes):
+    config = base.arm_config("medreason", arm, "runlocal")
+    config.lora.param_budget = 6000  # a different rank per arm: the bank pads, each arm keeps its own
+    config.optim.grad_clip_norm = 0.05  # small: clipping (per arm) acts in every step
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bank")
+    tok = Tokenizer(samples.write_tiny_tokenizer(tmp / "tok"))
+    src = data_sources("medreason", samples.write_sample_manual_dir("medreason", tmp / "m"), str(tmp / "tfds"))
+    it = PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=256), 8, seed=0, num_threads=0)
+    return [next(it) for _ in range(2)]
+
+
+def one_device():
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def train_steps(trainer, batches):
+    lora, opt, losses = trainer.lora, trainer.opt_state, []
+    for step, batch in enumerate(batches):
+        lora, opt, metrics = trainer.train_step(
+            lora, opt, trainer.frozen, train.global_batch(batch, trainer.batch_sharding), step
+        )
+        losses.append(np.asarray(metrics["loss"]))
+    return np.stack(losses), lora, opt
+
+
+def separate_run(config, mesh, batches):
+    model, _ = train.build_model(config, mesh)
+    return train_steps(train.build_trainer(model, config, mesh), batches)
+
+
+def joint_run(configs, arms, mesh, batches):
+    model, _, views = build_bank_model(configs, list(arms), mesh)
+    losses, lora, opt = train_steps(train.build_trainer(model, configs[0], mesh), batches)
+    return losses, lora, opt, views
+
+
+@pytest.fixture(scope="module")
+def joint_one_device(batches):
+    configs = [arm_config(a, **{"lora.dropout": 0.1}) for a in ARMS]
+    return configs, joint_run(configs, ARMS, one_device(), batches)
+
+
+def test_joint_training_equals_separate_runs_one_device(batches, joint_one_device):
+    configs, (joint_losses, lora, opt, views) = joint_one_device
+    ranks = [train.lora_spec(c).rank for c in configs]
+    assert len(set(ranks)) == len(ARMS), ranks  # the padding path is exercised
+    check_equal_to_separate_runs(configs, one_device(), batches, joint_losses, views.split(lora, opt))
+
+
+def test_joint_training_equals_separate_runs_8_devices(batches):
+    arms, mesh = ("oproj", "all"), make_mesh((2, 4, 1))
+    configs = [arm_config(a) for a in arms]  # runlocal's dropout 0.05
+    joint_losses, lora, opt, views = joint_run(configs, arms, mesh, batches)
+    check_equal_to_separate_runs(configs, mesh, batches, joint_losses, views.split(lora, opt))
+
+
+def check_equal_to_separate_runs(configs, mesh, batches, joint_losses, arm_states):
+    for k, config in enumerate(configs):
+        losses, lora, opt = separate_run(config, mesh, batches)
+        np.testing.assert_allclose(joint_losses[:, k], losses, rtol=1e-5, atol=1e-6)
+        joint_lora, joint_opt = arm_states[k]
+        for x, y in zip(jax.tree.leaves((lora, opt)), jax.tree.leaves((joint_lora, joint_opt))):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-5)
+        assert jax.tree.structure(opt) == jax.tree.structure(joint_opt)  # a separate run could resume it
+
+
+def test_stack_of_split_is_identity(joint_one_device):
+    _, (_, lora, opt, views) = joint_one_device
+    back_lora, back_opt = views.stack(lora, opt, views.split(lora, opt))
+    for x, y in zip(jax.tree.leaves((lora, opt)), jax.tree.leaves((back_lora, back_opt))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bank_deltas_equal_single_adapter_math():
+    rng = np.random.default_rng(0)
+    k, rows, t, din, r, dout = 3, 2, 5, 6, 4, 7
+    x = jnp.asarray(rng.normal(size=(rows * k, t, din)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(2, din, r)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, r, dout)), jnp.float32)
+    scale = jnp.asarray([0.5, 2.0])
+    members = (0, 2)  # arm 1 does not carry this target
+    out = np.asarray(grouped_delta(x, a, b, scale, members, k)).reshape(rows, k, t, dout)
+    xs = np.asarray(x).reshape(rows, k, t, din)
+    for slot, arm in enumerate(members):
+        np.testing.assert_allclose(out[:, arm], lora_delta(xs[:, arm], a[slot], b[slot], scale[slot]), rtol=1e-5)
+    np.testing.assert_array_equal(out[:, 1], 0.0)
+    slots = jnp.asarray([1, -1, 0, 1, 0, -1])
+    out = np.asarray(row_delta(x, a, b, scale, slots))
+    for row, slot in enumerate(np.asarray(slots)):
+        want = 0.0 if slot < 0 else lora_delta(x[row], a[slot], b[slot], scale[slot])
+        np.testing.assert_allclose(out[row], want, rtol=1e-5, atol=1e-6)
+
+
+def test_bank_refuses_mixed_dropout_and_bad_layers():
+    with pytest.raises(ConfigError, match="share lora.dropout"):
+        AdapterBank(("a", "b"), (LoraSpec(("o_proj",), dropout=0.1), LoraSpec(("fc2",), dropout=0.0)))
+    with pytest.raises(ConfigError, match="distinct"):
+        AdapterBank(("a", "a"), (LoraSpec(("o_proj",)), LoraSpec(("fc2",))))
