@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax.adapter_bank import AdapterBank, check_adapter_ids
 from lora_jax.decode import init_cache
 from lora_jax.errors import ConfigError
 from lora_jax.model import Transformer
@@ -87,12 +88,12 @@ def sample(logits: jax.Array, key: jax.Array, opts: GenerationOptions) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _last_logits(model: Transformer, tokens, positions, segment_ids, cache):
-    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache)
+def _last_logits(model: Transformer, tokens, positions, segment_ids, cache, adapter_ids=None):
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids)
     return model.logits_from_hidden(h[:, -1:])[:, 0], cache
 
 
-def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions):
+def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions, adapter_ids=None):
     b, t = tokens.shape
     mask = mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -103,11 +104,11 @@ def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions):
     if t % chunk:
         raise ConfigError(f"prompt length {t} must be a multiple of prefill_chunk={chunk} (left-pad it)")
     if chunk == t:
-        logits, cache = _last_logits(model, tokens, positions, mask, cache)
+        logits, cache = _last_logits(model, tokens, positions, mask, cache, adapter_ids)
     else:
 
         def prefill(carry, xs):
-            return _last_logits(model, *xs, carry[1]), None
+            return _last_logits(model, *xs, carry[1], adapter_ids), None
 
         blocks = [jnp.moveaxis(x.reshape(b, t // chunk, chunk), 1, 0) for x in (tokens, positions, mask)]
         init = (jnp.zeros((b, model.config.vocab_size), jnp.float32), cache)
@@ -123,7 +124,7 @@ def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions):
         tok = jnp.where(done, 0, sample(logits, jax.random.fold_in(key, i), opts))
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, stop)
-        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache, adapter_ids)
         return i + 1, logits, cache, pos + 1, done, out
 
     out = jnp.zeros((b, opts.max_new_tokens), jnp.int32)
@@ -137,8 +138,8 @@ def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions):
 
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, opts: GenerationOptions, mesh):
-    def run(state, tokens, mask, key):
-        return _generate(nnx.merge(graphdef, state), tokens, mask, key, opts)
+    def run(state, tokens, mask, key, adapter_ids):
+        return _generate(nnx.merge(graphdef, state), tokens, mask, key, opts, adapter_ids)
 
     if mesh is None:
         return jax.jit(run)
@@ -148,17 +149,31 @@ def _compiled(graphdef, opts: GenerationOptions, mesh):
     return jax.jit(under_mesh(run, mesh), out_shardings=(replicated, replicated))
 
 
-def generate(model: Transformer, tokens, mask, opts: GenerationOptions, seed: int = 0, mesh=None):
+def generate(model: Transformer, tokens, mask, opts: GenerationOptions, seed: int = 0, mesh=None, adapter_ids=None):
     """tokens, mask: [batch, prompt_len] (left-padded: mask 0 on padding). Returns (ids [batch,
     max_new_tokens] (0 after a row stopped), lengths [batch]: tokens per row up to and including its
-    stop id). Jitted once per (model structure, options, shapes); `mesh` pins the cache's sharding."""
+    stop id). Jitted once per (model structure, options, shapes); `mesh` pins the cache's sharding.
+    A model with an AdapterBank needs `adapter_ids` [batch]: each row's adapter, -1 = the base."""
     tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
     check_request(model, tokens.shape[1], opts)
     if bool(jnp.any(jnp.sum(mask, axis=1) == 0)):
         raise ConfigError("empty prompt: every row needs at least one prompt token")
+    adapter_ids = check_row_adapters(model, adapter_ids, tokens.shape[0])
     graphdef, state = nnx.split(model)
-    out, lengths = _compiled(graphdef, opts, mesh)(state, tokens, mask, jax.random.key(seed))
+    out, lengths = _compiled(graphdef, opts, mesh)(state, tokens, mask, jax.random.key(seed), adapter_ids)
     return np.asarray(out), np.asarray(lengths)
+
+
+def check_row_adapters(model: Transformer, adapter_ids, rows: int):
+    """Per-row adapter ids for a bank model (checked: one per row, each in [-1, K)); None otherwise."""
+    bank = model.lora if isinstance(model.lora, AdapterBank) else None
+    if bank is None:
+        if adapter_ids is not None:
+            raise ConfigError("adapter_ids need a model with an adapter bank (several adapters)")
+        return None
+    if adapter_ids is None:
+        raise ConfigError(f"a model with {bank.num_arms} adapters needs adapter_ids: one adapter (or -1) per row")
+    return jnp.asarray(check_adapter_ids(adapter_ids, bank.num_arms, rows))
 
 
 class Stepper:
@@ -167,8 +182,11 @@ class Stepper:
     `prefill(tokens, mask)` -> first ids [batch]; then each `step()` -> next ids [batch]. Both are
     jitted once; the cache stays on device between calls. Greedy or sampled as `opts` says."""
 
-    def __init__(self, model: Transformer, opts: GenerationOptions, batch: int, prompt_len: int, seed: int = 0):
+    def __init__(
+        self, model: Transformer, opts: GenerationOptions, batch: int, prompt_len: int, seed: int = 0, adapter_ids=None
+    ):
         check_request(model, prompt_len, opts)
+        self.adapter_ids = check_row_adapters(model, adapter_ids, batch)
         self.graphdef, self.params = nnx.split(model)
         self.opts, self.key = opts, jax.random.key(seed)
         dtype = CACHE_DTYPES.get(opts.cache_dtype)
@@ -176,26 +194,30 @@ class Stepper:
         self._prefill = jax.jit(self._prefill_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
 
-    def _prefill_fn(self, params, cache, tokens, mask, key):
+    def _prefill_fn(self, params, cache, tokens, mask, key, ids):
         model = nnx.merge(self.graphdef, params)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits, cache = _last_logits(model, tokens, positions, mask, cache)
+        logits, cache = _last_logits(model, tokens, positions, mask, cache, ids)
         tok = sample(logits, jax.random.fold_in(key, 0), self.opts)
         return tok, cache, positions[:, -1] + 1
 
-    def _step_fn(self, params, cache, tok, pos, i, key):
+    def _step_fn(self, params, cache, tok, pos, i, key, ids):
         model = nnx.merge(self.graphdef, params)
-        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache)
+        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache, ids)
         return sample(logits, jax.random.fold_in(key, i), self.opts), cache, pos + 1
 
     def prefill(self, tokens, mask) -> jax.Array:
         tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-        self.tok, self.cache, self.pos = self._prefill(self.params, self.cache0, tokens, mask, self.key)
+        self.tok, self.cache, self.pos = self._prefill(
+            self.params, self.cache0, tokens, mask, self.key, self.adapter_ids
+        )
         self.i = 1
         return self.tok
 
     def step(self) -> jax.Array:
-        self.tok, self.cache, self.pos = self._step(self.params, self.cache, self.tok, self.pos, self.i, self.key)
+        self.tok, self.cache, self.pos = self._step(
+            self.params, self.cache, self.tok, self.pos, self.i, self.key, self.adapter_ids
+        )
         self.i += 1
         return self.tok
 
@@ -229,18 +251,25 @@ def complete(
     seed: int = 0,
     mesh=None,
     pad_multiple: int = 1,
+    adapter_ids: Sequence[int] | None = None,
 ) -> list[str]:
     """Prompt ids (e.g. the chat template's generation prompt, as training renders it) -> completions:
     the decoded text before the first stop id and before the first stop string. Prompts are padded to
-    a multiple of `pad_multiple` (and of prefill_chunk) so that few prompt lengths need a compile."""
+    a multiple of `pad_multiple` (and of prefill_chunk) so that few prompt lengths need a compile.
+    With a bank model, `adapter_ids` gives each prompt's adapter (-1 = the base)."""
     texts = []
     multiple = math.lcm(max(opts.prefill_chunk, 1), max(pad_multiple, 1))
     room = model.config.max_position_embeddings - opts.max_new_tokens
     for start in range(0, len(prompts), batch_size):
         group = list(prompts[start : start + batch_size])
-        group += [group[-1]] * (batch_size - len(group))  # one compiled shape for every batch
+        fill = batch_size - len(group)
+        group += [group[-1]] * fill  # one compiled shape for every batch
+        ids = None
+        if adapter_ids is not None:
+            ids = list(adapter_ids[start : start + batch_size])
+            ids += [ids[-1]] * fill
         tokens, mask = left_pad(group, multiple, max_length=room)
-        out, lengths = generate(model, tokens, mask, opts, seed=seed + start, mesh=mesh)
+        out, lengths = generate(model, tokens, mask, opts, seed=seed + start, mesh=mesh, adapter_ids=ids)
         for row in range(min(batch_size, len(prompts) - start)):
             ids = [int(i) for i in out[row, : lengths[row]]]
             if ids and ids[-1] in opts.stop_ids:

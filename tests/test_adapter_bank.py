@@ -17,7 +17,9 @@ from lora_jax import train
 from lora_jax.adapter_bank import AdapterBank, grouped_delta, row_delta
 from lora_jax.assemble import build_bank_model
 from lora_jax.errors import ConfigError
+from lora_jax.generate import GenerationOptions, generate, left_pad
 from lora_jax.lora import LoraSpec, lora_delta
+from lora_jax.model import Transformer
 from lora_jax.sharding import make_mesh
 
 ARMS = ("oproj", "qkv_fc1", "all")
@@ -130,3 +132,49 @@ def test_bank_refuses_mixed_dropout_and_bad_layers():
         AdapterBank(("a", "b"), (LoraSpec(("o_proj",), dropout=0.1), LoraSpec(("fc2",), dropout=0.0)))
     with pytest.raises(ConfigError, match="distinct"):
         AdapterBank(("a", "a"), (LoraSpec(("o_proj",)), LoraSpec(("fc2",))))
+
+
+@pytest.fixture(scope="module")
+def served_bank():
+    """A bank of the three arms with random (non-zero) B, and each arm alone over the same base."""
+    configs = [arm_config(a) for a in ARMS]
+    model, _, views = build_bank_model(configs, list(ARMS), one_device())
+    _, bank_lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    arm_loras = []
+    for k, template in enumerate(views.templates):
+        keys = iter(jax.random.split(jax.random.key(k), 64))
+        arm_loras.append(jax.tree.map(lambda s: 0.3 * jax.random.normal(next(keys), s.shape, s.dtype), template))
+    nnx.update(model, views.stack_lora(bank_lora, arm_loras))
+    singles = [views.arm_model(k, arm_loras[k], frozen) for k in range(len(ARMS))]
+    base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
+    nnx.update(base, frozen)
+    return model, singles, base
+
+
+def test_multi_adapter_decoding_equals_each_adapter_alone(served_bank):
+    model, singles, base = served_bank
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, model.config.vocab_size, size=n)) for n in (5, 9, 7, 12, 3)]
+    tokens, mask = left_pad(prompts)
+    ids = [2, 0, -1, 1, 2]  # three adapters and a base row in one batch
+    opts = GenerationOptions(max_new_tokens=8)
+    out, lengths = generate(model, tokens, mask, opts, adapter_ids=ids)
+    alone = {k: generate(m, tokens, mask, opts)[0] for k, m in enumerate(singles)}
+    alone[-1] = generate(base, tokens, mask, opts)[0]
+    for row, k in enumerate(ids):
+        np.testing.assert_array_equal(out[row], alone[k][row], err_msg=f"row {row} (adapter {k})")
+    assert len({tuple(alone[k][0]) for k in alone}) > 2  # the adapters really decode differently
+
+
+def test_bad_adapter_ids_are_refused(served_bank):
+    model, singles, _ = served_bank
+    tokens, mask = left_pad([[5, 6, 7], [8, 9]])
+    opts = GenerationOptions(max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"adapter_ids\[1\]=3 is out of range: the bank has 3 adapters"):
+        generate(model, tokens, mask, opts, adapter_ids=[0, 3])
+    with pytest.raises(ConfigError, match="needs adapter_ids"):
+        generate(model, tokens, mask, opts)
+    with pytest.raises(ConfigError, match="one per row"):
+        generate(model, tokens, mask, opts, adapter_ids=[0])
+    with pytest.raises(ConfigError, match="need a model with an adapter bank"):
+        generate(singles[0], tokens, mask, opts, adapter_ids=[0, 0])
