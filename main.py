@@ -139,6 +139,10 @@ def main(argv):
             from lora_jax import evaluate
 
             evaluate.evaluate(config, workdir)
+        elif config.arms:
+            from lora_jax import train_arms
+
+            train_arms.train_arms(config, workdir)
         else:
             from lora_jax import train
 

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.arm = ""  # arm token of the config file name, e.g. "oproj_fc2" (recorded in checkpoints)
     config.mode = "train"  # "train" | "eval" (score --workdir's latest checkpoint, eval.adapter_dir, or the base)
+    config.arms = ()  # train these arms jointly over one base, e.g. ("oproj", "fc2"): <workdir>/<dataset>_<arm>_s<seed>/ each; () = one arm
 
     config.model = m = ml_collections.ConfigDict()
     m.hf_dir = config_dict.placeholder(str)  # local Hugging Face checkpoint dir; None = random init below

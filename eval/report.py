@@ -115,7 +115,7 @@ def collect(root: str) -> tuple[list[RunResult], list[tuple[str, str]]]:
     results, missing = [], []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if not os.path.isdir(path) or name in ("report",):
+        if not os.path.isdir(path) or name in ("report", "joint"):  # joint: what a joint run's arms share
             continue
         found, why = read_run(path)
         if why:

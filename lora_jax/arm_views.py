@@ -24,16 +24,15 @@ from lora_jax.adapter_bank import AdapterBank
 from lora_jax.hf_checkpoint import init_lora_tensor
 from lora_jax.model import RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig
-from lora_jax.sharding import state_shardings
 
 
-def _names(path) -> tuple[str, ...]:
+def key_names(path) -> tuple[str, ...]:
     return tuple(k.key for k in path if isinstance(k, DictKey))
 
 
 def _target_kind(path) -> tuple[str, str]:
     """('o_proj', 'lora_a') from a LoRA leaf's key path."""
-    names = _names(path)
+    names = key_names(path)
     return names[-2], names[-1]
 
 
@@ -43,35 +42,33 @@ def _is_state(x) -> bool:
 
 @dataclasses.dataclass
 class ArmViews:
-    """The bank's arms as single-adapter models: graphdefs and abstract LoRA states (with shardings)."""
+    """The bank's arms as single-adapter models: graphdefs and abstract LoRA states."""
 
     bank: AdapterBank
     graphdefs: list  # per arm: the graphdef of Transformer(cfg, spec_k)
     templates: list  # per arm: abstract LoRA state (ShapeDtypeStructs in Variables)
-    shardings: list  # per arm: NamedShardings of that state on the mesh
 
     @classmethod
-    def build(cls, cfg: ModelConfig, bank: AdapterBank, options: RuntimeOptions, mesh) -> ArmViews:
-        graphdefs, templates, shardings = [], [], []
+    def build(cls, cfg: ModelConfig, bank: AdapterBank, options: RuntimeOptions) -> ArmViews:
+        graphdefs, templates = [], []
         for spec in bank.specs:
             abstract = nnx.eval_shape(lambda spec=spec: Transformer(cfg, spec, options, rngs=nnx.Rngs(0)))
             graphdef, lora, _ = nnx.split(abstract, nnx.LoRAParam, ...)
             graphdefs.append(graphdef)
             templates.append(lora)
-            shardings.append(state_shardings(lora, mesh))
-        return cls(bank, graphdefs, templates, shardings)
+        return cls(bank, graphdefs, templates)
 
     # -- bank -> arm ---------------------------------------------------------------------------
 
     def arm_lora(self, bank_lora: nnx.State, k: int) -> nnx.State:
         """Arm k's LoRA state sliced out of the bank's (its slot, its own rank)."""
-        leaves = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(bank_lora)[0]}
+        leaves = {key_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(bank_lora)[0]}
         spec = self.bank.specs[k]
 
         def take(path, _):
             target, kind = _target_kind(path)
             slot, r = self.bank.members(target).index(k), spec.rank_for(target)
-            value = leaves[_names(path)][:, slot]
+            value = leaves[key_names(path)][:, slot]
             return value[..., :r] if kind == "lora_a" else value[:, :r]
 
         return jax.tree_util.tree_map_with_path(take, self.templates[k])
@@ -95,13 +92,13 @@ class ArmViews:
 
     def stack_lora(self, bank_lora: nnx.State, arm_loras: list) -> nnx.State:
         """The bank's LoRA state holding each arm's values (padding zero); `bank_lora` gives the layout."""
-        arm_leaves = [{_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(a)[0]} for a in arm_loras]
+        arm_leaves = [{key_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(a)[0]} for a in arm_loras]
 
         def fill(path, leaf):
             target, kind = _target_kind(path)
             out = jnp.zeros(leaf.shape, leaf.dtype)
             for slot, k in enumerate(self.bank.members(target)):
-                value = arm_leaves[k][_names(path)]
+                value = arm_leaves[k][key_names(path)]
                 r = value.shape[-1] if kind == "lora_a" else value.shape[1]
                 out = out.at[:, slot, ..., :r].set(value) if kind == "lora_a" else out.at[:, slot, :r].set(value)
             return out
@@ -129,7 +126,7 @@ class ArmViews:
         for k in range(self.bank.num_arms):
 
             def draw(path, var):
-                names = _names(path)  # the flat-state path its own run's init hashes
+                names = key_names(path)  # the flat-state path its own run's init hashes
                 return init_lora_tensor(names, var.shape, seed, None, zeros=names[-1] == "lora_b")
 
             arms.append(jax.tree_util.tree_map_with_path(draw, self.templates[k]))

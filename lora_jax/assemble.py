@@ -50,7 +50,7 @@ def build_bank_model(configs: list, names: list[str], mesh) -> tuple[Transformer
     adapters (checked by the caller)."""
     bank = AdapterBank(tuple(names), tuple(lora_spec(c) for c in configs))
     model, fingerprint = build_model(configs[0], mesh, lora=bank)
-    views = ArmViews.build(model.config, bank, model.options, mesh)
+    views = ArmViews.build(model.config, bank, model.options)
     lora = nnx.state(model, nnx.LoRAParam)
     nnx.update(model, views.init_bank_lora(lora, configs[0].train.seed))
     return model, fingerprint, views

@@ -48,11 +48,14 @@ def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: int = 0):
+def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: int = 0, num_arms: int = 0):
     """(records, suite) -> [(prompt tokens, reply) or None]: greedy (or the suite's temperature)
     batched decoding of the model `model_fn()` returns, from prompts rendered and cut exactly as
     training renders the generation prompt so that prompt + max_new_tokens fit min(data.max_seq_len,
-    the model's context); None where even the cut prompt cannot fit."""
+    the model's context); None where even the cut prompt cannot fit.
+
+    num_arms = K > 0: `model_fn()` is a bank model and the result is one such list per arm, all
+    decoded in one pass (each prompt once per arm in the same batch, per-row adapter ids)."""
 
     def run(records, suite):
         model = model_fn()
@@ -67,22 +70,29 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
             stop_ids=stop_ids(tok),
             prefill_chunk=suite.prefill_chunk,
         )
-        texts = iter(
+        arms = max(num_arms, 1)
+        rows = [p for p in kept for _ in range(arms)]  # prompt-major: a batch holds the same prompts as alone
+        texts = (
             complete(
                 model,
-                kept,
+                rows,
                 gen,
                 tok.decode,
                 stop_strings=suite.stop,
-                batch_size=suite.batch_size,
+                batch_size=suite.batch_size * arms,
                 seed=seed,
                 mesh=mesh,
                 pad_multiple=PAD_MULTIPLE,
+                adapter_ids=[k for _ in kept for k in range(arms)] if num_arms else None,
             )
             if kept
             else []
         )
-        return [(len(p), next(texts)) if ok else None for p, ok in zip(prompts, fits)]
+        per_arm = []
+        for k in range(arms):
+            replies = iter(texts[k::arms])
+            per_arm.append([(len(p), next(replies)) if ok else None for p, ok in zip(prompts, fits)])
+        return per_arm if num_arms else per_arm[0]
 
     return run
 

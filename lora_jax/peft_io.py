@@ -53,6 +53,9 @@ def _hf_factors(cfg: ModelConfig, target: str, a: np.ndarray, b: np.ndarray) -> 
     return {HF_MODULES[target][0][1]: (a_t, b.reshape(r, -1).T)}
 
 
+BASE_FILE = "lora_jax_base.json"  # beside a PEFT adapter we wrote: {"base_model": the base's fingerprint}
+
+
 def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str = "") -> None:
     """Writes the model's adapters in PEFT format (each file atomically). Call on process 0."""
     spec, cfg = model.lora, model.config

@@ -47,14 +47,15 @@ from lora_jax.trainer import Trainer, build_trainer, export_adapter  # noqa: F40
 
 
 def loss_on_test_split(eval_step, lora, frozen, it, config, batch_sh) -> tuple[float, int]:
-    """(mean token loss, examples whose target tail was cut) over the test split (eval.max_eval_batches)."""
-    totals = np.zeros(2)
+    """(mean token loss, examples whose target tail was cut) over the test split (eval.max_eval_batches).
+    With an adapter bank the loss is per arm, [K]."""
+    nll, count = 0.0, 0.0
     for i, local in enumerate(it):
         if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
             break
         out = eval_step(lora, frozen, global_batch(local, batch_sh, config.eval.batch_size))
-        totals += [float(out["nll_sum"]), float(out["target_tokens"])]
-    return totals[0] / max(totals[1], 1.0), it.truncated_targets
+        nll, count = nll + np.asarray(out["nll_sum"], np.float64), count + float(out["target_tokens"])
+    return nll / max(count, 1.0), it.truncated_targets
 
 
 def metric_writer(workdir: epath.Path):
@@ -97,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metric_writer(workdir)
     n_trainable = sum(accounting.lora_params_per_target(model.config, spec).values())
     if start == 0:
-        writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+        writer.write_hparams({k: str(v) for k, v in flatten(config.to_dict()).items()})
     b, t = config.train.global_batch_size, config.data.max_seq_len
     flops_per_step = accounting.train_flops_per_step(model.config, spec, b, t)
     peak = accounting.measure_matmul_peak()
@@ -106,9 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = periodic_actions.ReportProgress(num_train_steps=config.train.total_steps, writer=writer)
 
     data_counts = dataset_counts(config, workdir)
-    if data_counts and jax.process_index() == 0:
-        writer.write_scalars(0, {f"data/{k}": v for k, v in data_counts.items()})
-        print("data: " + ", ".join(f"{k} {v}" for k, v in data_counts.items()), flush=True)
+    print_data_counts([writer], data_counts)
 
     def eval_loss():
         return loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh)
@@ -173,20 +172,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             evaluate(done)
     store.wait()
     final_step = config.train.total_steps
-    export_adapter(graphdef, lora, frozen, workdir, config.model.hf_dir or "")  # before evaluation: never lost to it
+    export_adapter(
+        graphdef, lora, frozen, workdir, config.model.hf_dir or "", fingerprint
+    )  # before evaluation: never lost to it
     results = evaluate(final_step)
     writer.flush()
+    summary = run_summary(
+        config, spec, model.config, results, history, train_iter.dropped, data_counts, fingerprint, start
+    )
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(workdir, summary)
+    return summary
+
+
+def run_summary(config, spec, model_cfg, results, history, dropped, data_counts, fingerprint, start) -> dict:
+    """A finished run's summary.json: what it scored, trained and was trained on."""
     loss = results.get("loss", {})
-    summary = {
-        "final_step": final_step,
+    return {
+        "final_step": config.train.total_steps,
         "train_loss_history": history,
         "eval_loss": loss.get("eval_loss"),
         "eval_truncated_targets": loss.get("eval_truncated_targets"),
         "eval": {k: v for k, v in results.items() if k != "loss"},
-        "train_dropped_examples": train_iter.dropped,
+        "train_dropped_examples": dropped,
         "data_counts": data_counts,
-        "trainable_params": n_trainable,
-        "peft_equivalent_params": sum(accounting.peft_equivalent_params_per_target(model.config, spec).values()),
+        "trainable_params": sum(accounting.lora_params_per_target(model_cfg, spec).values()),
+        "peft_equivalent_params": sum(accounting.peft_equivalent_params_per_target(model_cfg, spec).values()),
         "arm": config.arm,
         "dataset": config.data.name,
         "seed": config.train.seed,
@@ -195,10 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "base_model": fingerprint,
         "resumed_from": start,
     }
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _print_summary(workdir, summary)
-    return summary
+
+
+def print_data_counts(writers: list, data_counts: dict) -> None:
+    """The dataset builder's drop/keep counts: one console line, and scalars in each writer's run."""
+    if data_counts and jax.process_index() == 0:
+        for writer in writers:
+            writer.write_scalars(0, {f"data/{k}": v for k, v in data_counts.items()})
+        print("data: " + ", ".join(f"{k} {v}" for k, v in data_counts.items()), flush=True)
 
 
 def _print_summary(workdir: epath.Path, summary: dict) -> None:
@@ -228,11 +244,11 @@ def _print_progress(done: int, total: int, scalars: dict) -> None:
     print(line, flush=True)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -4,6 +4,7 @@ steps, and gives the current model for prediction and generation; exports the PE
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import ml_collections
@@ -14,13 +15,16 @@ from flax import nnx
 from lora_jax.adapter_bank import AdapterBank
 from lora_jax.errors import WorkdirError
 from lora_jax.model import Transformer
-from lora_jax.peft_io import export_peft
+from lora_jax.peft_io import BASE_FILE, export_peft
+from lora_jax.safetensors_io import write_text_atomic
 from lora_jax.sharding import batch_sharding
 from lora_jax.train_step import StepOptions, make_eval_step, make_optimizer, make_train_step
 
 
-def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str) -> None:
-    """PEFT adapter to <workdir>/adapter, written to a temporary dir and renamed.
+def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str, base_fingerprint: str = "") -> None:
+    """PEFT adapter to <workdir>/adapter, written to a temporary dir and renamed. With base_fingerprint,
+    also `lora_jax_base.json` (PEFT ignores it): the exact base it was trained on, which serving
+    several adapters in one batch checks (serve_bank.py).
 
     Every process joins the all-gather of the (possibly sharded over hosts) LoRA arrays; process 0
     alone writes."""
@@ -36,6 +40,8 @@ def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str) 
         if tmp.exists():
             tmp.rmtree()
         export_peft(model, str(tmp), base_name)
+        if base_fingerprint:
+            write_text_atomic(tmp / BASE_FILE, json.dumps({"base_model": base_fingerprint}))
         if final.exists():
             old = workdir / "adapter.old"
             final.rename(old)

@@ -1,0 +1,13 @@
+"""cocohd: every study arm of the dataset trained jointly over one base (one job, one copy of the base).
+
+Each arm writes its own run into <workdir>/cocohd_<arm>_s<seed>/ (see lora_jax/train_arms.py).
+"""
+
+from configs import base
+from configs.sweeps.study import STUDY_ARMS
+
+
+def get_config(arg=None):
+    config = base.arm_config("cocohd", "all", arg)  # the arms below replace its targets
+    config.arm, config.arms = "all_arms", STUDY_ARMS["cocohd"]
+    return config

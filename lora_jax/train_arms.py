@@ -1,0 +1,257 @@
+"""Every arm of a dataset in one training job over one copy of the frozen base (`config.arms`).
+
+The K arms are an AdapterBank (adapter_bank.py): one program trains them on the same batches, each
+with its own optimizer state (AdamW is elementwise; clipping is per arm), so arm k's losses and
+adapters are those of its own run with the same config (tests/test_adapter_bank.py). Each arm
+writes what its own run writes, into its own workdir `<workdir>/<dataset>_<arm>_s<seed>/` (the
+sweep's run names): checkpoints (with the arm's own run identity — a separate run of that arm
+could resume them), TensorBoard events, the PEFT adapter, eval/<suite>.json, eval/latency.json and
+summary.json — so the local runner and eval.report read them like any other runs. What the arms
+share (the prepared dataset, the bundled samples) goes to `<workdir>/joint/`.
+
+Resuming restores every arm from the newest step all arms have finished (a kill between two arms'
+saves leaves the others one checkpoint ahead; train.max_to_keep >= 2 keeps the step they share).
+Evaluation decodes every arm in one pass (per-row adapter ids) and scores the test loss of all
+arms in one pass; latency is measured per arm on its own view (base, unmerged, merged).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from configs.base import ARM_TARGETS
+from eval.evaluators import EvalContext, check_evaluators, run_evaluators
+from lora_jax import accounting
+from lora_jax.assemble import build_bank_model, data_iterators, global_batch, open_checkpoint_store, tokenizer_dir
+from lora_jax.checkpointing import all_finite
+from lora_jax.errors import ConfigError, WorkdirError
+from lora_jax.evaluate import completion_fn, latency_fn
+from lora_jax.run_config import check_workdir_writable, lora_spec, validate
+from lora_jax.sharding import make_mesh
+from lora_jax.train import dataset_counts, flatten, loss_on_test_split, metric_writer, print_data_counts, run_summary
+from lora_jax.trainer import build_trainer, export_adapter
+
+SHARED_DIR = "joint"  # <workdir>/joint: what the arms share (prepared data, bundled samples)
+
+
+def arm_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """One config per name in config.arms: the config as given, with that arm's targets (the arm's
+    own run: `configs/<dataset>_<arm>.py` with the same overrides)."""
+    arms = tuple(config.arms)
+    unknown = [a for a in arms if a not in ARM_TARGETS]
+    if unknown:
+        raise ConfigError(f"config.arms has {', '.join(unknown)}; valid arms: {', '.join(ARM_TARGETS)}")
+    if len(set(arms)) != len(arms):
+        raise ConfigError(f"config.arms lists an arm twice: {arms}")
+    if config.mode != "train":
+        raise ConfigError("config.arms trains arms jointly; mode=eval scores one arm: point it at that arm's workdir")
+    if config.train.max_to_keep < 2:
+        raise ConfigError(
+            f"train.max_to_keep={config.train.max_to_keep}: a joint run needs >= 2, so that a kill between two "
+            "arms' saves leaves a step every arm still has"
+        )
+    out = []
+    for arm in arms:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.arm, c.arms, c.lora.targets = arm, (), ARM_TARGETS[arm]
+        validate(c)
+        out.append(c)
+    return out
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+    """The arm's workdir name, as the study sweep names its run."""
+    return f"{config.data.name}_{config.arm}_s{config.train.seed}"
+
+
+def _common_step(stores) -> int:
+    """The newest step every arm has finished (0: start fresh)."""
+    steps = [set(s.manager.all_steps()) for s in stores]
+    if not any(steps):
+        return 0
+    common = set.intersection(*steps)
+    if not common:
+        have = ", ".join(f"{s.dir}: {sorted(x) or 'none'}" for s, x in zip(stores, steps))
+        raise WorkdirError(f"the arms' checkpoints share no step ({have}); resume each arm on its own or start afresh")
+    return max(common)
+
+
+def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains config.arms jointly (resuming), evaluates and exports each arm; returns their summaries."""
+    configs = arm_configs(config)
+    check_evaluators(config)
+    root = epath.Path(workdir)
+    check_workdir_writable(root)
+    names = [c.arm for c in configs]
+    workdirs = [root / run_name(c) for c in configs]
+    shared = root / SHARED_DIR
+    mesh = make_mesh(config.mesh.shape)
+    model, fingerprint, views = build_bank_model(configs, names, mesh)
+    stores = [open_checkpoint_store(c, w, fingerprint) for c, w in zip(configs, workdirs)]
+    trainer = build_trainer(model, config, mesh)
+    lora, frozen, opt_state = trainer.lora, trainer.frozen, trainer.opt_state
+    batch_sh = trainer.batch_sharding
+    data = data_iterators(config, shared, tokenizer_dir(config, shared), model.config.vocab_size, batch_sh)
+    start = _common_step(stores)
+    if start:
+        targets = views.split(lora, opt_state)  # the arms' fresh states give the layout to restore onto
+        restored = [s.restore(start, *targets[k]) for k, s in enumerate(stores)]
+        lora, opt_state = views.stack(lora, opt_state, [(r[0], r[1]) for r in restored])
+        data.train.set_state(restored[0][2])
+        logging.info("resumed %d arms from step %d", len(stores), start)
+
+    writers = [metric_writer(w) for w in workdirs]
+    specs = [lora_spec(c) for c in configs]
+    n_trainable = [sum(accounting.lora_params_per_target(model.config, s).values()) for s in specs]
+    if start == 0:
+        for c, w in zip(configs, writers):
+            w.write_hparams({k: str(v) for k, v in flatten(c.to_dict()).items()})
+    data_counts = dataset_counts(config, shared)
+    print_data_counts(writers, data_counts)
+    b, t = config.train.global_batch_size, config.data.max_seq_len
+    flops = sum(accounting.train_flops_per_step(model.config, s, b, t) for s in specs)
+    peak = accounting.measure_matmul_peak()
+
+    def evaluate(step):
+        """Every arm's evaluators; the test loss and the completions of all arms in one pass each."""
+        cache = {"loss": None, "complete": {}}
+        arm_loras = [x[0] for x in views.split(lora)]
+        bank_model = lambda: nnx.merge(trainer.graphdef, lora, frozen)  # noqa: E731
+        bank_complete = completion_fn(bank_model, data.tokenizer, data.sft_options, mesh, num_arms=len(configs))
+
+        def eval_loss(k):
+            if cache["loss"] is None:
+                cache["loss"] = loss_on_test_split(
+                    trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh
+                )
+            losses, truncated = cache["loss"]
+            return float(losses[k]), truncated
+
+        def complete(k, records, suite):
+            key = (suite.name, len(records))
+            if key not in cache["complete"]:
+                cache["complete"][key] = bank_complete(records, suite)
+            return cache["complete"][key][k]
+
+        results = []
+        for k, (c, w) in enumerate(zip(configs, workdirs)):
+            if jax.process_index() == 0:
+                print(f"arm {c.arm}:", flush=True)
+            final = step == config.train.total_steps
+            adapter = str(w / "adapter") if final else str(w / "checkpoints" / str(step))
+            arm_model = functools.partial(views.arm_model, k, arm_loras[k], frozen)
+            ctx = EvalContext(
+                c,
+                w,
+                writers[k],
+                data.sources,
+                functools.partial(complete, k),
+                functools.partial(eval_loss, k),
+                adapter,
+                "training",
+                latency_fn(arm_model, c, model.config.max_position_embeddings),
+            )
+            results.append(run_evaluators(ctx, step))
+        return results
+
+    history, last = [[] for _ in configs], None
+    timer_start, timed_steps = None, 0
+    for step in range(start, config.train.total_steps):
+        batch = global_batch(next(data.train), batch_sh, b)
+        lora, opt_state, metrics = trainer.train_step(lora, opt_state, frozen, batch, step)
+        done = step + 1
+        if timer_start is None:  # the first step compiles: time from the second on
+            jax.block_until_ready(metrics)
+            timer_start, timed_steps = time.perf_counter(), 0
+        else:
+            timed_steps += 1
+        is_log = done % config.train.log_every_steps == 0 or done == config.train.total_steps
+        is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == config.train.total_steps
+        if is_log or is_ckpt:
+            last = jax.device_get(metrics)
+            bad = [n for n, v in zip(names, last["loss"]) if not np.isfinite(v)]
+            if bad:
+                raise FloatingPointError(
+                    f"non-finite loss of arm(s) {', '.join(bad)} at step {done}; stopping (nothing saved)"
+                )
+        if is_log:
+            step_s = (time.perf_counter() - timer_start) / timed_steps if timed_steps else None
+            for k, w in enumerate(writers):
+                scalars = {
+                    "loss": float(last["loss"][k]),
+                    "grad_norm": float(last["grad_norm"][k]),
+                    "learning_rate": float(last["learning_rate"]),
+                    "trainable_params": n_trainable[k],
+                    "train_dropped_examples": data.train.dropped,
+                }
+                if step_s:  # the joint step: all K arms in one program
+                    scalars.update(
+                        joint_step_s=step_s, joint_mfu=accounting.mfu(flops, step_s, peak, jax.device_count())
+                    )
+                w.write_scalars(done, scalars)
+                history[k].append((done, scalars["loss"]))
+            _print_progress(done, config.train.total_steps, names, last["loss"], step_s)
+        if is_ckpt:
+            if not all_finite(lora):
+                raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
+            data_state = data.train.get_state()
+            for k, (arm_lora, arm_opt) in enumerate(views.split(lora, opt_state)):
+                if done in stores[k].manager.all_steps():  # saved before a kill; the resumed run repeats it exactly
+                    continue
+                meta = {"loss": float(last["loss"][k]), "config": configs[k].to_json()}
+                stores[k].save(done, arm_lora, arm_opt, data_state, meta)
+        if (
+            config.eval.eval_every_steps
+            and done % config.eval.eval_every_steps == 0
+            and done < config.train.total_steps
+        ):
+            evaluate(done)
+    for s in stores:
+        s.wait()
+    final_step = config.train.total_steps
+    for k, (arm_lora, _) in enumerate(views.split(lora)):  # before evaluation: never lost to it
+        export_adapter(views.graphdefs[k], arm_lora, frozen, workdirs[k], config.model.hf_dir or "", fingerprint)
+    results = evaluate(final_step)
+    summaries = []
+    for k, (c, w) in enumerate(zip(configs, workdirs)):
+        writers[k].flush()
+        summary = run_summary(
+            c, specs[k], model.config, results[k], history[k], data.train.dropped, data_counts, fingerprint, start
+        )
+        summary["joint"] = {"arms": names, "workdir": str(root)}
+        summaries.append(summary)
+        if jax.process_index() == 0:
+            (w / "summary.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        shared.mkdir(parents=True, exist_ok=True)
+        (shared / "summary.json").write_text(json.dumps({"arms": names, "runs": [str(w) for w in workdirs]}, indent=2))
+        _print_arms_summary(root, names, workdirs, summaries)
+    return summaries
+
+
+def _print_progress(done: int, total: int, names, losses, step_s) -> None:
+    if jax.process_index() != 0:
+        return
+    arms = "  ".join(f"{n} {float(v):.4f}" for n, v in zip(names, losses))
+    print(f"step {done}/{total}  loss: {arms}" + (f"  ({step_s:.2f} s/step, all arms)" if step_s else ""), flush=True)
+
+
+def _print_arms_summary(root, names, workdirs, summaries) -> None:
+    print(f"done: {len(names)} arms trained jointly in {root}")
+    for name, w, s in zip(names, workdirs, summaries):
+        scores = "".join(
+            f", {r['metric']} {r['score']:.4f}" for r in s["eval"].values() if isinstance(r, dict) and "metric" in r
+        )
+        loss = s["eval_loss"]
+        print(f"  {name:10s} " + (f"eval loss {loss:.4f}" if loss is not None else "") + f"{scores}  -> {w}")
+    print(f"  report       python -m eval.report --root={root}")
+    print(f"  tensorboard  tensorboard --logdir {root}", flush=True)
