@@ -32,8 +32,12 @@ def variants(model: Transformer) -> dict[str, Transformer]:
 class Requests:
     """Timed decode requests of one model: random prompts of `prompt_len`, `new_tokens` new tokens."""
 
-    def __init__(self, model: Transformer, batch: int, prompt_len: int, new_tokens: int, seed: int = 0):
-        self.stepper = Stepper(model, GenerationOptions(max_new_tokens=new_tokens), batch, prompt_len)
+    def __init__(
+        self, model: Transformer, batch: int, prompt_len: int, new_tokens: int, seed: int = 0, adapter_ids=None
+    ):
+        """adapter_ids: a bank model's adapter per row (generate.py)."""
+        opts = GenerationOptions(max_new_tokens=new_tokens)
+        self.stepper = Stepper(model, opts, batch, prompt_len, adapter_ids=adapter_ids)
         rng = np.random.default_rng(seed)
         self.tokens = rng.integers(0, model.config.vocab_size, size=(batch, prompt_len)).astype(np.int32)
         self.mask = np.ones_like(self.tokens)
