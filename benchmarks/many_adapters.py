@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.train_throughput import bench_config, synthetic_batch  # noqa: E402
+from benchmarks.train_throughput import OursStep, bench_config  # noqa: E402
 from configs.base import ARM_TARGETS  # noqa: E402
 from configs.sweeps.study import STUDY_ARMS  # noqa: E402
 from lora_jax import latency, train  # noqa: E402
@@ -39,26 +38,6 @@ from lora_jax.assemble import build_bank_model  # noqa: E402
 from lora_jax.sharding import make_mesh  # noqa: E402
 
 BATCH, SEQ = 4, 512
-
-
-class Stepper:
-    """A jitted train step, compiled on construction; `run(n)` -> median seconds per step."""
-
-    def __init__(self, model, config, mesh):
-        self.t = train.build_trainer(model, config, mesh)
-        self.batch = train.global_batch(synthetic_batch(BATCH, SEQ, config.model.vocab_size), self.t.batch_sharding)
-        self.lora, self.opt, self.i = self.t.lora, self.t.opt_state, 0
-        self.run(1)
-
-    def run(self, steps: int) -> float:
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            self.lora, self.opt, m = self.t.train_step(self.lora, self.opt, self.t.frozen, self.batch, self.i)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-            self.i += 1
-        return statistics.median(times)
 
 
 def nbytes(tree) -> int:
@@ -77,9 +56,9 @@ def configs_for(arms, dtype):
 def bench_training(arms, dtype, steps, rounds, mesh):
     configs = configs_for(arms, dtype)
     bank_model, _, _ = build_bank_model(configs, list(arms), mesh)
-    joint = Stepper(bank_model, configs[0], mesh)
+    joint = OursStep(configs[0], mesh, model=bank_model)
     one_config = configs_for(["all"], dtype)[0]
-    one = Stepper(train.build_model(one_config, mesh)[0], one_config, mesh)
+    one = OursStep(one_config, mesh, model=train.build_model(one_config, mesh)[0])
     joint_s, one_s = [], []
     for _ in range(rounds):
         joint_s.append(joint.run(steps))

@@ -64,16 +64,20 @@ def synthetic_batch(batch, seq_len, vocab, seed=0):
 class OursStep:
     """Our jitted train step on the bench model, compiled once; `run(n)` -> median seconds per step."""
 
-    def __init__(self, config, mesh):
-        model = Transformer(
-            train.random_model_config(config), train.lora_spec(config), train.runtime_options(config), rngs=nnx.Rngs(0)
-        )
-        shard_model(model, mesh)
+    def __init__(self, config, mesh, model=None):
+        """model: the config's own random model by default (benchmarks/many_adapters.py passes a bank)."""
+        if model is None:
+            model = Transformer(
+                train.random_model_config(config),
+                train.lora_spec(config),
+                train.runtime_options(config),
+                rngs=nnx.Rngs(0),
+            )
+            shard_model(model, mesh)
         self.t = train.build_trainer(model, config, mesh)
         b, s = config.train.global_batch_size, config.data.max_seq_len
         self.batch = train.global_batch(synthetic_batch(b, s, config.model.vocab_size), self.t.batch_sharding)
         self.lora, self.opt, self.i = self.t.lora, self.t.opt_state, 0
-        self.flops = accounting.train_flops_per_step(model.config, model.lora, b, s)
         self.run(1)  # compile
 
     def run(self, steps: int) -> float:
@@ -169,7 +173,10 @@ def main():
             before = accounting.measure_matmul_peak()
             runner = OursStep(config, mesh)
             step_s = runner.run(args.steps)
-            tok_s, flops = args.batch * args.seq_len / step_s, runner.flops
+            flops = accounting.train_flops_per_step(
+                train.random_model_config(config), train.lora_spec(config), args.batch, args.seq_len
+            )
+            tok_s = args.batch * args.seq_len / step_s
             peak = max(before, accounting.measure_matmul_peak())
             mfu = flops / step_s / peak
             print(

@@ -1,8 +1,8 @@
 """LoRA targets with the study's names, their hyper-parameters, and the LoRA math as one pure function.
 
 The four targets:  qkv (fused query/key/value), o_proj (attention output), fc1 (fused gate+up),
-fc2 (down). `lora_delta(x, a, b, scale)` is the whole adapter computation; a leading adapter axis
-(several adapters over one frozen base) is a `jax.vmap` of it, with no change to the model.
+fc2 (down). `lora_delta(x, a, b, scale)` is the whole adapter computation of one adapter; several
+adapters over one frozen base (an adapter axis) are adapter_bank.py's batched form of it.
 """
 
 from __future__ import annotations

@@ -122,32 +122,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return run_evaluators(ctx, step)
 
     history, metrics, last = [], None, None
-    timer_start, timed_steps = None, 0
+    timer = StepTimer()
     counts = []  # (target, real) token counts of the steps since the last log, on device until then
     for step in range(start, config.train.total_steps):
         batch = global_batch(next(train_iter), batch_sh, b)
         lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
-        if timer_start is None:  # the first step compiles: time from the second on
-            jax.block_until_ready(metrics)
-            timer_start, timed_steps = time.perf_counter(), 0
-        else:
-            timed_steps += 1
+        timer.tick(metrics)
         counts.append((metrics["target_tokens"], metrics["real_tokens"]))
         progress(done)
-        is_log = done % config.train.log_every_steps == 0 or done == config.train.total_steps
-        is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == config.train.total_steps
+        is_log, is_ckpt, is_eval = step_events(config, done)
         if is_log or is_ckpt:
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(last["loss"]):
                 raise FloatingPointError(f"non-finite loss {last['loss']} at step {done}; stopping (nothing saved)")
         if is_log:
-            elapsed = time.perf_counter() - timer_start
             scalars = dict(last, trainable_params=n_trainable, train_dropped_examples=train_iter.dropped)
             targets, real = np.mean(jax.device_get(counts), axis=0)
             counts = []
-            if timed_steps:
-                step_s = elapsed / timed_steps
+            step_s = timer.step_s()
+            if step_s:
                 scalars.update(
                     tokens_per_s=b * t / step_s,  # padded rows x length: what the hardware processed
                     real_tokens_per_s=real / step_s,  # without padding
@@ -164,11 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             store.save(
                 done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"], "config": config.to_json()}
             )
-        if (
-            config.eval.eval_every_steps
-            and done % config.eval.eval_every_steps == 0
-            and done < config.train.total_steps
-        ):
+        if is_eval:
             evaluate(done)
     store.wait()
     final_step = config.train.total_steps
@@ -184,6 +174,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(workdir, summary)
     return summary
+
+
+class StepTimer:
+    """Seconds per training step, timed from the second step on (the first one compiles)."""
+
+    def __init__(self):
+        self.start, self.steps = None, 0
+
+    def tick(self, metrics) -> None:
+        if self.start is None:
+            jax.block_until_ready(metrics)
+            self.start = time.perf_counter()
+        else:
+            self.steps += 1
+
+    def step_s(self) -> float | None:
+        return (time.perf_counter() - self.start) / self.steps if self.steps else None
+
+
+def step_events(config, done: int) -> tuple[bool, bool, bool]:
+    """(log, checkpoint, intermediate evaluation) after `done` steps; the last step logs and saves."""
+    total = config.train.total_steps
+    is_log = done % config.train.log_every_steps == 0 or done == total
+    is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total
+    every = config.eval.eval_every_steps
+    return is_log, is_ckpt, bool(every and done % every == 0 and done < total)
 
 
 def run_summary(config, spec, model_cfg, results, history, dropped, data_counts, fingerprint, start) -> dict:

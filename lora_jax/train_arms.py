@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 
 import jax
 import ml_collections
@@ -37,7 +36,16 @@ from lora_jax.errors import ConfigError, WorkdirError
 from lora_jax.evaluate import completion_fn, latency_fn
 from lora_jax.run_config import check_workdir_writable, lora_spec, validate
 from lora_jax.sharding import make_mesh
-from lora_jax.train import dataset_counts, flatten, loss_on_test_split, metric_writer, print_data_counts, run_summary
+from lora_jax.train import (
+    StepTimer,
+    dataset_counts,
+    flatten,
+    loss_on_test_split,
+    metric_writer,
+    print_data_counts,
+    run_summary,
+    step_events,
+)
 from lora_jax.trainer import build_trainer, export_adapter
 
 SHARED_DIR = "joint"  # <workdir>/joint: what the arms share (prepared data, bundled samples)
@@ -164,18 +172,13 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         return results
 
     history, last = [[] for _ in configs], None
-    timer_start, timed_steps = None, 0
+    timer = StepTimer()
     for step in range(start, config.train.total_steps):
         batch = global_batch(next(data.train), batch_sh, b)
         lora, opt_state, metrics = trainer.train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
-        if timer_start is None:  # the first step compiles: time from the second on
-            jax.block_until_ready(metrics)
-            timer_start, timed_steps = time.perf_counter(), 0
-        else:
-            timed_steps += 1
-        is_log = done % config.train.log_every_steps == 0 or done == config.train.total_steps
-        is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == config.train.total_steps
+        timer.tick(metrics)
+        is_log, is_ckpt, is_eval = step_events(config, done)
         if is_log or is_ckpt:
             last = jax.device_get(metrics)
             bad = [n for n, v in zip(names, last["loss"]) if not np.isfinite(v)]
@@ -184,7 +187,7 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                     f"non-finite loss of arm(s) {', '.join(bad)} at step {done}; stopping (nothing saved)"
                 )
         if is_log:
-            step_s = (time.perf_counter() - timer_start) / timed_steps if timed_steps else None
+            step_s = timer.step_s()
             for k, w in enumerate(writers):
                 scalars = {
                     "loss": float(last["loss"][k]),
@@ -209,11 +212,7 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                     continue
                 meta = {"loss": float(last["loss"][k]), "config": configs[k].to_json()}
                 stores[k].save(done, arm_lora, arm_opt, data_state, meta)
-        if (
-            config.eval.eval_every_steps
-            and done % config.eval.eval_every_steps == 0
-            and done < config.train.total_steps
-        ):
+        if is_eval:
             evaluate(done)
     for s in stores:
         s.wait()

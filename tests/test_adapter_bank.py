@@ -6,13 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_model import sample_batches, set_keys
 
 from configs import base
-from data import samples
-from data.pipeline import PackedBatchIterator
-from data.prepare import data_sources
-from data.sft import SFTOptions
-from data.tokenizer import Tokenizer
 from lora_jax import train
 from lora_jax.adapter_bank import AdapterBank, grouped_delta, row_delta
 from lora_jax.assemble import build_bank_model
@@ -29,19 +25,12 @@ def arm_config(arm, **changes):
     config = base.arm_config("medreason", arm, "runlocal")
     config.lora.param_budget = 6000  # a different rank per arm: the bank pads, each arm keeps its own
     config.optim.grad_clip_norm = 0.05  # small: clipping (per arm) acts in every step
-    for key, value in changes.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
+    return set_keys(config, changes)
 
 
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bank")
-    tok = Tokenizer(samples.write_tiny_tokenizer(tmp / "tok"))
-    src = data_sources("medreason", samples.write_sample_manual_dir("medreason", tmp / "m"), str(tmp / "tfds"))
-    it = PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=256), 8, seed=0, num_threads=0)
-    return [next(it) for _ in range(2)]
+    return sample_batches(tmp_path_factory.mktemp("bank"), 2, max_seq_len=256)
 
 
 def one_device():

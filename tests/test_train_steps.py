@@ -6,13 +6,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_model import sample_batches, set_keys
 
 from configs import base
-from data import samples
-from data.pipeline import PackedBatchIterator
-from data.prepare import data_sources
-from data.sft import SFTOptions
-from data.tokenizer import Tokenizer
 from lora_jax import train
 from lora_jax.checkpointing import CheckpointStore
 from lora_jax.model import Transformer
@@ -25,19 +21,12 @@ def make_config(**changes):
     config = base.arm_config("medreason", "oproj_fc2", "runlocal")
     config.model.vocab_size = ODD_VOCAB
     config.lora.dropout = 0.0
-    for key, value in changes.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
+    return set_keys(config, changes)
 
 
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("steps")
-    tok = Tokenizer(samples.write_tiny_tokenizer(tmp / "tok"))
-    src = data_sources("medreason", samples.write_sample_manual_dir("medreason", tmp / "m"), str(tmp / "tfds"))
-    it = PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=512), 8, seed=0, num_threads=0)
-    return [next(it) for _ in range(3)]
+    return sample_batches(tmp_path_factory.mktemp("steps"), 3, max_seq_len=512)
 
 
 def run_steps(config, mesh, batches, n_steps, trainer=None):

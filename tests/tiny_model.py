@@ -12,3 +12,25 @@ TINY = ModelConfig(
     head_dim=8,
     max_position_embeddings=64,
 )
+
+
+def sample_batches(tmp, n: int, max_seq_len: int, rows: int = 8) -> list[dict]:
+    """`n` packed batches of the bundled MedReason samples (the tiny tokenizer), written under tmp."""
+    from data import samples
+    from data.pipeline import PackedBatchIterator
+    from data.prepare import data_sources
+    from data.sft import SFTOptions
+    from data.tokenizer import Tokenizer
+
+    tok = Tokenizer(samples.write_tiny_tokenizer(tmp / "tok"))
+    src = data_sources("medreason", samples.write_sample_manual_dir("medreason", tmp / "m"), str(tmp / "tfds"))
+    it = PackedBatchIterator(src["train"], tok, SFTOptions(max_seq_len=max_seq_len), rows, seed=0, num_threads=0)
+    return [next(it) for _ in range(n)]
+
+
+def set_keys(config, changes: dict):
+    """config with {"section.name": value} set (keys as --config.section.name would name them)."""
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
