@@ -59,8 +59,27 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def canonical_name(key: str) -> str:
+    """A LLaVA checkpoint's tensor name as the plain decoder's (model.layers.…, lm_head.…) or, for the
+    vision side, vision_tower.… / multi_modal_projector.… — whichever layout transformers saved."""
+    for old, new in (
+        ("model.language_model.", "model."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
+        if key.startswith(old):
+            key = new + key[len(old) :]
+            break
+    return key.replace("vision_tower.vision_model.", "vision_tower.", 1)
+
+
 class HFCheckpoint:
-    """A local Hugging Face checkpoint directory: config.json + *.safetensors (optionally indexed)."""
+    """A local Hugging Face checkpoint directory: config.json + *.safetensors (optionally indexed).
+
+    A LLaVA checkpoint (model_type "llava") is read as its language model (config.json's text_config);
+    its tensors are addressed by `canonical_name`, and `is_llava` says that the vision side is there."""
 
     def __init__(self, hf_dir: str):
         self.dir = str(hf_dir)
@@ -69,6 +88,7 @@ class HFCheckpoint:
         self.config = load_hf_model_config(self.dir)
         with open(os.path.join(self.dir, "config.json")) as f:
             self.raw_config = json.load(f)
+        self.is_llava = self.raw_config.get("model_type") == "llava"
         index = os.path.join(self.dir, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -93,18 +113,19 @@ class HFCheckpoint:
             if not os.path.exists(path):
                 raise MissingFileError(f"{path}: listed in model.safetensors.index.json but missing")
             self.files[name] = SafetensorsFile(path)
-        self.location = {}
+        self.location, self.real_name = {}, {}
         for fname, f in self.files.items():
             for key in f.keys():
                 if weight_map is None or weight_map.get(key) == fname:
-                    self.location[key] = f
+                    name = canonical_name(key) if self.is_llava else key
+                    self.location[name], self.real_name[name] = f, key
         self._validate()
 
     def _validate(self) -> None:
         for name, shape in hf_tensor_shapes(self.config).items():
             if name not in self.location:
                 raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
-            got = self.location[name].shape(name)
+            got = self.shape(name)
             if got != shape:
                 raise CheckpointError(
                     f"{self.location[name].path}: tensor {name} has shape {got}, but config.json implies {shape}"
@@ -112,16 +133,22 @@ class HFCheckpoint:
 
     def read(self, name: str, *index: slice) -> np.ndarray:
         """tensor[index] of one checkpoint tensor; only those bytes are read."""
-        return self.location[name].read(name, *index)
+        return self.location[name].read(self.real_name[name], *index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.location[name].shape(self.real_name[name])
+
+    def has(self, name: str) -> bool:
+        return name in self.location
 
     def source_dtype(self) -> np.dtype:
-        return self.location["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
+        return self.location["model.embed_tokens.weight"].dtype(self.real_name["model.embed_tokens.weight"])
 
     def fingerprint(self) -> str:
         """Identifies the base weights cheaply: config + every tensor's name, shape, dtype and a few bytes."""
         h = hashlib.sha256(json.dumps(self.raw_config, sort_keys=True).encode())
-        for name in sorted(self.location):
-            f = self.location[name]
+        for name in sorted(self.real_name.values()):
+            f = self.location[canonical_name(name) if self.is_llava else name]
             h.update(f"{name}{f.shape(name)}{f.dtype(name)}".encode())
             shape = f.shape(name)
             row = math.prod(shape[1:]) if shape else 1

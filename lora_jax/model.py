@@ -188,7 +188,7 @@ class Transformer(nnx.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def hidden_states(
-        self, tokens, positions=None, segment_ids=None, *, cache=None, dropout_key=None, adapter_ids=None
+        self, tokens, positions=None, segment_ids=None, *, cache=None, dropout_key=None, adapter_ids=None, embeds=None
     ):
         """tokens/positions/segment_ids: [batch, time] int32 -> (hidden [batch, time, embed], new cache).
 
@@ -196,6 +196,8 @@ class Transformer(nnx.Module):
         `decode.init_cache`) the tokens' k/v are written at `cache["index"]` and queries attend to
         every filled slot. With an AdapterBank: `adapter_ids` [batch] picks each row's adapter (-1 =
         the base); without them the rows are grouped, row b*K + k for arm k (see adapter_bank.py).
+        `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
+        features in the image placeholders' places, llava.py).
         """
         cfg, opts = self.config, self.options
         b, t = tokens.shape
@@ -212,7 +214,8 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         self.check_length(t if cache is None else cache["k"].shape[2])
         cdt = opts.compute_dtype
-        h = constrain(jnp.take(self.embed.get_value(), tokens, axis=0).astype(cdt), RESIDUAL)
+        h = self.embed_tokens(tokens) if embeds is None else embeds
+        h = constrain(h.astype(cdt), RESIDUAL)
         cos, sin = rope_angles(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
         if cache is not None:
             # Slots written by this call take the tokens' positions and segments; then all layers
@@ -266,6 +269,10 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_cache = dict(cache, k=ys["k"], v=ys["v"], index=cache["index"] + t)
         return h, new_cache
+
+    def embed_tokens(self, tokens) -> jax.Array:
+        """[batch, time] -> the input embeddings [batch, time, embed] in the parameter dtype."""
+        return jnp.take(self.embed.get_value(), tokens, axis=0)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
         """float32 logits [batch, time, vocab] (no cache)."""

@@ -9,7 +9,7 @@ from flax import nnx
 from tiny_model import sample_batches, set_keys
 
 from configs import base
-from lora_jax import train
+from lora_jax import train, train_arms
 from lora_jax.checkpointing import CheckpointStore
 from lora_jax.model import Transformer
 from lora_jax.sharding import make_mesh, shard_model
@@ -162,7 +162,9 @@ def test_every_arm_file_loads_and_validates():
 
     assert base.ARM_TARGETS == ARMS  # configs hold plain values, so the table is written twice: keep them equal
     files = sorted(pathlib.Path(base.__file__).parent.glob("[a-z]*_*.py"))
-    assert len(files) == 40
+    joint = [p for p in files if p.stem.endswith("_all_arms")]  # every arm in one job (test_train_arms.py)
+    files = [p for p in files if p not in joint]
+    assert len(files) == 40 and len(joint) == 5
     for path in files:
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
@@ -175,6 +177,17 @@ def test_every_arm_file_loads_and_validates():
             train.lora_spec(config)
             train.runtime_options(config)
         assert module.get_config(None).data.max_seq_len >= (32768 if dataset in ("govreport", "cocohd") else 1024)
+    from configs.sweeps.study import STUDY_ARMS
+
+    for path in joint:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        dataset = path.stem.split("_", 1)[0]
+        for arg in (None, "runlocal"):
+            config = module.get_config(arg)
+            assert config.data.name == dataset and tuple(config.arms) == STUDY_ARMS[dataset]
+            assert len(train_arms.arm_configs(config)) == len(STUDY_ARMS[dataset])
 
 
 def test_the_trainer_updates_only_lora_and_keeps_moments_only_for_lora(batches):

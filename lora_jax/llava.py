@@ -1,0 +1,252 @@
+"""LLaVA: a vision tower + projector (vision.py) joined to the Llama-family decoder (model.py), as
+Hugging Face's `LlavaForConditionalGeneration` joins them.
+
+The prompt holds one image placeholder token (`image_token_id`) per image feature; the projected
+features of the batch's images replace those placeholders' input embeddings in order (row-major),
+and the decoder runs on the result. LoRA lives on the language model exactly as for text (the
+study adapted the LLM's sublayers); the tower and projector are frozen `nnx.Param`s.
+
+`load_llava(hf_dir, …)` reads a local Hugging Face LLaVA checkpoint (e.g. the
+llava-hf/llava-interleave-qwen-0.5b-hf layout: SigLIP + Qwen2; or CLIP + Llama), in either tensor
+layout transformers writes (language_model.model.… or model.language_model.…).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_jax.errors import CheckpointError, ConfigError
+from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.model_config import ModelConfig
+from lora_jax.vision import Projector, VisionConfig, VisionTower, vision_config_from_hf
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    vision: VisionConfig
+    text: ModelConfig
+    image_token_id: int
+    feature_layer: int = -2
+    select_strategy: str = "default"  # "default": drop the class token; "full": keep every position
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        if self.select_strategy not in ("default", "full"):
+            raise CheckpointError(f"vision_feature_select_strategy {self.select_strategy!r} (valid: default, full)")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image placeholder tokens (= features) per image."""
+        drop = 1 if self.select_strategy == "default" else 0
+        return self.vision.num_positions - drop
+
+
+def llava_config_from_hf(raw: dict, text: ModelConfig, source: str) -> LlavaConfig:
+    if not isinstance(raw.get("vision_config"), dict):
+        raise CheckpointError(f"{source}: a llava config needs a vision_config object")
+    layer = raw.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(f"{source}: vision_feature_layer {layer!r}: only one layer is supported")
+    token = raw.get("image_token_id", raw.get("image_token_index", 32000))
+    return LlavaConfig(
+        vision=vision_config_from_hf(raw["vision_config"], f"{source} vision_config"),
+        text=text,
+        image_token_id=int(token),
+        feature_layer=layer,
+        select_strategy=raw.get("vision_feature_select_strategy", "default"),
+        projector_act=raw.get("projector_hidden_act", "gelu"),
+        projector_bias=bool(raw.get("multimodal_projector_bias", True)),
+    )
+
+
+class Llava(nnx.Module):
+    """Vision tower + projector + the decoder (`self.language`, a Transformer with the LoRA adapters)."""
+
+    def __init__(self, cfg: LlavaConfig, lora=None, options=RuntimeOptions(), *, rngs: nnx.Rngs):
+        self.llava_config = cfg
+        self.vision = VisionTower(cfg.vision, options.param_dtype, rngs=rngs)
+        self.projector = Projector(
+            cfg.vision.hidden_size,
+            cfg.text.hidden_size,
+            cfg.projector_act,
+            cfg.projector_bias,
+            options.param_dtype,
+            rngs=rngs,
+        )
+        self.language = Transformer(cfg.text, lora, options, rngs=rngs)
+
+    def image_features(self, pixels: jax.Array) -> jax.Array:
+        """[images, H, W, C] -> projected features [images, tokens_per_image, text hidden] (float32)."""
+        cfg = self.llava_config
+        h = self.vision.hidden_state(pixels, cfg.feature_layer)
+        if cfg.select_strategy == "default":
+            h = h[:, 1:]
+        return self.projector(h)
+
+    def input_embeds(self, tokens: jax.Array, pixels: jax.Array | None) -> jax.Array:
+        """The tokens' embeddings [batch, time, embed] with each row's images' features in that row's
+        placeholders, in order. pixels: [batch, images per row, H, W, C] (a row with fewer images
+        has padding images, which no placeholder reads)."""
+        embeds = self.language.embed_tokens(tokens)
+        if pixels is None:
+            return embeds
+        b, n = pixels.shape[:2]
+        feats = self.image_features(pixels.reshape((b * n,) + pixels.shape[2:]))
+        feats = feats.reshape(b, -1, embeds.shape[-1]).astype(embeds.dtype)  # [batch, n * tokens_per_image, embed]
+        is_image = tokens == self.llava_config.image_token_id
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)  # k-th placeholder: feature k
+        picked = jnp.take_along_axis(feats, index[..., None], axis=1)
+        return jnp.where(is_image[..., None], picked, embeds)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, *, pixels=None, **kwargs):
+        """As Transformer.hidden_states, with each row's images (pixels [batch, images, H, W, C]) in its
+        placeholders; `check_images` first (on the host) for a clear error on a count mismatch."""
+        return self.language.hidden_states(
+            tokens, positions, segment_ids, embeds=self.input_embeds(tokens, pixels), **kwargs
+        )
+
+    # The decoder's interface, so that training and generation take a Llava where they take a Transformer.
+    @property
+    def config(self) -> ModelConfig:
+        return self.language.config
+
+    @property
+    def options(self) -> RuntimeOptions:
+        return self.language.options
+
+    @property
+    def lora(self):
+        return self.language.lora
+
+    def lm_head_kernel(self):
+        return self.language.lm_head_kernel()
+
+    def logits_from_hidden(self, hidden):
+        return self.language.logits_from_hidden(hidden)
+
+    def check_length(self, length: int) -> None:
+        self.language.check_length(length)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, pixels=None):
+        h, _ = self.hidden_states(tokens, positions, segment_ids, pixels=pixels)
+        return self.language.logits_from_hidden(h)
+
+
+def check_images(cfg: LlavaConfig, tokens, images_per_row, names=None) -> None:
+    """A clear error, naming the example, when a row's placeholders do not match its images (each
+    image needs exactly tokens_per_image placeholder tokens). names: what each row is (example ids)."""
+    tokens = np.asarray(tokens)
+    for row, n in enumerate(images_per_row):
+        placeholders = int(np.sum(tokens[row] == cfg.image_token_id))
+        if placeholders != n * cfg.tokens_per_image:
+            what = names[row] if names else f"row {row}"
+            more = (
+                "more images than placeholders"
+                if placeholders < n * cfg.tokens_per_image
+                else "more placeholders than images"
+            )
+            raise ConfigError(
+                f"{what}: {more}: {placeholders} image placeholder tokens (id {cfg.image_token_id}) for {n} image(s) "
+                f"of {cfg.tokens_per_image} tokens each"
+            )
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _vision_tensors(cfg: VisionConfig) -> dict[str, str]:
+    """Our vision/projector parameter path -> the canonical checkpoint tensor name (hf_checkpoint)."""
+    t = "vision_tower."
+    names = {
+        "vision.patch_kernel": t + "embeddings.patch_embedding.weight",
+        "vision.position_embedding": t + "embeddings.position_embedding.weight",
+    }
+    if cfg.kind == "siglip":
+        names["vision.patch_bias"] = t + "embeddings.patch_embedding.bias"
+    else:
+        names["vision.class_embedding"] = t + "embeddings.class_embedding"
+        names["vision.pre_norm_scale"] = t + "pre_layrnorm.weight"
+        names["vision.pre_norm_bias"] = t + "pre_layrnorm.bias"
+    return names
+
+
+_LAYER_TENSORS = {
+    "ln1_scale": "layer_norm1.weight",
+    "ln1_bias": "layer_norm1.bias",
+    "ln2_scale": "layer_norm2.weight",
+    "ln2_bias": "layer_norm2.bias",
+    "q_kernel": "self_attn.q_proj.weight",
+    "k_kernel": "self_attn.k_proj.weight",
+    "v_kernel": "self_attn.v_proj.weight",
+    "o_kernel": "self_attn.out_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.out_proj.bias",
+    "fc1_kernel": "mlp.fc1.weight",
+    "fc1_bias": "mlp.fc1.bias",
+    "fc2_kernel": "mlp.fc2.weight",
+    "fc2_bias": "mlp.fc2.bias",
+}
+
+
+def _read(ckpt, name: str) -> np.ndarray:
+    if not ckpt.has(name):
+        raise CheckpointError(
+            f"{ckpt.dir}: tensor {name} is missing: the checkpoint has no complete vision tower / projector "
+            "(a LLaVA checkpoint is needed for the image datasets)"
+        )
+    return np.asarray(ckpt.read(name), np.float32)
+
+
+def _tower_arrays(ckpt, cfg: LlavaConfig) -> dict[str, np.ndarray]:
+    """Every vision/projector parameter of ours, read from the checkpoint (torch layouts transposed)."""
+    v = cfg.vision
+    out = {}
+    for ours, name in _vision_tensors(v).items():
+        x = _read(ckpt, name)
+        out[ours] = x.transpose(2, 3, 1, 0) if ours == "vision.patch_kernel" else x  # [d,c,p,p] -> [p,p,c,d]
+    for ours, suffix in _LAYER_TENSORS.items():
+        rows = [_read(ckpt, f"vision_tower.encoder.layers.{i}.{suffix}") for i in range(v.num_layers)]
+        out[f"vision.layers.{ours}"] = np.stack([r.T if ours.endswith("_kernel") else r for r in rows])
+    out["projector.kernel_1"] = _read(ckpt, "multi_modal_projector.linear_1.weight").T
+    out["projector.kernel_2"] = _read(ckpt, "multi_modal_projector.linear_2.weight").T
+    if cfg.projector_bias:
+        out["projector.bias_1"] = _read(ckpt, "multi_modal_projector.linear_1.bias")
+        out["projector.bias_2"] = _read(ckpt, "multi_modal_projector.linear_2.bias")
+    return out
+
+
+def load_llava(hf_dir: str, lora, options: RuntimeOptions, mesh, seed: int = 0) -> Llava:
+    """A LLaVA checkpoint directory -> our Llava (the decoder sharded as load_hf_model shards it, the
+    small tower and projector replicated), with fresh adapters on the decoder."""
+    from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
+
+    ckpt = HFCheckpoint(hf_dir)
+    if not ckpt.is_llava:
+        raise CheckpointError(
+            f"{hf_dir}/config.json: model_type {ckpt.raw_config.get('model_type')!r} has no vision tower "
+            "(the image datasets need a LLaVA checkpoint, model_type 'llava')"
+        )
+    cfg = llava_config_from_hf(ckpt.raw_config, ckpt.config, f"{hf_dir}/config.json")
+    language = load_hf_model(hf_dir, lora, options, mesh, seed=seed, ckpt=ckpt)
+    model = nnx.eval_shape(lambda: Llava(cfg, lora, options, rngs=nnx.Rngs(0)))
+    model.language = language
+    arrays = _tower_arrays(ckpt, cfg)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[0] == "language":
+            continue
+        key = ".".join(str(p) for p in path)
+        want = var.get_value()
+        value = arrays[key]
+        if value.shape != want.shape:
+            raise CheckpointError(f"{hf_dir}: {key} has shape {value.shape}, config.json implies {want.shape}")
+        var.set_value(jax.device_put(value.astype(want.dtype), replicated))
+    return model

@@ -1,0 +1,167 @@
+"""LLaVA: our vision tower + projector + decoder against transformers' LlavaForConditionalGeneration
+(SigLIP + Qwen2, CLIP + Llama), our preprocessing against transformers' image processors on a real
+image, and the clear errors (placeholders vs images, a checkpoint without a tower, a bad image)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from fixtures import FIXTURES, needs_fixtures
+
+from data.image_processing import ImageProcessor
+from data.records import DataError
+from lora_jax.errors import CheckpointError, ConfigError
+from lora_jax.llava import check_images, load_llava
+from lora_jax.model import RuntimeOptions
+from lora_jax.sharding import make_mesh
+
+IMAGE_TOKEN = 299
+
+
+def tiny_llava_dir(tmp_path, kind):
+    """A random tiny LLaVA saved by transformers: (torch model, directory)."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    text.update(num_key_value_heads=2, max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=32, patch_size=8)
+    if kind == "siglip":  # llava-interleave-qwen: SigLIP, the last layer, every position
+        config = LlavaConfig(
+            vision_config=SiglipVisionConfig(num_hidden_layers=2, **vision),
+            text_config=Qwen2Config(**text),
+            image_token_id=IMAGE_TOKEN,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+    else:  # llava-1.5: CLIP, the second-to-last layer, without the class token
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(num_hidden_layers=3, **vision),
+            text_config=LlamaConfig(**text),
+            image_token_id=IMAGE_TOKEN,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # off the init values (zero biases, unit norms): every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    d = tmp_path / kind
+    model.save_pretrained(str(d))
+    return model, str(d)
+
+
+def one_device():
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_logits_match_transformers_llava(tmp_path, kind):
+    import torch
+
+    hf, d = tiny_llava_dir(tmp_path, kind)
+    ours = load_llava(d, None, RuntimeOptions(), one_device())
+    n = ours.llava_config.tokens_per_image
+    assert n == 16
+    rng = np.random.default_rng(0)
+    text = lambda k: list(rng.integers(1, 290, k))  # noqa: E731
+    row0 = text(5) + [IMAGE_TOKEN] * n + text(n + 3)  # one image
+    row1 = text(3) + [IMAGE_TOKEN] * n + text(4) + [IMAGE_TOKEN] * n + text(1)  # two images
+    ids = np.array([row0, row1])
+    pixels = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)  # torch layout, row-major over the batch
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+    per_row = np.zeros((2, 2, 32, 32, 3), np.float32)  # ours: [batch, images per row, H, W, C]
+    per_row[0, 0], per_row[1, 0], per_row[1, 1] = (p.transpose(1, 2, 0) for p in pixels)
+    check_images(ours.llava_config, ids, [1, 2])
+    got = np.asarray(ours(ids, pixels=per_row))
+    assert np.abs(got - ref).max() <= 1e-4
+    assert np.abs(ref).max() > 0.1
+
+
+@needs_fixtures
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_preprocessing_matches_transformers_on_a_real_image(tmp_path, kind):
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    settings = {  # the preprocessor_config.json of llava-interleave-qwen (SigLIP) and llava-1.5 (CLIP)
+        "siglip": {
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+            "resample": 3,
+            "size": {"height": 384, "width": 384},
+        },
+        "clip": {
+            "crop_size": {"height": 336, "width": 336},
+            "do_center_crop": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3,
+            "size": {"shortest_edge": 336},
+        },
+    }[kind]
+    settings.update(do_normalize=True, do_rescale=True, do_resize=True, rescale_factor=1 / 255)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps(settings))
+    image = Image.open(os.path.join(FIXTURES, "llava_cot", "reasoning.png"))  # 878x651 RGBA
+    assert image.mode == "RGBA"
+    processor = (SiglipImageProcessorPil if kind == "siglip" else CLIPImageProcessorPil).from_pretrained(str(tmp_path))
+    ref = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    ours = ImageProcessor.from_config(str(path))(image)
+    assert ours.shape == ref.shape == ((384, 384, 3) if kind == "siglip" else (336, 336, 3))
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_placeholders_must_match_images(tmp_path):
+    from lora_jax.llava import LlavaConfig
+    from lora_jax.model_config import ModelConfig
+    from lora_jax.vision import VisionConfig
+
+    cfg = LlavaConfig(
+        vision=VisionConfig("siglip", 32, 64, 2, 4, image_size=32, patch_size=8),
+        text=ModelConfig(300, 64, 96, 2, 4, 2, 16),
+        image_token_id=IMAGE_TOKEN,
+        select_strategy="full",
+    )
+    ids = np.array([[1] * 4 + [IMAGE_TOKEN] * 16, [1] * 20])
+    check_images(cfg, ids, [1, 0], ["a", "b"])
+    with pytest.raises(ConfigError, match="b: more images than placeholders: 0 image placeholder tokens"):
+        check_images(cfg, ids, [1, 1], ["a", "b"])
+    with pytest.raises(ConfigError, match="a: more placeholders than images: 16 .* for 0 image"):
+        check_images(cfg, ids, [0, 0], ["a", "b"])
+
+
+def test_a_checkpoint_without_a_vision_tower_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, d = tiny_llava_dir(tmp_path, "siglip")
+    weights = os.path.join(d, "model.safetensors")
+    tensors = {k: v for k, v in load_file(weights).items() if "vision_tower" not in k}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"vision_tower\.embeddings\.patch_embedding\.weight is missing"):
+        load_llava(d, None, RuntimeOptions(), one_device())
+    config = json.loads((tmp_path / "siglip" / "config.json").read_text())
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps(config["text_config"]))
+    save_file({k.replace("language_model.", "", 1): v for k, v in tensors.items() if k.startswith("language_model.")},
+              str(text_only / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(CheckpointError, match="has no vision tower"):
+        load_llava(str(text_only), None, RuntimeOptions(), one_device())
+
+
+def test_an_unreadable_image_is_a_clear_error():
+    processor = ImageProcessor(height=32, width=32)
+    with pytest.raises(DataError, match="llavacot example 7: not a readable image"):
+        processor(b"not a png", what="llavacot example 7")
