@@ -42,6 +42,7 @@ ARM_TARGETS = {
     "all": ("qkv", "o_proj", "fc1", "fc2"),
 }
 STUDY_TARGETS = ("qkv", "o_proj", "fc1", "fc2")
+IMAGE_DATASETS = ("llavacot", "invoiceocr")
 # Each dataset's generation suite: (metric, max_new_tokens, examples scored (0 = the whole split)).
 # The study's evaluation sets: FinQA test 1147, GovReport 837, MedMCQA 3683 (MedReason scores on the
 # same rows), CoCoHD 1053, LLaVA-CoT 270, Invoice OCR 447 — the builders' test splits.
@@ -77,6 +78,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.attention_impl = "chunked"  # "xla" (reference) | "chunked" (flash-style, memory-bounded) | registered kernels
     m.scan_layers = True  # run layers under one scan (program size independent of depth)
     m.remat = "dots"  # "none" | "dots" (save matmul outputs) | "full"
+    # LLaVA (the image datasets): with model.hf_dir a LLaVA checkpoint supplies the tower; random init only:
+    m.vision = ml_collections.ConfigDict(
+        dict(
+            kind="siglip",  # "siglip" | "clip"
+            hidden_size=0,
+            intermediate_size=0,
+            num_layers=0,
+            num_heads=0,
+            image_size=0,  # pixels per side (resized to this)
+            patch_size=0,
+            feature_layer=-1,  # hidden state whose features the projector reads (-1 = the last layer)
+            select_strategy="full",  # "full" | "default" (drop the class token: CLIP)
+            image_token_id=0,  # the tokenizer's <image> placeholder
+        )
+    )
 
     config.lora = lo = ml_collections.ConfigDict()
     lo.targets = ("o_proj",)  # subset of ("qkv", "o_proj", "fc1", "fc2")
@@ -161,6 +177,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+def apply_runlocal_vision(config: ml_collections.ConfigDict) -> None:
+    """A tiny random SigLIP tower (32x32 pixels, 16 patches) for the image datasets' runlocal runs."""
+    v = config.model.vision
+    v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.image_size, v.patch_size = 32, 64, 2, 4, 32, 8
+    v.image_token_id = 259  # the bundled tiny tokenizer's <image> (written for image datasets)
+    config.model.vocab_size = 260
+
+
 def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     """Tiny random model, bundled samples, a few steps: about a minute on a laptop CPU."""
     m = config.model
@@ -193,8 +217,12 @@ def arm_config(dataset: str, arm: str, arg: str | None = None) -> ml_collections
     config.data.max_seq_len = MAX_SEQ_LEN[dataset]
     config.data.max_target_tokens = MAX_TARGET_TOKENS[dataset]
     config.data.reasoning_traces = dataset in ("fincot", "medreason")
+    if dataset in IMAGE_DATASETS:
+        config.data.pack = False  # one example (and its image) per row
     if arg == "runlocal":
         apply_runlocal(config)
+        if dataset in IMAGE_DATASETS:
+            apply_runlocal_vision(config)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
     return config

@@ -27,3 +27,12 @@ def write_row(rows: dict, r: int, examples: list[dict]) -> None:
         rows["segment_ids"][r, t : t + n] = seg
         rows["positions"][r, t : t + n] = np.arange(n)
         t += n
+
+
+def write_pixels(pixels: np.ndarray, r: int, examples: list[dict]) -> None:
+    """The row's images into pixels[r] ([rows, images per row, H, W, 3])."""
+    images = [p for ex in examples for p in ex.get("pixels", ())]
+    if len(images) > pixels.shape[1]:
+        raise ValueError(f"a row holds {len(images)} images; at most {pixels.shape[1]} per row")
+    for i, image in enumerate(images):
+        pixels[r, i] = image

@@ -14,7 +14,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from data.packing import empty_rows, write_row
+from data.packing import empty_rows, write_pixels, write_row
 from data.sft import SFTOptions, tokenize_example
 from data.tokenizer import Tokenizer
 
@@ -56,6 +56,11 @@ class PackedBatchIterator:
         # Wrapped: grain drops elements that are None, and a dropped example must still move the cursor.
         self._examples = ds.map(lambda record: (tokenize_example(tokenizer, record, opts=options),))
         self.seq_len = options.max_seq_len
+        self.image_shape = None
+        if options.tokens_per_image:
+            if pack:
+                raise ValueError("image datasets are not packed (data.pack=False): one example, one image per row")
+            self.image_shape = (*options.image_processor.output_size, 3)
         self.global_batch_size = global_batch_size
         if rows is None:
             per = global_batch_size // process_count
@@ -135,7 +140,11 @@ class PackedBatchIterator:
         if not rows or (self.train and len(rows) < self.global_batch_size):
             raise StopIteration
         batch = empty_rows(len(self.local_rows), self.seq_len)
+        if self.image_shape:  # LLaVA: [rows, 1, H, W, 3]; a padding row's image is zeros and never read
+            batch["pixels"] = np.zeros((len(self.local_rows), 1, *self.image_shape), np.float32)
         for out_row, r in enumerate(self.local_rows):
             if r < len(rows):
                 write_row(batch, out_row, rows[r])
+                if self.image_shape:
+                    write_pixels(batch["pixels"], out_row, rows[r])
         return batch

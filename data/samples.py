@@ -33,8 +33,9 @@ def _write_if_changed(path: epath.Path, data: bytes) -> None:
         tmp.replace(path)
 
 
-def write_tiny_tokenizer(directory) -> str:
-    """A byte-level BPE with no merges (every byte is a token) + ChatML specials: vocab 259."""
+def write_tiny_tokenizer(directory, image_token: bool = False) -> str:
+    """A byte-level BPE with no merges (every byte is a token) + ChatML specials: vocab 259; with
+    image_token, also LLaVA's `<image>` placeholder (id 259, vocab 260)."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -44,7 +45,7 @@ def write_tiny_tokenizer(directory) -> str:
     tok = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(list(SPECIAL_TOKENS) + (["<image>"] if image_token else []))
     _write_if_changed(d / "tokenizer.json", tok.to_str(pretty=True).encode())
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -32,6 +32,11 @@ class SFTOptions:
     reasoning_traces: bool = False
     model_vocab_size: int | None = None
     keep_all: bool = False  # evaluation: never drop; cut the target's tail when nothing else fits
+    # LLaVA (image datasets): each image is one placeholder token in the user turn, expanded to the
+    # tower's tokens_per_image placeholders (the features replace them); the pixels travel with the example.
+    image_token_id: int | None = None
+    tokens_per_image: int = 0
+    image_processor: object = None  # data.image_processing.ImageProcessor
 
     def __post_init__(self):
         if self.truncation not in TRUNCATIONS:
@@ -97,12 +102,50 @@ def render_texts(tok: Tokenizer, user: dict, target: str, reasoning: str, with_r
     return prompt, full
 
 
+def _images(record) -> list:
+    return list(record.get("images") or [])
+
+
+def _user(tok, record, document, opts) -> dict:
+    """The user turn; with images (LLaVA) their placeholder tokens come first, one per image, as the
+    LLaVA prompts write `<image>\n` before the question."""
+    content = user_content(record_text(record, "instruction"), document)
+    n = len(_images(record)) if opts.tokens_per_image else 0
+    if n:
+        content = tok.decode([opts.image_token_id]) * n + "\n" + content
+    return {"role": "user", "content": content}
+
+
+def expand_image_tokens(ids: list[int], record, opts) -> list[int]:
+    """Each image placeholder -> tokens_per_image placeholders; a clear error, naming the example, when
+    the rendered prompt does not hold exactly one placeholder per image."""
+    if not opts.tokens_per_image:
+        return ids
+    found, n = ids.count(opts.image_token_id), len(_images(record))
+    if found != n:
+        more = "more images than placeholders" if n > found else "more placeholders than images"
+        raise DataError(
+            f"example {record_text(record, 'id')}: {more} ({n} image(s), {found} placeholder token(s) "
+            f"id {opts.image_token_id} in the rendered prompt)"
+        )
+    out = []
+    for i in ids:
+        out.extend([i] * opts.tokens_per_image if i == opts.image_token_id else [i])
+    return out
+
+
+def example_pixels(record, opts) -> np.ndarray:
+    """The example's images for the tower: float32 [images, H, W, 3]."""
+    return np.stack([opts.image_processor(img, what=f"example {record_text(record, 'id')}") for img in _images(record)])
+
+
 def _render_ids(tok, record, document, opts):
-    user = {"role": "user", "content": user_content(record_text(record, "instruction"), document)}
+    user = _user(tok, record, document, opts)
     prompt_text, full_text = render_texts(
         tok, user, record_text(record, "target"), record_text(record, "reasoning").strip(), opts.reasoning_traces
     )
-    prompt, full = tok.encode(prompt_text), tok.encode(full_text)
+    prompt = expand_image_tokens(tok.encode(prompt_text), record, opts)
+    full = expand_image_tokens(tok.encode(full_text), record, opts)
     if full[: len(prompt)] != prompt:
         raise DataError(f"{tok.dir}: the generation prompt is not a token prefix of the full chat rendering")
     eot = [i for i in range(len(prompt), len(full)) if full[i] == tok.end_of_turn_id]
@@ -119,8 +162,7 @@ def generation_prompt_ids(tok: Tokenizer, record: dict, opts: SFTOptions, max_ne
     budget = opts.max_seq_len - max_new_tokens
 
     def render(document):
-        user = {"role": "user", "content": user_content(record_text(record, "instruction"), document)}
-        return tok.encode(tok.render([user], True))
+        return expand_image_tokens(tok.encode(tok.render([_user(tok, record, document, opts)], True)), record, opts)
 
     ids, margin = render(document), 0
     while len(ids) > budget and document:
@@ -152,8 +194,8 @@ def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | N
     margin, truncated = 0, False
     while len(full) > opts.max_seq_len:
         if not document:
-            if not opts.keep_all:
-                return None  # the instruction + target alone are too long
+            if not opts.keep_all or len(prompt) > opts.max_seq_len:
+                return None  # the instruction (and its images) + target alone are too long
             full, truncated = full[: opts.max_seq_len], True  # evaluation: the target's tail goes
             break
         document = _cut_document(tok, document, len(full) - opts.max_seq_len + margin, opts.truncation)
@@ -165,4 +207,7 @@ def tokenize_example(tok: Tokenizer, record: dict, opts: SFTOptions) -> dict | N
     targets = np.append(ids[1:], 0).astype(np.int32)
     loss_mask = np.zeros(len(ids), np.float32)
     loss_mask[len(prompt) - 1 : len(ids) - 1] = 1.0  # position t predicts ids[t + 1]
-    return {"tokens": ids, "targets": targets, "loss_mask": loss_mask, "target_truncated": truncated}
+    out = {"tokens": ids, "targets": targets, "loss_mask": loss_mask, "target_truncated": truncated}
+    if opts.tokens_per_image:
+        out["pixels"] = example_pixels(record, opts)
+    return out

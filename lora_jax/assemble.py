@@ -18,7 +18,14 @@ from lora_jax.adapter_bank import AdapterBank
 from lora_jax.arm_views import ArmViews
 from lora_jax.hf_checkpoint import HFCheckpoint, init_adapters, load_hf_model
 from lora_jax.model import Transformer
-from lora_jax.run_config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options
+from lora_jax.run_config import (
+    IMAGE_DATASETS,
+    RESUMABLE_CHANGES,
+    check_hf_conflicts,
+    lora_spec,
+    random_model_config,
+    runtime_options,
+)
 from lora_jax.sharding import shard_model
 
 RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
@@ -30,6 +37,8 @@ def build_model(config, mesh, lora=None) -> tuple[Transformer, str]:
     lora: the config's own LoraSpec by default; an AdapterBank gives a bank model whose adapters are
     then drawn by `build_bank_model`."""
     spec, opts = lora or lora_spec(config), runtime_options(config)
+    if config.data.name in IMAGE_DATASETS:
+        return build_llava_model(config, spec, opts, mesh)
     if config.model.hf_dir:
         ckpt = HFCheckpoint(config.model.hf_dir)
         check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
@@ -42,6 +51,53 @@ def build_model(config, mesh, lora=None) -> tuple[Transformer, str]:
         init_adapters(model, config.train.seed)
         fingerprint = "random-" + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
     return model, fingerprint
+
+
+def build_llava_model(config, spec, opts, mesh):
+    """The image datasets' model: a LLaVA checkpoint (model.hf_dir), else a random tiny one (model.vision)."""
+    from lora_jax.llava import Llava, LlavaConfig, load_llava
+    from lora_jax.vision import VisionConfig
+
+    if config.model.hf_dir:
+        ckpt = HFCheckpoint(config.model.hf_dir)
+        check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
+        return load_llava(config.model.hf_dir, spec, opts, mesh, seed=config.train.seed, ckpt=ckpt), ckpt.fingerprint()
+    v = config.model.vision
+    cfg = LlavaConfig(
+        vision=VisionConfig(
+            v.kind, v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.image_size, v.patch_size
+        ),
+        text=random_model_config(config),
+        image_token_id=v.image_token_id,
+        feature_layer=v.feature_layer,
+        select_strategy=v.select_strategy,
+    )
+    model = Llava(cfg, spec, opts, rngs=nnx.Rngs(RANDOM_BASE_SEED))
+    shard_model(model, mesh)
+    init_adapters(model.language, config.train.seed)
+    fingerprint = (
+        "random-llava-" + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
+    )
+    return model, fingerprint
+
+
+def image_inputs(model, config) -> dict:
+    """SFTOptions fields for a LLaVA model: the placeholder id, placeholders per image, the image
+    processor (the checkpoint's preprocessor_config.json, or a plain resize for a random tower)."""
+    if not hasattr(model, "llava_config"):
+        return {}
+    from data.image_processing import ImageProcessor
+
+    cfg = model.llava_config
+    if config.model.hf_dir:
+        processor = ImageProcessor.from_config(str(epath.Path(config.model.hf_dir) / "preprocessor_config.json"))
+    else:
+        processor = ImageProcessor(height=cfg.vision.image_size, width=cfg.vision.image_size)
+    return {
+        "image_token_id": cfg.image_token_id,
+        "tokens_per_image": cfg.tokens_per_image,
+        "image_processor": processor,
+    }
 
 
 def build_bank_model(configs: list, names: list[str], mesh) -> tuple[Transformer, str, ArmViews]:
@@ -64,7 +120,8 @@ def tokenizer_dir(config, workdir: epath.Path) -> str:
         from data import samples
 
         tok_dir = workdir / "bundled" / "tokenizer"
-        _on_process_0_then_all(lambda: samples.write_tiny_tokenizer(tok_dir), "bundled tokenizer")
+        image = config.data.name in IMAGE_DATASETS  # with LLaVA's <image> placeholder
+        _on_process_0_then_all(lambda: samples.write_tiny_tokenizer(tok_dir, image_token=image), "bundled tokenizer")
     return str(tok_dir)
 
 
@@ -132,8 +189,9 @@ class RunData:
     sft_options: object  # data.sft.SFTOptions of training (prompts are rendered and cut the same way)
 
 
-def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding) -> RunData:
+def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding, images=None) -> RunData:
     """The run's data: iterators for training and the loss evaluation, the splits, the tokenizer.
+    images: `image_inputs(model, config)` for a LLaVA model (the examples then carry their pixels).
 
     Process 0 prepares the tfds dataset; the others wait. Each process materialises exactly the
     global batch rows its devices hold under the batch `sharding`."""
@@ -155,7 +213,9 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     multihost_utils.sync_global_devices("tfds prepared")
     sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
     tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces, render_date=d.render_date)
-    opts = SFTOptions(d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size)
+    opts = SFTOptions(
+        d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size, **(images or {})
+    )
     eval_opts = dataclasses.replace(opts, keep_all=True)  # evaluation never drops an example
     b_train, b_eval = config.train.global_batch_size, config.eval.batch_size
     train_rows, eval_rows = process_rows(sharding, b_train), process_rows(sharding, b_eval)

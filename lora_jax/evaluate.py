@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data.sft import SFTOptions, generation_prompt_ids
+from data.sft import SFTOptions, example_pixels, generation_prompt_ids
 from data.tokenizer import Tokenizer
 from eval.evaluators import EvalContext, run_evaluators
 from lora_jax import latency
-from lora_jax.assemble import data_iterators, open_checkpoint_store, tokenizer_dir
+from lora_jax.assemble import data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
 from lora_jax.errors import ConfigError
 from lora_jax.generate import GenerationOptions, complete
 from lora_jax.multihost import decided_on_process_0
@@ -72,6 +72,10 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
         )
         arms = max(num_arms, 1)
         rows = [p for p in kept for _ in range(arms)]  # prompt-major: a batch holds the same prompts as alone
+        pixels = None
+        if opts.tokens_per_image:  # LLaVA: each prompt's images
+            kept_records = [r for r, ok in zip(records, fits) if ok]
+            pixels = [example_pixels(r, opts) for r in kept_records for _ in range(arms)]
         texts = (
             complete(
                 model,
@@ -84,6 +88,7 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
                 mesh=mesh,
                 pad_multiple=PAD_MULTIPLE,
                 adapter_ids=[k for _ in kept for k in range(arms)] if num_arms else None,
+                pixels=pixels,
             )
             if kept
             else []
@@ -111,13 +116,16 @@ def latency_fn(model_fn, config, context: int):
 
     def run():
         s = config.eval.latency
-        return latency.measure(model_fn(), s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup)
+        model = model_fn()
+        model = getattr(model, "language", model)  # LLaVA: the decoder's latency (images only add to the prefill)
+        return latency.measure(model, s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup)
 
     return run
 
 
 def _zero_adapters(model) -> None:
     """B = 0: the adapters add exactly nothing, so the model computes the base model's outputs."""
+    model = getattr(model, "language", model)  # LLaVA: the adapters are on the decoder
     for target in model.lora.targets if model.lora else ():
         b = getattr(model.layers, target).lora_b
         b.set_value(jnp.zeros_like(b.get_value()))
@@ -145,7 +153,8 @@ def evaluate(config, workdir: str) -> dict:
     lora, frozen, batch_sh = trainer.lora, trainer.frozen, trainer.batch_sharding
     if source == "checkpoint":
         lora, _, _, _ = store.restore(step, trainer.lora, trainer.opt_state)
-    data = data_iterators(config, workdir, tokenizer_dir(config, workdir), model.config.vocab_size, batch_sh)
+    images = image_inputs(model, config)
+    data = data_iterators(config, workdir, tokenizer_dir(config, workdir), model.config.vocab_size, batch_sh, images)
     writer = metric_writer(workdir)
     ctx = EvalContext(
         config,

@@ -88,12 +88,13 @@ def sample(logits: jax.Array, key: jax.Array, opts: GenerationOptions) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _last_logits(model: Transformer, tokens, positions, segment_ids, cache, adapter_ids=None):
-    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids)
+def _last_logits(model: Transformer, tokens, positions, segment_ids, cache, adapter_ids=None, pixels=None):
+    images = {} if pixels is None else {"pixels": pixels}  # LLaVA's prefill: the rows' images
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids, **images)
     return model.logits_from_hidden(h[:, -1:])[:, 0], cache
 
 
-def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions, adapter_ids=None):
+def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions, adapter_ids=None, pixels=None):
     b, t = tokens.shape
     mask = mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -103,8 +104,10 @@ def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions, ad
     chunk = opts.prefill_chunk or t
     if t % chunk:
         raise ConfigError(f"prompt length {t} must be a multiple of prefill_chunk={chunk} (left-pad it)")
+    if pixels is not None and chunk != t:
+        raise ConfigError("prompts with images are prefilled whole: set the suite's prefill_chunk=0")
     if chunk == t:
-        logits, cache = _last_logits(model, tokens, positions, mask, cache, adapter_ids)
+        logits, cache = _last_logits(model, tokens, positions, mask, cache, adapter_ids, pixels)
     else:
 
         def prefill(carry, xs):
@@ -138,8 +141,8 @@ def _generate(model: Transformer, tokens, mask, key, opts: GenerationOptions, ad
 
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, opts: GenerationOptions, mesh):
-    def run(state, tokens, mask, key, adapter_ids):
-        return _generate(nnx.merge(graphdef, state), tokens, mask, key, opts, adapter_ids)
+    def run(state, tokens, mask, key, adapter_ids, pixels):
+        return _generate(nnx.merge(graphdef, state), tokens, mask, key, opts, adapter_ids, pixels)
 
     if mesh is None:
         return jax.jit(run)
@@ -149,18 +152,22 @@ def _compiled(graphdef, opts: GenerationOptions, mesh):
     return jax.jit(under_mesh(run, mesh), out_shardings=(replicated, replicated))
 
 
-def generate(model: Transformer, tokens, mask, opts: GenerationOptions, seed: int = 0, mesh=None, adapter_ids=None):
+def generate(
+    model: Transformer, tokens, mask, opts: GenerationOptions, seed: int = 0, mesh=None, adapter_ids=None, pixels=None
+):
     """tokens, mask: [batch, prompt_len] (left-padded: mask 0 on padding). Returns (ids [batch,
     max_new_tokens] (0 after a row stopped), lengths [batch]: tokens per row up to and including its
     stop id). Jitted once per (model structure, options, shapes); `mesh` pins the cache's sharding.
-    A model with an AdapterBank needs `adapter_ids` [batch]: each row's adapter, -1 = the base."""
+    A model with an AdapterBank needs `adapter_ids` [batch]: each row's adapter, -1 = the base.
+    A Llava takes `pixels` [batch, images per row, H, W, 3]: each row's images, for its placeholders."""
     tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
     check_request(model, tokens.shape[1], opts)
     if bool(jnp.any(jnp.sum(mask, axis=1) == 0)):
         raise ConfigError("empty prompt: every row needs at least one prompt token")
     adapter_ids = check_row_adapters(model, adapter_ids, tokens.shape[0])
     graphdef, state = nnx.split(model)
-    out, lengths = _compiled(graphdef, opts, mesh)(state, tokens, mask, jax.random.key(seed), adapter_ids)
+    pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
+    out, lengths = _compiled(graphdef, opts, mesh)(state, tokens, mask, jax.random.key(seed), adapter_ids, pixels)
     return np.asarray(out), np.asarray(lengths)
 
 
@@ -252,11 +259,13 @@ def complete(
     mesh=None,
     pad_multiple: int = 1,
     adapter_ids: Sequence[int] | None = None,
+    pixels: Sequence | None = None,
 ) -> list[str]:
     """Prompt ids (e.g. the chat template's generation prompt, as training renders it) -> completions:
     the decoded text before the first stop id and before the first stop string. Prompts are padded to
     a multiple of `pad_multiple` (and of prefill_chunk) so that few prompt lengths need a compile.
-    With a bank model, `adapter_ids` gives each prompt's adapter (-1 = the base)."""
+    With a bank model, `adapter_ids` gives each prompt's adapter (-1 = the base); with a Llava,
+    `pixels` each prompt's images ([images, H, W, 3], as many as its placeholders)."""
     texts = []
     multiple = math.lcm(max(opts.prefill_chunk, 1), max(pad_multiple, 1))
     room = model.config.max_position_embeddings - opts.max_new_tokens
@@ -269,7 +278,12 @@ def complete(
             ids = list(adapter_ids[start : start + batch_size])
             ids += [ids[-1]] * fill
         tokens, mask = left_pad(group, multiple, max_length=room)
-        out, lengths = generate(model, tokens, mask, opts, seed=seed + start, mesh=mesh, adapter_ids=ids)
+        images = None
+        if pixels is not None:
+            images = list(pixels[start : start + batch_size])
+            images += [images[-1]] * fill
+            images = np.stack(images)  # [batch, images per row, H, W, 3]
+        out, lengths = generate(model, tokens, mask, opts, seed=seed + start, mesh=mesh, adapter_ids=ids, pixels=images)
         for row in range(min(batch_size, len(prompts) - start)):
             ids = [int(i) for i in out[row, : lengths[row]]]
             if ids and ids[-1] in opts.stop_ids:

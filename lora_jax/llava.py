@@ -223,12 +223,12 @@ def _tower_arrays(ckpt, cfg: LlavaConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def load_llava(hf_dir: str, lora, options: RuntimeOptions, mesh, seed: int = 0) -> Llava:
+def load_llava(hf_dir: str, lora, options: RuntimeOptions, mesh, seed: int = 0, ckpt=None) -> Llava:
     """A LLaVA checkpoint directory -> our Llava (the decoder sharded as load_hf_model shards it, the
     small tower and projector replicated), with fresh adapters on the decoder."""
     from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
 
-    ckpt = HFCheckpoint(hf_dir)
+    ckpt = ckpt or HFCheckpoint(hf_dir)
     if not ckpt.is_llava:
         raise CheckpointError(
             f"{hf_dir}/config.json: model_type {ckpt.raw_config.get('model_type')!r} has no vision tower "

@@ -35,7 +35,13 @@ HF_MODULES = {
 MODULE_TO_TARGET = {m: t for t, mods in HF_MODULES.items() for _, m in mods}
 MODULE_BLOCK = {m: block for mods in HF_MODULES.values() for block, m in mods}
 _KEY = "base_model.model.model.layers.{layer}.{block}.{module}.lora_{ab}.weight"
-_KEY_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+# On transformers' LlavaForConditionalGeneration the decoder is model.language_model (older
+# transformers: language_model.model); PEFT's keys follow the module paths.
+_LLAVA_KEY = "base_model.model.model.language_model.layers.{layer}.{block}.{module}.lora_{ab}.weight"
+_KEY_RE = re.compile(
+    r"base_model\.model\.(?:model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)\.(\w+)\.(\w+)"
+    r"\.lora_([AB])(?:\.[^.]+)?\.weight$"
+)
 
 
 def _hf_factors(cfg: ModelConfig, target: str, a: np.ndarray, b: np.ndarray) -> dict[str, tuple]:
@@ -57,7 +63,14 @@ BASE_FILE = "lora_jax_base.json"  # beside a PEFT adapter we wrote: {"base_model
 
 
 def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str = "") -> None:
-    """Writes the model's adapters in PEFT format (each file atomically). Call on process 0."""
+    """Writes the model's adapters in PEFT format (each file atomically). Call on process 0.
+
+    A Llava's adapters (on its language model) are named as PEFT names them on transformers'
+    LlavaForConditionalGeneration, and target_modules is a regex over the language model's modules
+    only (the vision tower also has q/k/v_proj), with the layers in it (PEFT refuses
+    layers_to_transform beside a regex)."""
+    llava = hasattr(model, "llava_config")
+    model = model.language if llava else model
     spec, cfg = model.lora, model.config
     if spec is None or not spec.targets:
         raise ValueError("the model has no LoRA adapters to export")
@@ -73,8 +86,9 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         for layer in spec.layers or range(cfg.num_layers):
             for module, (la, lb) in _hf_factors(cfg, target, a_all[layer], b_all[layer]).items():
                 block = MODULE_BLOCK[module]
-                tensors[_KEY.format(layer=layer, block=block, module=module, ab="A")] = la
-                tensors[_KEY.format(layer=layer, block=block, module=module, ab="B")] = lb
+                key = _LLAVA_KEY if llava else _KEY
+                tensors[key.format(layer=layer, block=block, module=module, ab="A")] = la
+                tensors[key.format(layer=layer, block=block, module=module, ab="B")] = lb
     specs = [(k, v.shape, np.float32) for k, v in sorted(tensors.items())]
     write_safetensors(str(out / "adapter_model.safetensors"), specs, tensors.__getitem__)
     modules = [m for t in spec.targets for _, m in HF_MODULES[t]]
@@ -92,18 +106,24 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.use_rslora,
-        "target_modules": modules,
+        "target_modules": _llava_modules(modules, spec.layers) if llava else modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": False,
         "modules_to_save": None,
-        "layers_to_transform": list(spec.layers) or None,
+        "layers_to_transform": None if llava else (list(spec.layers) or None),
         "init_lora_weights": True,
         "inference_mode": True,
     }
     write_text_atomic(out / "adapter_config.json", json.dumps(config, indent=2))
+
+
+def _llava_modules(modules: list[str], layers: tuple[int, ...]) -> str:
+    """PEFT's regex (full match) for these modules of the LLaVA language model's layers."""
+    which = "|".join(str(i) for i in layers) if layers else r"\d+"
+    return rf"model\.language_model\.layers\.({which})\.(self_attn|mlp)\.({'|'.join(modules)})"
 
 
 def _check_supported(config: dict, path: str) -> None:
@@ -167,6 +187,9 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
         factors.setdefault((module, layer), {})[ab] = np.asarray(f.read(key), np.float32)
     modules = sorted({m for m, _ in factors})
     layers = _layers_to_transform(config, cfg, str(cfg_path))
+    if not layers and isinstance(config.get("target_modules"), str):  # a regex: the layers that have tensors
+        present = sorted({i for _, i in factors})
+        layers = present if len(present) < cfg.num_layers else []
     for module in modules:
         missing = [i for i in layers or range(cfg.num_layers) if (module, i) not in factors]
         if missing:

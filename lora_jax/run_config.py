@@ -200,11 +200,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if d.name not in DATASETS:
         raise ConfigError(f"data.name={d.name!r} is unknown; valid: {', '.join(DATASETS)}")
-    if d.name in IMAGE_DATASETS:
-        raise ConfigError(
-            f"data.name={d.name!r} is an image task, and the vision tower is not built yet: training would "
-            "silently ignore the images (its builder and samples exist; training waits for the tower)"
-        )
+    if d.name in IMAGE_DATASETS and d.pack:
+        raise ConfigError(f"data.pack=True with data.name={d.name!r}: image examples are not packed (one per row)")
     if d.truncation not in TRUNCATIONS:
         raise ConfigError(f"data.truncation={d.truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
     try:

@@ -23,6 +23,7 @@ from lora_jax.assemble import (  # noqa: F401 — re-exported: train.global_batc
     data_source_manifest,
     dataset_counts,
     global_batch,
+    image_inputs,
     manual_dir,
     open_checkpoint_store,
     process_rows,
@@ -86,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer = build_trainer(model, config, mesh)
     graphdef, lora, frozen, opt_state = trainer.graphdef, trainer.lora, trainer.frozen, trainer.opt_state
     train_step, batch_sh = trainer.train_step, trainer.batch_sharding
-    data = data_iterators(config, workdir, tok_dir, model.config.vocab_size, batch_sh)
+    data = data_iterators(config, workdir, tok_dir, model.config.vocab_size, batch_sh, image_inputs(model, config))
     train_iter = data.train
 
     start = store.latest_step() or 0

@@ -57,7 +57,10 @@ def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
     model = nnx.merge(graphdef, lora, frozen)
     if isinstance(model.lora, AdapterBank):
         return _bank_loss_sums(model, batch, chunk, key)
-    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
+    images = {"pixels": batch["pixels"]} if "pixels" in batch else {}  # LLaVA: each row's image
+    hidden, _ = model.hidden_states(
+        batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key, **images
+    )
     return chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk)
 
 

@@ -165,3 +165,69 @@ def test_an_unreadable_image_is_a_clear_error():
     processor = ImageProcessor(height=32, width=32)
     with pytest.raises(DataError, match="llavacot example 7: not a readable image"):
         processor(b"not a png", what="llavacot example 7")
+
+
+def test_our_peft_export_loads_in_peft_on_transformers_llava(tmp_path):
+    """o_proj + qkv adapters (random B) on the language model: PEFT on LlavaForConditionalGeneration
+    gives our logits, and the vision tower (which also has q/k/v_proj) gets no adapter."""
+    import peft
+    import torch
+
+    from lora_jax.lora import LoraSpec
+    from lora_jax.peft_io import export_peft
+
+    hf, d = tiny_llava_dir(tmp_path, "siglip")
+    ours = load_llava(d, LoraSpec(("qkv", "o_proj"), rank=4, alpha=8.0), RuntimeOptions(), one_device())
+    rng = np.random.default_rng(1)
+    for target in ("qkv", "o_proj"):
+        b = getattr(ours.language.layers, target).lora_b
+        b.set_value(jax.numpy.asarray(rng.normal(size=b.get_value().shape) * 0.1, jax.numpy.float32))
+    export_peft(ours, str(tmp_path / "adapter"), d)
+    with_peft = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    adapted = [n for n, _ in with_peft.named_modules() if n.endswith("lora_A")]
+    assert adapted and all("language_model" in n for n in adapted)
+    ids = np.array([[5, 6] + [IMAGE_TOKEN] * 16 + [7, 8, 9]])
+    pixels = rng.normal(size=(1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = with_peft(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+    got = np.asarray(ours(ids, pixels=pixels.transpose(0, 2, 3, 1)[:, None]))
+    assert np.abs(got - ref).max() <= 1e-4
+    base = np.asarray(
+        load_llava(d, None, RuntimeOptions(), one_device())(ids, pixels=pixels.transpose(0, 2, 3, 1)[:, None])
+    )
+    assert np.abs(got - base).max() > 1e-3  # the adapters matter
+
+
+def test_placeholders_in_the_prompt_must_match_the_record_images(tmp_path):
+    from data import samples
+    from data.samples import tiny_png
+    from data.sft import SFTOptions, tokenize_example
+    from data.tokenizer import Tokenizer
+
+    tok = Tokenizer(samples.write_tiny_tokenizer(tmp_path / "tok", image_token=True))
+    opts = SFTOptions(512, image_token_id=259, tokens_per_image=16, image_processor=ImageProcessor(height=32, width=32))
+    record = {"id": "q1", "instruction": "What is shown?", "target": "A cube.", "images": [tiny_png(40, 30, 0)]}
+    ex = tokenize_example(tok, record, opts)
+    assert int(np.sum(ex["tokens"] == 259)) == 16 and ex["pixels"].shape == (1, 32, 32, 3)
+    assert ex["loss_mask"][ex["tokens"] == 259].sum() == 0  # placeholders are prompt, never target
+    with pytest.raises(DataError, match="example q2: more placeholders than images"):
+        tokenize_example(tok, dict(record, id="q2", instruction="<image> twice?"), opts)
+    with pytest.raises(DataError, match="example q3: not a readable image"):
+        tokenize_example(tok, dict(record, id="q3", images=[b"broken"]), opts)
+
+
+def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
+    """main.py on configs/llavacot_oproj.py:runlocal (a tiny random SigLIP tower + decoder): trains on
+    the images, scores the suite by generating from image + prompt, exports a LLaVA-named adapter."""
+    from cli import run_main
+    from safetensors.numpy import load_file
+
+    summary = run_main(tmp_path, config="configs/llavacot_oproj.py:runlocal")
+    assert summary["final_step"] == 20 and summary["dataset"] == "llavacot" and summary["targets"] == ["o_proj"]
+    assert np.isfinite(summary["eval_loss"])
+    suite = json.loads((tmp_path / "eval" / "llavacot.json").read_text())
+    assert suite["metric"] == "exact_match" and suite["num_examples"] >= 1
+    keys = list(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == r"model\.language_model\.layers\.(\d+)\.(self_attn|mlp)\.(o_proj)"

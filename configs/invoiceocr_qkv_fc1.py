@@ -1,0 +1,7 @@
+"""Invoice OCR, LoRA on the language model's qkv + fc1 (study arm `qkv_fc1`)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.arm_config("invoiceocr", "qkv_fc1", arg)
