@@ -34,7 +34,7 @@ from lora_jax.assemble import build_bank_model, data_iterators, global_batch, op
 from lora_jax.checkpointing import all_finite
 from lora_jax.errors import ConfigError, WorkdirError
 from lora_jax.evaluate import completion_fn, latency_fn
-from lora_jax.run_config import check_workdir_writable, lora_spec, validate
+from lora_jax.run_config import IMAGE_DATASETS, check_workdir_writable, lora_spec, validate
 from lora_jax.sharding import make_mesh
 from lora_jax.train import (
     StepTimer,
@@ -60,6 +60,10 @@ def arm_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Config
         raise ConfigError(f"config.arms has {', '.join(unknown)}; valid arms: {', '.join(ARM_TARGETS)}")
     if len(set(arms)) != len(arms):
         raise ConfigError(f"config.arms lists an arm twice: {arms}")
+    if config.data.name in IMAGE_DATASETS:
+        raise ConfigError(
+            f"config.arms: joint training of the image datasets ({config.data.name}) is not supported yet"
+        )
     if config.mode != "train":
         raise ConfigError("config.arms trains arms jointly; mode=eval scores one arm: point it at that arm's workdir")
     if config.train.max_to_keep < 2:

@@ -93,7 +93,7 @@ CASES = [
     ("eval batch 0", lambda t, W: ["--config.eval.batch_size=0"], "eval.batch_size=0"),
     ("unknown dataset", lambda t, W: ["--config.data.name=squad"], "data.name='squad'"),
     ("unknown truncation", lambda t, W: ["--config.data.truncation=middle"], "data.truncation='middle'"),
-    ("image dataset", lambda t, W: ["--config.data.name=llavacot"], "data.name='llavacot' is an image task"),
+    ("image dataset", lambda t, W: ["--config.data.name=llavacot"], "data.pack=True with data.name='llavacot'"),
     ("bad image policy", lambda t, W: ["--config.data.bad_images=skip"], "data.bad_images='skip'"),
     ("seq len 4", lambda t, W: ["--config.data.max_seq_len=4"], "max_seq_len=4"),
     ("target > seq", lambda t, W: ["--config.data.max_target_tokens=4096"], "max_target_tokens=4096"),

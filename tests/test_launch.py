@@ -22,7 +22,7 @@ PY = sys.executable
 
 def test_study_sweep_is_the_study_grid():
     runs = sweep.load("configs/sweeps/study.py")
-    assert len(runs) == 40 and len({r.name for r in runs}) == 40  # 9 + 9 + 9 + 7 + 6 text-dataset arms
+    assert len(runs) == 55 and len({r.name for r in runs}) == 55  # text: 9 + 9 + 9 + 7 + 6; images: 9 + 6
     assert len(sweep.load("configs/sweeps/study.py:dataset=cocohd")) == 9
     seeds = sweep.load("configs/sweeps/study.py:dataset=govreport,seeds=3")
     assert len(seeds) == 21 and {dict(r.overrides)["train.seed"] for r in seeds} == {0, 1, 2}

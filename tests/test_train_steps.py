@@ -164,7 +164,7 @@ def test_every_arm_file_loads_and_validates():
     files = sorted(pathlib.Path(base.__file__).parent.glob("[a-z]*_*.py"))
     joint = [p for p in files if p.stem.endswith("_all_arms")]  # every arm in one job (test_train_arms.py)
     files = [p for p in files if p not in joint]
-    assert len(files) == 40 and len(joint) == 5
+    assert len(files) == 55 and len(joint) == 5  # 40 text arms + LLaVA-CoT 9 + Invoice OCR 6
     for path in files:
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
