@@ -116,9 +116,7 @@ def latency_fn(model_fn, config, context: int):
 
     def run():
         s = config.eval.latency
-        model = model_fn()
-        model = getattr(model, "language", model)  # LLaVA: the decoder's latency (images only add to the prefill)
-        return latency.measure(model, s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup)
+        return latency.measure(model_fn(), s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup)
 
     return run
 

@@ -201,10 +201,10 @@ class Stepper:
         self._prefill = jax.jit(self._prefill_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
 
-    def _prefill_fn(self, params, cache, tokens, mask, key, ids):
+    def _prefill_fn(self, params, cache, tokens, mask, key, ids, pixels):
         model = nnx.merge(self.graphdef, params)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits, cache = _last_logits(model, tokens, positions, mask, cache, ids)
+        logits, cache = _last_logits(model, tokens, positions, mask, cache, ids, pixels)
         tok = sample(logits, jax.random.fold_in(key, 0), self.opts)
         return tok, cache, positions[:, -1] + 1
 
@@ -213,10 +213,11 @@ class Stepper:
         logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache, ids)
         return sample(logits, jax.random.fold_in(key, i), self.opts), cache, pos + 1
 
-    def prefill(self, tokens, mask) -> jax.Array:
+    def prefill(self, tokens, mask, pixels=None) -> jax.Array:
+        """pixels: a Llava's images per row [batch, images, H, W, 3] (the prefill runs the tower)."""
         tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
         self.tok, self.cache, self.pos = self._prefill(
-            self.params, self.cache0, tokens, mask, self.key, self.adapter_ids
+            self.params, self.cache0, tokens, mask, self.key, self.adapter_ids, pixels
         )
         self.i = 1
         return self.tok

@@ -20,12 +20,18 @@ from lora_jax.model import Transformer, merge_lora
 
 
 def variants(model: Transformer) -> dict[str, Transformer]:
-    """{"base", "unmerged", "merged"} sharing the base weights of `model` (left as it is)."""
+    """{"base", "unmerged", "merged"} sharing the base weights of `model` (left as it is). A Llava's
+    variants are Llavas (its adapters are on the decoder)."""
     _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
+    if hasattr(model, "llava_config"):
+        from lora_jax.llava import Llava
+
+        base = nnx.eval_shape(lambda: Llava(model.llava_config, None, model.options, rngs=nnx.Rngs(0)))
+    else:
+        base = nnx.eval_shape(lambda: Transformer(model.config, None, model.options, rngs=nnx.Rngs(0)))
     nnx.update(base, frozen)
     merged = nnx.clone(model)  # new Variables: merging must not touch `model` (merge(*split()) shares them)
-    merge_lora(merged)
+    merge_lora(getattr(merged, "language", merged))
     return {"base": base, "unmerged": model, "merged": merged}
 
 
@@ -37,16 +43,24 @@ class Requests:
     ):
         """adapter_ids: a bank model's adapter per row (generate.py)."""
         opts = GenerationOptions(max_new_tokens=new_tokens)
-        self.stepper = Stepper(model, opts, batch, prompt_len, adapter_ids=adapter_ids)
         rng = np.random.default_rng(seed)
         self.tokens = rng.integers(0, model.config.vocab_size, size=(batch, prompt_len)).astype(np.int32)
         self.mask = np.ones_like(self.tokens)
+        self.pixels = None
+        if hasattr(model, "llava_config"):  # a LLaVA request: one image (its placeholders open the prompt)
+            cfg = model.llava_config
+            n = cfg.tokens_per_image
+            self.tokens = np.concatenate([np.full((batch, n), cfg.image_token_id, np.int32), self.tokens], axis=1)
+            self.mask = np.ones_like(self.tokens)
+            shape = (batch, 1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels)
+            self.pixels = rng.normal(size=shape).astype(np.float32)
+        self.stepper = Stepper(model, opts, batch, self.tokens.shape[1], adapter_ids=adapter_ids)
         self.new_tokens = new_tokens
 
     def request(self) -> tuple[float, float]:
         """(TTFT, TPOT) of one request, seconds."""
         start = time.perf_counter()
-        self.stepper.prefill(self.tokens, self.mask).block_until_ready()
+        self.stepper.prefill(self.tokens, self.mask, self.pixels).block_until_ready()
         first = time.perf_counter()
         for _ in range(self.new_tokens - 1):
             self.stepper.step().block_until_ready()

@@ -326,10 +326,15 @@ def with_adapter(model: Transformer, adapter_dir: str, hf_dir: str | None = None
                 f"{adapter_dir}: adapter on {spec.targets} does not fit the model ({have}); a randomly "
                 "initialised base can only take an adapter of the config's own arm"
             )
-        from lora_jax.hf_checkpoint import load_hf_model
+        if hasattr(model, "llava_config"):
+            from lora_jax.llava import load_llava
 
-        model = load_hf_model(hf_dir, spec, options, mesh)
-    set_lora_weights(model, weights)
+            model = load_llava(hf_dir, spec, options, mesh)
+        else:
+            from lora_jax.hf_checkpoint import load_hf_model
+
+            model = load_hf_model(hf_dir, spec, options, mesh)
+    set_lora_weights(getattr(model, "language", model), weights)  # a Llava's adapters are on its decoder
     return model
 
 

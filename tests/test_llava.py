@@ -219,7 +219,9 @@ def test_placeholders_in_the_prompt_must_match_the_record_images(tmp_path):
 def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
     """main.py on configs/llavacot_oproj.py:runlocal (a tiny random SigLIP tower + decoder): trains on
     the images, scores the suite by generating from image + prompt, exports a LLaVA-named adapter."""
-    from cli import run_main
+    import subprocess
+
+    from cli import ENV, ROOT, main_cmd, run_main
     from safetensors.numpy import load_file
 
     summary = run_main(tmp_path, config="configs/llavacot_oproj.py:runlocal")
@@ -231,3 +233,15 @@ def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
     assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == r"model\.language_model\.layers\.(\d+)\.(self_attn|mlp)\.(o_proj)"
+    # mode=eval with that adapter on a fresh base: the same predictions as training's own evaluation.
+    again = tmp_path / "eval_run"
+    args = (
+        "--config.mode=eval",
+        f"--config.eval.adapter_dir={tmp_path / 'adapter'}",
+        "--config.eval.evaluators=('generate',)",
+    )
+    proc = subprocess.run(main_cmd(again, *args, config="configs/llavacot_oproj.py:runlocal"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rescored = json.loads((again / "eval" / "llavacot.json").read_text())
+    assert [e["prediction"] for e in rescored["examples"]] == [e["prediction"] for e in suite["examples"]]
