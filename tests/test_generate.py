@@ -89,7 +89,7 @@ def test_a_32k_prompt_prefills_in_bounded_memory():
     from lora_jax.generate import _compiled
 
     graphdef, state = nnx.split(model)
-    compiled = _compiled(graphdef, opts, None).lower(state, tokens, mask, jax.random.key(0)).compile()
+    compiled = _compiled(graphdef, opts, None).lower(state, tokens, mask, jax.random.key(0), None, None).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < t * t * 4 / 64, temp  # < 64 MiB, vs 4 GiB for one [T, T] float32 score matrix
     out, lengths = generate(model, tokens, mask, opts)
