@@ -245,3 +245,57 @@ def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rescored = json.loads((again / "eval" / "llavacot.json").read_text())
     assert [e["prediction"] for e in rescored["examples"]] == [e["prediction"] for e in suite["examples"]]
+
+
+def test_runlocal_arm_on_a_transformers_llava_exports_what_peft_loads(tmp_path):
+    """The LLaVA-CoT o_proj runlocal arm trained on a tiny LLaVA saved by transformers (model.hf_dir):
+    its exported adapter, loaded by PEFT on that LlavaForConditionalGeneration, gives our logits."""
+    import subprocess
+
+    import peft
+    import torch
+    from cli import ENV, ROOT, main_cmd
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    from data import samples
+    from lora_jax.peft_io import with_adapter
+
+    torch.manual_seed(0)
+    config = LlavaConfig(  # the runlocal decoder's shape (configs/base.py), a SigLIP tower of 32x32 pixels
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+        ),
+        text_config=Qwen2Config(
+            vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        ),
+        image_token_id=259,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )  # fmt: skip
+    hf = LlavaForConditionalGeneration(config).eval()
+    d = tmp_path / "hf"
+    hf.save_pretrained(str(d))
+    samples.write_tiny_tokenizer(d, image_token=True)  # its tokenizer: the bundled one with <image> = 259
+    (d / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "SiglipImageProcessor", "size": {"height": 32, "width": 32}})
+    )
+    work = tmp_path / "run"
+    args = (f"--config.model.hf_dir={d}", "--config.eval.evaluators=('loss',)", "--config.lora.dropout=0.0")
+    proc = subprocess.run(main_cmd(work, *args, config="configs/llavacot_oproj.py:runlocal"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    with_peft = peft.PeftModel.from_pretrained(hf, str(work / "adapter")).eval()
+    ours = with_adapter(load_llava(str(d), None, RuntimeOptions(), one_device()), str(work / "adapter"), str(d),
+                        RuntimeOptions(), one_device())  # fmt: skip
+    rng = np.random.default_rng(2)
+    ids = np.array([[5, 6] + [259] * 16 + list(rng.integers(3, 250, 12))])
+    pixels = rng.normal(size=(1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = with_peft(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+        with with_peft.disable_adapter():  # PEFT injected its layers into hf itself
+            base = with_peft(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+    got = np.asarray(ours(ids, pixels=pixels.transpose(0, 2, 3, 1)[:, None]))
+    assert np.abs(got - ref).max() <= 1e-4
+    assert np.abs(ref - base).max() > 1e-4  # training moved the adapter off the base
