@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.train_throughput import OursStep, bench_config  # noqa: E402
@@ -142,5 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

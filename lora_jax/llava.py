@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.errors import CheckpointError, ConfigError
+from lora_jax.errors import CheckpointError
 from lora_jax.model import RuntimeOptions, Transformer
 from lora_jax.model_config import ModelConfig
 from lora_jax.vision import Projector, VisionConfig, VisionTower, vision_config_from_hf
@@ -106,7 +106,7 @@ class Llava(nnx.Module):
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, *, pixels=None, **kwargs):
         """As Transformer.hidden_states, with each row's images (pixels [batch, images, H, W, C]) in its
-        placeholders; `check_images` first (on the host) for a clear error on a count mismatch."""
+        placeholders (data/sft.py checks on the host that every example has one placeholder run per image)."""
         return self.language.hidden_states(
             tokens, positions, segment_ids, embeds=self.input_embeds(tokens, pixels), **kwargs
         )
@@ -136,25 +136,6 @@ class Llava(nnx.Module):
     def __call__(self, tokens, positions=None, segment_ids=None, *, pixels=None):
         h, _ = self.hidden_states(tokens, positions, segment_ids, pixels=pixels)
         return self.language.logits_from_hidden(h)
-
-
-def check_images(cfg: LlavaConfig, tokens, images_per_row, names=None) -> None:
-    """A clear error, naming the example, when a row's placeholders do not match its images (each
-    image needs exactly tokens_per_image placeholder tokens). names: what each row is (example ids)."""
-    tokens = np.asarray(tokens)
-    for row, n in enumerate(images_per_row):
-        placeholders = int(np.sum(tokens[row] == cfg.image_token_id))
-        if placeholders != n * cfg.tokens_per_image:
-            what = names[row] if names else f"row {row}"
-            more = (
-                "more images than placeholders"
-                if placeholders < n * cfg.tokens_per_image
-                else "more placeholders than images"
-            )
-            raise ConfigError(
-                f"{what}: {more}: {placeholders} image placeholder tokens (id {cfg.image_token_id}) for {n} image(s) "
-                f"of {cfg.tokens_per_image} tokens each"
-            )
 
 
 # -- loading ------------------------------------------------------------------------------------

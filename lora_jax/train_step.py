@@ -66,7 +66,7 @@ def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
 
 def _bank_loss_sums(model, batch, chunk, key):
     k = model.lora.num_arms
-    b, t = batch["tokens"].shape
+    b = batch["tokens"].shape[0]
     rows = jnp.arange(b * k) // k  # row b*K + arm reads input row b
     if key is not None and key.ndim == 1:  # per-row dropout keys: arm k's row b gets row b's key, as alone
         key = key[rows]
