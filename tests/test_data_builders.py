@@ -156,8 +156,11 @@ def test_real_records_parse(tmp_path):
         "llavacot", {"llava_cot/readme_examples.jsonl": "train.jsonl", "llava_cot/reasoning.png": "reasoning.png"}
     )
     rows = [json.loads(line) for line in open(os.path.join(lc, "train.jsonl"))]
+    shutil.copy(os.path.join(lc, "reasoning.png"), os.path.join(lc, "again.png"))  # test is held out by image
     with open(os.path.join(lc, "train.jsonl"), "w") as f:  # only the first example's image is shipped
-        f.writelines(json.dumps(dict(rows[0], id=f"r{i}")) + "\n" for i in range(5))
+        f.writelines(
+            json.dumps(dict(rows[0], id=f"r{i}", image=("reasoning.png", "again.png")[i % 2])) + "\n" for i in range(5)
+        )
     src = data_sources("llavacot", lc, str(tmp_path / "t4"))
     assert _text(src["train"][0], "answer") == "**B**" and src["train"][0]["images"][0][:4] == b"\x89PNG"
 
