@@ -16,6 +16,10 @@ METRICS: dict[str, Callable[[str, str], Scored]] = {
     "field_accuracy": field_accuracy.score,
 }
 
+# Metrics where a lower score is better (e.g. a rate of planted answers): the report ranks them so
+# (best arm, Pareto front, relative scores, plots). Every metric not named here: higher is better.
+LOWER_IS_BETTER: frozenset[str] = frozenset()
+
 
 def aggregate(scores: list[Scored], bad_references: int = 0) -> dict:
     """Mean score over the scored examples, with the format failures counted apart."""
