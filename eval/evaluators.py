@@ -82,6 +82,8 @@ def generate_evaluator(ctx: EvalContext, step: int) -> dict:
         result,
         suite=suite.name,
         dataset=ctx.config.data.name,
+        arm=ctx.config.arm,  # the scored adapter's arm (mode=eval labels an adapter by its own targets)
+        targets=list(ctx.config.lora.targets),
         split=suite.split,
         metric=suite.metric,
         step=step,

@@ -154,9 +154,45 @@ def data_source_manifest(config) -> dict | None:
     return source_manifest(d.name, d.manual_dir, bad_images=d.bad_images)
 
 
+# Files of a tokenizer directory that decide the ids and the chat template (data/tokenizer.py reads them;
+# the rest are transformers' duplicates of the same content).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+)
+
+
+def files_digest(directory, names) -> str:
+    """sha256 (first 16 hex digits) over the contents of the named files the directory holds, each
+    with its name: a file's bytes decide it, not its path or mtime."""
+    d = epath.Path(directory)
+    h = hashlib.sha256()
+    for name in names:
+        path = d / name
+        if path.exists():
+            data = path.read_bytes()
+            h.update(f"{name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_identity(config) -> str:
+    """The tokenizer and chat template a run renders its examples with: the digest of the files in
+    data.tokenizer_dir (else model.hf_dir's own); "bundled" for the runlocal tokenizer, which
+    data/samples.py writes deterministically."""
+    tok_dir = config.data.tokenizer_dir or config.model.hf_dir
+    return files_digest(tok_dir, TOKENIZER_FILES) if tok_dir else "bundled"
+
+
 def run_identity(config, fingerprint: str, data_source: str) -> dict:
-    """What a checkpoint must agree with to be resumed: the adapters' shape, the base, the data and the
-    schedule (a resumed run must see the batches and learning rates an uninterrupted one would)."""
+    """What a checkpoint must agree with to be resumed: the adapters' shape, the base (its fingerprint,
+    and the dtypes it is loaded and computed in), the tokenizer and chat template, a LLaVA checkpoint's
+    image processor, the data and the schedule (a resumed run must see the batches and learning rates
+    an uninterrupted one would). Keys added later are absent from older checkpoints, which still match
+    (checkpointing.CheckpointStore)."""
     spec = lora_spec(config)
     identity = {
         "arm": config.arm,
@@ -170,9 +206,14 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
             **({"layers": list(spec.layers)} if spec.layers else {}),  # absent when all: older checkpoints match
         },
         "base_fingerprint": fingerprint,
+        "model.param_dtype": config.model.param_dtype,
+        "model.compute_dtype": config.model.compute_dtype,
+        "tokenizer": tokenizer_identity(config),
         "dataset": config.data.name,
         "data_source": data_source,
     }
+    if config.data.name in IMAGE_DATASETS and config.model.hf_dir:  # a random tower resizes to its image_size
+        identity["image_processor"] = files_digest(config.model.hf_dir, ("preprocessor_config.json",))
     for key in RESUMABLE_CHANGES:
         if "." in key:
             section, name = key.split(".")
@@ -275,6 +316,13 @@ def open_checkpoint_store(config, workdir: epath.Path, fingerprint: str):
         if "data_source" in e.keys and source and recorded.exists():
             change = describe_change(json.loads(recorded.read_text()), source)
             raise WorkdirMismatchError(f"{e} [data.manual_dir: {change}]", e.keys) from None
+        hints = {
+            "tokenizer": f"the tokenizer/chat template files in {config.data.tokenizer_dir or config.model.hf_dir}",
+            "image_processor": f"{config.model.hf_dir}/preprocessor_config.json",
+        }
+        changed = [f"{k}: {what} changed" for k, what in hints.items() if k in e.keys]
+        if changed:
+            raise WorkdirMismatchError(f"{e} [{'; '.join(changed)}]", e.keys) from None
         raise
     if source and jax.process_index() == 0:
         write_text_atomic(workdir / "data_source.json", json.dumps(source, indent=1))

@@ -57,7 +57,10 @@ class CheckpointStore:
         if step is None:
             return
         meta = existing.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        differ = [k for k in self.identity if k not in self.allowed_changes and meta.get(k) != self.identity[k]]
+        # A key the checkpoint does not record matches: it was written before that key joined the identity.
+        differ = [
+            k for k in self.identity if k not in self.allowed_changes and k in meta and meta[k] != self.identity[k]
+        ]
         if differ:
             what = "; ".join(f"{k}={meta.get(k)!r}, this run has {self.identity[k]!r}" for k in differ)
             raise WorkdirMismatchError(

@@ -21,6 +21,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from data.sft import SFTOptions, example_pixels, generation_prompt_ids
@@ -28,11 +29,11 @@ from data.tokenizer import Tokenizer
 from eval.evaluators import EvalContext, run_evaluators
 from lora_jax import latency
 from lora_jax.assemble import data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
-from lora_jax.errors import ConfigError
 from lora_jax.generate import GenerationOptions, complete
+from lora_jax.lora import ARMS, validate_targets
 from lora_jax.multihost import decided_on_process_0
-from lora_jax.peft_io import with_adapter
-from lora_jax.run_config import runtime_options
+from lora_jax.peft_io import check_adapter_base, with_adapter
+from lora_jax.run_config import arm_name, check_latency, runtime_options
 from lora_jax.safetensors_io import write_text_atomic
 from lora_jax.trainer import build_trainer
 
@@ -104,15 +105,9 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
 
 def latency_fn(model_fn, config, context: int):
     """() -> {"base"|"unmerged"|"merged": TTFT/TPOT stats} of the model as it is now (eval.latency).
-    The settings are checked now, against the model's context, not after training."""
-    s = config.eval.latency
-    for key, low in (("batch_size", 1), ("prompt_tokens", 1), ("new_tokens", 2), ("requests", 1), ("warmup", 0)):
-        if s[key] < low:
-            raise ConfigError(f"eval.latency.{key}={s[key]} must be >= {low}")
-    if s.prompt_tokens + s.new_tokens > context:
-        raise ConfigError(
-            f"eval.latency.prompt_tokens + new_tokens = {s.prompt_tokens + s.new_tokens} passes the model's context ({context})"
-        )
+    The settings are validated with the config (run_config.validate, before anything is written);
+    checked again here, against this model's context, for callers that skip validation."""
+    check_latency(config, context)
 
     def run():
         s = config.eval.latency
@@ -129,6 +124,23 @@ def _zero_adapters(model) -> None:
         b.set_value(jnp.zeros_like(b.get_value()))
 
 
+def labelled_config(config, model):
+    """`config` as the scored adapters label it (arm and lora.targets): the model's own targets and
+    their study arm (`arm_name`), so that an adapter (eval.adapter_dir) on other targets than
+    config.arm's is filed under its own arm. A config.arm outside the study's arms is kept as the
+    label of the config's own targets."""
+    spec = getattr(model, "language", model).lora  # a Llava's adapters are on its decoder
+    if spec is None:
+        return config
+    own = config.arm not in ARMS and spec.targets == validate_targets(config.lora.targets)
+    arm = config.arm if own else arm_name(spec.targets)
+    if arm == config.arm and spec.targets == tuple(config.lora.targets):
+        return config
+    label = ml_collections.ConfigDict(config.to_dict())
+    label.arm, label.lora.targets = arm, tuple(spec.targets)
+    return label
+
+
 def evaluate(config, workdir: str) -> dict:
     """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
     from lora_jax.train import loss_on_test_split, metric_writer, start_run
@@ -136,6 +148,7 @@ def evaluate(config, workdir: str) -> dict:
     workdir, mesh, model, fingerprint = start_run(config, workdir)
     step, adapter, source = 0, None, "base"
     if config.eval.adapter_dir:
+        check_adapter_base(config.eval.adapter_dir, fingerprint)
         model = with_adapter(model, config.eval.adapter_dir, config.model.hf_dir, runtime_options(config), mesh)
         adapter, source = str(config.eval.adapter_dir), "peft"
     elif decided_on_process_0(lambda: "yes" if (workdir / "checkpoints").exists() else ""):
@@ -154,8 +167,9 @@ def evaluate(config, workdir: str) -> dict:
     images = image_inputs(model, config)
     data = data_iterators(config, workdir, tokenizer_dir(config, workdir), model.config.vocab_size, batch_sh, images)
     writer = metric_writer(workdir)
+    label = labelled_config(config, model)
     ctx = EvalContext(
-        config,
+        label,
         workdir,
         writer,
         data.sources,
@@ -166,7 +180,13 @@ def evaluate(config, workdir: str) -> dict:
         latency_fn(lambda: nnx.merge(trainer.graphdef, lora, frozen), config, model.config.max_position_embeddings),
     )
     results = dict(run_evaluators(ctx, step), adapter=adapter, adapter_source=source, step=step)
-    results.update(dataset=config.data.name, arm=config.arm, seed=config.train.seed, base_model=fingerprint)
+    results.update(
+        dataset=config.data.name,
+        arm=label.arm,
+        targets=list(label.lora.targets),
+        seed=config.train.seed,
+        base_model=fingerprint,
+    )
     writer.flush()
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,24 @@ def _hf_factors(cfg: ModelConfig, target: str, a: np.ndarray, b: np.ndarray) -> 
 BASE_FILE = "lora_jax_base.json"  # beside a PEFT adapter we wrote: {"base_model": the base's fingerprint}
 
 
+def check_adapter_base(adapter_dir: str, base_fingerprint: str) -> None:
+    """Refuses (CheckpointError naming the file and both fingerprints) an adapter whose `lora_jax_base.json`
+    records another base than `base_fingerprint`. An adapter without the file (trained with PEFT
+    elsewhere) says nothing about its base and passes."""
+    path = epath.Path(adapter_dir) / BASE_FILE
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text())["base_model"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f'{path}: unreadable (expected {{"base_model": "<fingerprint>"}})') from None
+    if recorded != base_fingerprint:
+        raise CheckpointError(
+            f"{path}: the adapter was trained on base {recorded}, but this run's base is {base_fingerprint} "
+            "(model.hf_dir and the model settings must be those the adapter was trained with)"
+        )
+
+
 def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str = "") -> None:
     """Writes the model's adapters in PEFT format (each file atomically). Call on process 0.
 

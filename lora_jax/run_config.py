@@ -6,6 +6,7 @@ and what was expected, before any file is written or any program compiled.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -14,8 +15,8 @@ import ml_collections
 from etils import epath
 
 from lora_jax.attention import get_attention_impl
-from lora_jax.errors import ConfigError, MissingFileError, WorkdirError
-from lora_jax.lora import LoraSpec
+from lora_jax.errors import CheckpointError, ConfigError, MissingFileError, WorkdirError
+from lora_jax.lora import ARMS, LoraSpec, validate_targets
 from lora_jax.model import REMAT_POLICIES, RuntimeOptions
 from lora_jax.model_config import ModelConfig
 from lora_jax.multihost import decided_on_process_0
@@ -148,6 +149,9 @@ RANGES = {
 }
 MODES = ("train", "eval")
 IMAGE_DATASETS = ("llavacot", "invoiceocr")
+# eval.latency: each setting's minimum. warmup >= 1 so that compilation never lands in a timed request.
+LATENCY_MINIMA = {"batch_size": 1, "prompt_tokens": 1, "new_tokens": 2, "requests": 1, "warmup": 1}
+VISION_DIMS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size")
 # Settings a resumed run may change when the user lists them in train.allow_changed_on_resume.
 RESUMABLE_CHANGES = (
     "data.max_seq_len",
@@ -219,6 +223,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"train.allow_changed_on_resume has {', '.join(unknown)}; valid: {', '.join(RESUMABLE_CHANGES)}"
         )
+    check_evaluators(config)
     sizes = resolve_mesh_shape(config.mesh.shape, jax.device_count())
     data_parallel = sizes[0] * sizes[1]
     accum = config.optim.grad_accum_steps
@@ -232,12 +237,117 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"eval.batch_size={config.eval.batch_size} must divide by data x fsdp ({data_parallel})")
     _check_dir("model.hf_dir", config.model.hf_dir, "config.json")
     _check_dir("data.tokenizer_dir", d.tokenizer_dir)
-    if config.model.hf_dir is None:
-        random_model_config(config)
+    _check_dir("eval.adapter_dir", config.eval.adapter_dir, "adapter_config.json")
+    if d.name in IMAGE_DATASETS:
+        check_vision_tower(config)
+    check_latency(config, model_config_of(config).max_position_embeddings)
     if not d.use_bundled_samples:
         from data.prepare import check_manual_dir
 
         check_manual_dir(d.name, d.manual_dir)
+    if config.arms:
+        check_arms(config)
+        for arm in config.arms:
+            validate(arm_config(config, arm))
+
+
+def check_evaluators(config: ml_collections.ConfigDict) -> None:
+    """eval.evaluators names registered evaluators, and the dataset's suite is valid."""
+    from eval.evaluators import check_evaluators as check
+
+    check(config)
+
+
+def check_latency(config: ml_collections.ConfigDict, context: int) -> None:
+    """eval.latency: every setting at least its minimum, and prompt + new tokens within the context."""
+    s = config.eval.latency
+    for key, low in LATENCY_MINIMA.items():
+        value = s[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"eval.latency.{key}={value!r} must be an integer >= {low}")
+    if s.prompt_tokens + s.new_tokens > context:
+        raise ConfigError(
+            f"eval.latency.prompt_tokens + new_tokens = {s.prompt_tokens + s.new_tokens} passes the model's "
+            f"context ({context})"
+        )
+
+
+def check_vision_tower(config: ml_collections.ConfigDict) -> None:
+    """An image dataset needs a vision tower: a LLaVA checkpoint in model.hf_dir, else a random one
+    described by model.vision (what configs/<image dataset>_<arm>.py:runlocal sets)."""
+    name = config.data.name
+    if config.model.hf_dir:
+        path = epath.Path(config.model.hf_dir) / "config.json"
+        try:
+            model_type = json.loads(path.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{path}: invalid JSON") from None
+        if model_type != "llava":
+            raise ConfigError(
+                f"data.name={name!r} is an image dataset: model.hf_dir={config.model.hf_dir} has no vision tower "
+                f"(model_type {model_type!r}; a LLaVA checkpoint, model_type 'llava', is needed)"
+            )
+        return
+    v = config.model.vision
+    unset = [f"model.vision.{k}={v[k]}" for k in VISION_DIMS if not isinstance(v[k], int) or v[k] < 1]
+    if unset:
+        raise ConfigError(
+            f"data.name={name!r} is an image dataset and the model has no vision tower ({', '.join(unset)}): set "
+            "model.hf_dir to a LLaVA checkpoint, or every model.vision size >= 1 for a random tower "
+            f"(configs/{name}_<arm>.py:runlocal sets them)"
+        )
+    if v.kind not in ("siglip", "clip"):
+        raise ConfigError(f"model.vision.kind={v.kind!r} is unknown; valid: siglip, clip")
+    if v.select_strategy not in ("full", "default"):
+        raise ConfigError(f"model.vision.select_strategy={v.select_strategy!r} is unknown; valid: full, default")
+    if v.patch_size > v.image_size or v.hidden_size % v.num_heads:
+        raise ConfigError(
+            f"model.vision: patch_size={v.patch_size} must be <= image_size={v.image_size} and "
+            f"hidden_size={v.hidden_size} must divide by num_heads={v.num_heads}"
+        )
+    vocab = config.model.vocab_size
+    if not 0 <= v.image_token_id < vocab:
+        raise ConfigError(f"model.vision.image_token_id={v.image_token_id} must be in [0, model.vocab_size={vocab})")
+
+
+def check_arms(config: ml_collections.ConfigDict) -> None:
+    """config.arms (a joint run): known, distinct study arms of a text dataset, trained with checkpoints
+    a kill between two arms' saves cannot leave without a common step."""
+    arms = tuple(config.arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"config.arms has {', '.join(map(str, unknown))}; valid arms: {', '.join(ARMS)}")
+    if len(set(arms)) != len(arms):
+        raise ConfigError(f"config.arms lists an arm twice: {arms}")
+    if config.data.name in IMAGE_DATASETS:
+        raise ConfigError(
+            f"config.arms: joint training of the image datasets ({config.data.name}) is not supported yet"
+        )
+    if config.mode != "train":
+        raise ConfigError("config.arms trains arms jointly; mode=eval scores one arm: point it at that arm's workdir")
+    if config.train.max_to_keep < 2:
+        raise ConfigError(
+            f"train.max_to_keep={config.train.max_to_keep}: a joint run needs >= 2, so that a kill between two "
+            "arms' saves leaves a step every arm still has"
+        )
+
+
+def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.ConfigDict:
+    """The config of one arm of a joint run: the config as given, with that arm's targets (the arm's own
+    run: `configs/<dataset>_<arm>.py` with the same overrides)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.arm, c.arms, c.lora.targets = arm, (), ARMS[arm]
+    return c
+
+
+def arm_name(targets) -> str:
+    """The study's arm token of a set of targets ("oproj_fc2", "all"); targets outside the nine arms
+    join their tokens the same way (o_proj -> oproj)."""
+    targets = validate_targets(targets)
+    for name, arm_targets in ARMS.items():
+        if validate_targets(arm_targets) == targets:
+            return name
+    return "_".join(t.replace("_", "") for t in targets)
 
 
 def check_workdir_writable(workdir: epath.Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from eval.evaluators import EvalContext, check_evaluators, run_evaluators
+from eval.evaluators import EvalContext, run_evaluators
 from lora_jax import accounting
 from lora_jax.assemble import (  # noqa: F401 — re-exported: train.global_batch etc. are public names
     build_model,
@@ -68,8 +68,7 @@ def metric_writer(workdir: epath.Path):
 def start_run(config: ml_collections.ConfigDict, workdir: str):
     """Every check that needs no data (before anything is written), then the mesh and the model:
     (workdir, mesh, model, base fingerprint). Training and mode=eval start the same way."""
-    validate(config)
-    check_evaluators(config)
+    validate(config)  # every config check, the evaluators' included
     workdir = epath.Path(workdir)
     check_workdir_writable(workdir)
     mesh = make_mesh(config.mesh.shape)

@@ -27,14 +27,13 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from configs.base import ARM_TARGETS
-from eval.evaluators import EvalContext, check_evaluators, run_evaluators
+from eval.evaluators import EvalContext, run_evaluators
 from lora_jax import accounting
 from lora_jax.assemble import build_bank_model, data_iterators, global_batch, open_checkpoint_store, tokenizer_dir
 from lora_jax.checkpointing import all_finite
-from lora_jax.errors import ConfigError, WorkdirError
+from lora_jax.errors import WorkdirError
 from lora_jax.evaluate import completion_fn, latency_fn
-from lora_jax.run_config import IMAGE_DATASETS, check_workdir_writable, lora_spec, validate
+from lora_jax.run_config import arm_config, check_workdir_writable, lora_spec, validate
 from lora_jax.sharding import make_mesh
 from lora_jax.train import (
     StepTimer,
@@ -54,30 +53,8 @@ SHARED_DIR = "joint"  # <workdir>/joint: what the arms share (prepared data, bun
 def arm_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
     """One config per name in config.arms: the config as given, with that arm's targets (the arm's
     own run: `configs/<dataset>_<arm>.py` with the same overrides)."""
-    arms = tuple(config.arms)
-    unknown = [a for a in arms if a not in ARM_TARGETS]
-    if unknown:
-        raise ConfigError(f"config.arms has {', '.join(unknown)}; valid arms: {', '.join(ARM_TARGETS)}")
-    if len(set(arms)) != len(arms):
-        raise ConfigError(f"config.arms lists an arm twice: {arms}")
-    if config.data.name in IMAGE_DATASETS:
-        raise ConfigError(
-            f"config.arms: joint training of the image datasets ({config.data.name}) is not supported yet"
-        )
-    if config.mode != "train":
-        raise ConfigError("config.arms trains arms jointly; mode=eval scores one arm: point it at that arm's workdir")
-    if config.train.max_to_keep < 2:
-        raise ConfigError(
-            f"train.max_to_keep={config.train.max_to_keep}: a joint run needs >= 2, so that a kill between two "
-            "arms' saves leaves a step every arm still has"
-        )
-    out = []
-    for arm in arms:
-        c = ml_collections.ConfigDict(config.to_dict())
-        c.arm, c.arms, c.lora.targets = arm, (), ARM_TARGETS[arm]
-        validate(c)
-        out.append(c)
-    return out
+    validate(config)  # the arms' names, each arm's own config, and everything else
+    return [arm_config(config, arm) for arm in config.arms]
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
@@ -100,7 +77,6 @@ def _common_step(stores) -> int:
 def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains config.arms jointly (resuming), evaluates and exports each arm; returns their summaries."""
     configs = arm_configs(config)
-    check_evaluators(config)
     root = epath.Path(workdir)
     check_workdir_writable(root)
     names = [c.arm for c in configs]
