@@ -53,8 +53,11 @@ def user_content(instruction: str, document: str) -> str:
     return f"{instruction}\n\n{document}" if document else instruction
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
 def think_block(reasoning: str) -> str:
-    return f"<think>\n{reasoning}\n</think>\n\n"
+    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n"
 
 
 def assistant_message(tok: Tokenizer, target: str, reasoning: str, with_reasoning: bool) -> dict:
@@ -81,6 +84,15 @@ def _spliced(tok: Tokenizer, user: dict, target: str, reasoning: str) -> str:
     if at < 0:
         raise DataError(f"{tok.dir}: the chat template does not write the assistant's reply as given")
     return text[:at] + think_block(reasoning) + text[at + len(_MARK) :]
+
+
+def prompt_opens_think(tok: Tokenizer) -> bool:
+    """Whether the template's generation prompt itself opens a `<think>` block that it leaves open
+    (DeepSeek-R1-Distill's 2025 template ends it with `<think>\\n`): the model's reply then starts
+    inside the reasoning trace, and has an answer only after it writes `</think>`."""
+    text = tok.render([{"role": "user", "content": _MARK}], True)
+    after = text[text.find(_MARK) + len(_MARK) :] if _MARK in text else text  # only what the template adds
+    return after.rfind(THINK_OPEN) > after.rfind(THINK_CLOSE)
 
 
 def render_texts(tok: Tokenizer, user: dict, target: str, reasoning: str, with_reasoning: bool) -> tuple[str, str]:

@@ -43,7 +43,7 @@ class EvalContext:
     workdir: epath.Path
     writer: object  # clu metric writer
     sources: dict  # split -> records (the dataset's common schema)
-    complete: Callable  # (records, Suite) -> [(prompt tokens, reply) or None], the model as it is now
+    complete: Callable  # (records, Suite) -> [generation_suite.Completion or None], the model as it is now
     eval_loss: Callable[[], tuple[float, int]]  # -> (loss, truncated targets) on the test split
     adapter: str | None  # the adapter scored (a path), None for the base model
     adapter_source: str  # "training" | "checkpoint" | "peft" | "base"

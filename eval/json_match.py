@@ -8,16 +8,18 @@ Definition, per example, with R the reference object and P the object read from 
                overlap of their normalised items, |A ∩ B| / |A ∪ B| (1 when both are empty); objects
                by equality of their normalised JSON. 0 when no reference key is present.
   score      = (key rate + value rate) / 2.
-A reply with no JSON object scores 0 and is a format failure. A reference that is not a non-empty
-object cannot be scored: ValueError (the suite counts it as a bad reference and leaves it out).
+A reply with no JSON object, or whose reasoning trace never closed (eval/answer_text.py), scores 0
+and is a format failure. A reference that is not a non-empty object cannot be scored: ValueError
+(the suite counts it as a bad reference and leaves it out).
 """
 
 from __future__ import annotations
 
 import json
 
+from eval.answer_text import UNCLOSED_TRACE, unclosed_trace
 from eval.json_reply import normal, parse_object
-from eval.scored import Scored
+from eval.scored import NO_CONTEXT, ReplyContext, Scored
 
 
 def value_match(pred, ref) -> float:
@@ -39,8 +41,10 @@ def reference_object(reference) -> dict:
     return ref
 
 
-def score(reply: str, reference) -> Scored:
+def score(reply: str, reference, context: ReplyContext | None = None) -> Scored:
     ref = reference_object(reference)
+    if unclosed_trace(reply, (context or NO_CONTEXT).think_opened):
+        return Scored(0.0, UNCLOSED_TRACE)
     pred, why = parse_object(reply)
     if pred is None:
         return Scored(0.0, why)

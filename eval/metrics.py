@@ -1,15 +1,23 @@
-"""The metric registry: name -> score(reply, reference) -> Scored, and the aggregate of a suite."""
+"""The metric registry: name -> score(reply, reference, context) -> Scored, and the aggregate of a suite.
+
+`context` (eval/scored.py `ReplyContext`) is what the suite knows beside the reply: the question's
+options and whether the prompt opened a `<think>` trace."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from eval import exact_match, field_accuracy, finqa_accuracy, json_match, mcq_accuracy, rouge_lsum
-from eval.scored import Scored
+from eval.scored import ReplyContext, Scored
 
-METRICS: dict[str, Callable[[str, str], Scored]] = {
+
+def _rouge_lsum(reply: str, reference: str, context: ReplyContext | None = None) -> Scored:
+    return rouge_lsum.score(reply, reference)  # an open trace is failed by the suite (eval/generation_suite.py)
+
+
+METRICS: dict[str, Callable[[str, str, ReplyContext | None], Scored]] = {
     "finqa_accuracy": finqa_accuracy.score,
-    "rouge_lsum": rouge_lsum.score,
+    "rouge_lsum": _rouge_lsum,
     "mcq_accuracy": mcq_accuracy.score,
     "json_key_value_match": json_match.score,
     "exact_match": exact_match.score,

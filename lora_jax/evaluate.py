@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from data.sft import SFTOptions, example_pixels, generation_prompt_ids
+from data.sft import SFTOptions, example_pixels, generation_prompt_ids, prompt_opens_think
 from data.tokenizer import Tokenizer
 from eval.evaluators import EvalContext, run_evaluators
+from eval.generation_suite import Completion
 from lora_jax import latency
 from lora_jax.assemble import data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
 from lora_jax.generate import GenerationOptions, complete
@@ -50,13 +51,17 @@ def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
 
 
 def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: int = 0, num_arms: int = 0):
-    """(records, suite) -> [(prompt tokens, reply) or None]: greedy (or the suite's temperature)
-    batched decoding of the model `model_fn()` returns, from prompts rendered and cut exactly as
-    training renders the generation prompt so that prompt + max_new_tokens fit min(data.max_seq_len,
-    the model's context); None where even the cut prompt cannot fit.
+    """(records, suite) -> [Completion(prompt tokens, reply, think_opened) or None]: greedy (or the
+    suite's temperature) batched decoding of the model `model_fn()` returns, from prompts rendered and
+    cut exactly as training renders the generation prompt so that prompt + max_new_tokens fit
+    min(data.max_seq_len, the model's context); None where even the cut prompt cannot fit.
+    think_opened: the template's generation prompt opens a `<think>` trace (data/sft.py
+    `prompt_opens_think`), so each reply starts inside it and the scorer needs its `</think>`.
 
     num_arms = K > 0: `model_fn()` is a bank model and the result is one such list per arm, all
     decoded in one pass (each prompt once per arm in the same batch, per-row adapter ids)."""
+
+    opened = prompt_opens_think(tok)
 
     def run(records, suite):
         model = model_fn()
@@ -97,7 +102,7 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
         per_arm = []
         for k in range(arms):
             replies = iter(texts[k::arms])
-            per_arm.append([(len(p), next(replies)) if ok else None for p, ok in zip(prompts, fits)])
+            per_arm.append([Completion(len(p), next(replies), opened) if ok else None for p, ok in zip(prompts, fits)])
         return per_arm if num_arms else per_arm[0]
 
     return run

@@ -3,6 +3,7 @@ against Google's rouge-score on real GovReport summaries."""
 
 import json
 import os
+import re
 
 import pytest
 from fixtures import FIXTURES, needs_fixtures
@@ -213,3 +214,285 @@ def test_registry_and_aggregate():
         "format_failures": 1,
         "bad_references": 1,
     }
+
+
+# --- Issue 20: scoring defects ---------------------------------------------------------------------
+
+
+def _medmcqa_records(rows: list[dict], tmp_path) -> list[dict]:
+    """MedMCQA rows (raw GitHub schema) -> evaluation records, through the builder's own parser."""
+    from data.medmcqa.builder import parse_rows
+
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [ex for _, ex in parse_rows(path, cop_base=1)]
+
+
+def _echo(replies: dict):
+    """A completion function that answers each record with replies[id] (the prompt's length is unused)."""
+    return lambda records, suite: [(0, replies[r["id"]]) for r in records]
+
+
+def _suite(metric: str):
+    from eval.suites import Suite
+
+    return Suite("s", "test", metric, 0, 8, (), 1, 0, 0.0, 0)
+
+
+# MedMCQA-style options whose text holds option letters (the issue's examples of a common MedMCQA form)
+LETTERED = [
+    {"id": "both", "question": "q1", "opa": "Vitamin A", "opb": "Vitamin B12", "opc": "Neither", "opd": "Both A and B"},
+    {"id": "vit", "question": "q2", "opa": "Vitamin D and E", "opb": "Iron", "opc": "Zinc", "opd": "Iodine"},
+    {"id": "hep", "question": "q3", "opa": "Hepatitis A", "opb": "Hepatitis B and C", "opc": "HIV", "opd": "None"},
+]
+
+
+def test_mcq_reply_in_the_trained_form_with_letters_in_its_option_text_is_one_answer(tmp_path):
+    """Issue 20.1: `D. Both A and B` (exactly the training target) is the letter D, not "several letters"."""
+    from eval.generation_suite import run_suite
+
+    rows = [dict(r, cop=c) for r, c in zip(LETTERED, (4, 1, 2))]
+    records = _medmcqa_records(rows, tmp_path)
+    targets = {r["id"]: r["target"] for r in records}
+    assert targets == {"both": "D. Both A and B", "vit": "A. Vitamin D and E", "hep": "B. Hepatitis B and C"}
+    result = run_suite(records, _suite("mcq_accuracy"), _echo(targets))
+    assert (result["score"], result["format_failures"]) == (1.0, 0), result["examples"]
+    # a prefix of the option text is the same one answer; offering a second letter is still a failure
+    replies = {"both": "D. Both A", "vit": "A. Vitamin D and E or B. Iron", "hep": "B. Hepatitis B or C"}
+    rows_out = {r["id"]: r for r in run_suite(records, _suite("mcq_accuracy"), _echo(replies))["examples"]}
+    assert rows_out["both"]["score"] == 1.0 and not rows_out["both"]["format_failure"]
+    assert rows_out["vit"]["format_failure"] == "several letters (A, B)"
+    assert rows_out["hep"]["format_failure"] == "several letters (B, C)"
+
+
+@pytest.mark.parametrize(
+    "reply, why",
+    [
+        ("D. Both A and B", ""),
+        ("(D) both a and b.", ""),
+        ("Answer: D. Both A", ""),
+        ("D. Both A and B because of x", ""),
+    ]
+    + [("A or D", "no option letter at the start"), ("A/D", "no option letter at the start")]
+    + [("A. Vitamin A or C. Neither", "several letters (A, C)"), ("D. Both A or C", "several letters (C, D)")]
+    + [("D. Both A and B, or C", "several letters (C, D)"), ("C. Vitamin D and E", "several letters (C, E)")],
+)
+def test_mcq_letters_inside_the_chosen_option_text(reply, why):
+    """Only the chosen letter's own text (equal, a word prefix, or followed by more text) may hold letters."""
+    from eval.scored import ReplyContext
+
+    options = {"A": "Vitamin A", "B": "Vitamin B12", "C": "Neither", "D": "Both A and B"}
+    s = mcq_accuracy.score(reply, "D", ReplyContext(options=options))
+    assert s.format_failure == why and s.score == float(not why)
+
+
+@needs_fixtures
+def test_mcq_on_real_medmcqa_and_medreason_options(tmp_path):
+    """Real records: the options read back from the prompt are the record's, and every trained-form reply,
+    and every word prefix of it, is its one letter — options with option letters in them included
+    ("Category B concerns with low risk cases", "ACA", "Purkinje fibers > AV node > ventricles > atria"); two real options offered together
+    are a format failure."""
+    from data.mcq_options import option_lines, parse_option_lines
+    from data.medmcqa.builder import INSTRUCTION
+    from data.medreason.builder import parse_options
+    from eval.generation_suite import Completion, reply_context
+
+    raw = [json.loads(line) for line in open(os.path.join(FIXTURES, "medmcqa/dev_raw_sample.jsonl"))]
+    questions = [
+        (ex, {k: str(raw_row["op" + k.lower()]) for k in "ABCD"})
+        for ex, raw_row in zip(_medmcqa_records(raw, tmp_path), raw)
+    ]
+    for name in ("medreason_evalformat_medbullets_op4_sample.jsonl", "medreason_evalformat_medqa_test_sample.jsonl"):
+        for line in open(os.path.join(FIXTURES, "medreason", name)):
+            row = json.loads(line)
+            options = parse_options(row["options"], name)  # the MedReason builder's reading of `options`
+            instruction = f"{INSTRUCTION}\n\n{row['question']}\n{option_lines(options)}"
+            questions.append(
+                ({"id": row["question"][:20], "instruction": instruction, "answer": row["answer_idx"]}, options)
+            )
+    assert len(questions) == 28
+    lettered = {t for _, opts in questions for t in opts.values() if re.search(r"(?<!^)[A-J]", t)}
+    assert {
+        "Category B concerns with low risk cases",
+        "ACA",
+        "Purkinje fibers > AV node > ventricles > atria",
+    } <= lettered
+    for record, options in questions:
+        context = reply_context(record, Completion(0, ""))
+        assert context.options == {k: v.strip() for k, v in options.items()}, record["id"]
+        assert parse_option_lines(record["instruction"]) == context.options
+        letters = list(options)
+        for letter, text in options.items():
+            words = text.split()
+            for n in range(len(words) + 1):  # the letter alone, each word prefix, the whole option
+                reply = f"{letter}. {' '.join(words[:n])}".strip()
+                s = mcq_accuracy.score(reply, letter, context)
+                assert (s.score, s.format_failure) == (1.0, ""), (reply, s)
+            other = letters[(letters.index(letter) + 1) % len(letters)]
+            s = mcq_accuracy.score(f"{letter}. {text} or {other}. {options[other]}", letter, context)
+            assert s.format_failure == f"several letters ({', '.join(sorted({letter, other}))})", s
+
+
+def test_mcq_option_listing_reads_back_only_a_final_listing():
+    from data.mcq_options import option_lines, parse_option_lines
+
+    options = {"A": "Type I and II", "B": "All of the above", "C": "line one\nline two", "D": ""}
+    text = "Which?\nA. a distractor in the stem\n" + option_lines(options)
+    assert parse_option_lines(text) == options
+    assert parse_option_lines("Summarize the report below.") == {}
+    assert parse_option_lines("A. x\nB. y\nA. z") == {}  # the last A does not start a full listing
+    assert parse_option_lines("A. x\nC. y") == {}  # not consecutive letters
+
+
+@pytest.mark.parametrize(
+    "reply, gold, right",
+    [("2.4", "2", False), ("0.6", "1", False), ("3.14", "3.1", False), ("3.1", "3.14", False)]
+    + [("0.4", "0", False), ("1.6", "2", False)]
+    + [("15.32", "15.3", True), ("15.3", "15.32", True), ("0.5312", "0.53", True), ("50%", "0.5", True)]
+    + [("1234.4", "1234", True), ("100.16", "100", True)],
+)
+def test_finqa_rounding_never_accepts_more_than_half_a_percent(reply, gold, right):
+    """Issue 20.2: rounding to the gold's decimals gave an integer gold a ±0.5 window (2 accepted 2.4)."""
+    assert finqa_accuracy.score(f"The answer is {reply}", gold).score == float(right)
+
+
+def test_finqa_no_accepted_reply_is_more_than_half_a_percent_off():
+    """Every accepted reply, over a grid around golds written with 0-3 decimals, is within 0.5% of the
+    gold, or within 0.15% of it as the x100 / /100 percent form."""
+    golds = ["2", "1", "15", "1234", "3.1", "0.5", "15.3", "-7.25", "0.53", "0.125"]
+    accepted = 0
+    for gold in golds:
+        g = float(gold)
+        for step in range(-120, 121):
+            p = g * (1 + step / 1000)  # -12% .. +12% in 0.1% steps
+            if finqa_accuracy.numbers_match(p, gold):
+                accepted += 1
+                percent = min(abs(p * 100 - g), abs(p / 100 - g)) <= 0.0015 * abs(g)
+                assert abs(p - g) <= 0.005 * abs(g) + 1e-12 or percent, (p, gold)
+    assert accepted >= 3 * len(golds)  # the exact gold and the 0.1% neighbours at least
+
+
+@pytest.mark.parametrize(
+    "conclusion, reference, right",
+    [("A cat is on the mat.", "A", False), ("I think C", "I", False), ("A 5 MPa load", "A", False)]
+    + [("B", "B", True), ("B.", "B", True), ("B: 5 MPa", "B", True), ("B) 5 MPa", "B", True)]
+    + [("(B) 5 MPa", "B", True), ("**B**. 5 MPa", "B", True), ("C: 5 MPa", "B", False)],
+)
+def test_exact_match_letter_only_when_marked_as_an_option(conclusion, reference, right):
+    """Issue 20.3: a conclusion that merely starts with the reference letter ("A cat …") is not option A."""
+    s = exact_match.score(f"<CONCLUSION>{conclusion}</CONCLUSION>", f"<CONCLUSION>{reference}</CONCLUSION>")
+    assert s.score == float(right)
+
+
+@needs_fixtures
+def test_exact_match_on_real_llava_cot_conclusions():
+    rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "llava_cot/readme_examples.jsonl"))]
+    for row in rows:
+        answer = row["llava_cot_output"]
+        found = exact_match.conclusion(answer)
+        assert found and exact_match.score(answer, answer).score == 1.0
+        letter = re.match(r"\W*([A-Z])\b", found)
+        if letter:  # a letter conclusion also matches that bare letter as the reference
+            assert exact_match.score(answer, letter.group(1)).score == 1.0, found
+
+
+TRACE_REPLY = "Revenue rose from 100 to 142, so the change is 42"  # ran out of tokens before </think>
+
+
+def test_unclosed_trace_is_a_format_failure_for_every_metric():
+    """Issue 20.4: when the prompt opened <think>, a reply without </think> has no answer."""
+    from eval.answer_text import UNCLOSED_TRACE
+    from eval.scored import ReplyContext
+
+    opened = ReplyContext(think_opened=True)
+    cases = {
+        "finqa_accuracy": (TRACE_REPLY, "42"),
+        "mcq_accuracy": ("C. 11 mm", "C"),
+        "json_key_value_match": ('{"title": "x"}', json.dumps({"title": "x"})),
+        "field_accuracy": ('{"title": "x"}', json.dumps({"title": "x"})),
+        "exact_match": ("<CONCLUSION>B</CONCLUSION>", "B"),
+    }
+    for name, (reply, reference) in cases.items():
+        metric = METRICS[name]
+        assert metric(reply, reference, None).score == 1.0, name  # the prompt did not open a trace
+        s = metric(reply, reference, opened)
+        assert (s.score, s.format_failure) == (0.0, UNCLOSED_TRACE), name
+        assert metric("the trace\n</think>\n\n" + reply, reference, opened).score == 1.0, name
+
+
+def test_suite_fails_an_unclosed_trace_when_the_prompt_opened_it():
+    from eval.answer_text import UNCLOSED_TRACE
+    from eval.generation_suite import Completion, run_suite
+
+    records = [{"id": i, "instruction": "q", "answer": "42"} for i in ("open", "closed", "plain")]
+    replies = {
+        "open": Completion(5, TRACE_REPLY, True),
+        "closed": Completion(5, TRACE_REPLY + "\n</think>\n\nThe answer is 42", True),
+        "plain": Completion(5, "The answer is 42", False),
+    }
+    result = run_suite(records, _suite("finqa_accuracy"), lambda records, suite: [replies[r["id"]] for r in records])
+    rows = {r["id"]: r for r in result["examples"]}
+    assert rows["open"]["score"] == 0.0 and rows["open"]["format_failure"] == UNCLOSED_TRACE
+    assert rows["closed"]["score"] == rows["plain"]["score"] == 1.0
+    assert result["format_failures"] == 1
+    # every metric, also one that reads the trace itself as text (a summary): RougeLsum
+    summary = [{"id": "open", "instruction": "q", "answer": TRACE_REPLY}]
+    out = run_suite(summary, _suite("rouge_lsum"), lambda records, suite: [Completion(5, TRACE_REPLY, True)])
+    assert out["examples"][0]["format_failure"] == UNCLOSED_TRACE and out["score"] == 0.0
+
+
+@pytest.mark.parametrize("family, opens", [("deepseek-r1-distill", True), ("deepseek-r1-distill-2024", False)])
+def test_completions_say_whether_the_prompt_opened_the_trace(tmp_path, monkeypatch, family, opens):
+    """completion_fn marks each completion with whether the template's generation prompt opened <think>
+    (DeepSeek-R1-Distill 2025 does, its 2024 revision does not); decoding is replaced by a fixed reply
+    (generation itself is tested in test_generate.py)."""
+    import types
+
+    from data.sft import SFTOptions
+    from data.tokenizer import Tokenizer
+    from eval.generation_suite import run_suite
+    from lora_jax import evaluate
+    from tests.test_data_tokenizer_sft import REASONING_FAMILIES, make_tokenizer_dir
+
+    tok = Tokenizer(str(make_tokenizer_dir(tmp_path, family, REASONING_FAMILIES)))
+    assert tok.render([{"role": "user", "content": "q"}], True).endswith("<think>\n") is opens
+    monkeypatch.setattr(evaluate, "complete", lambda model, rows, *a, **k: [TRACE_REPLY] * len(rows))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=512))
+    complete = evaluate.completion_fn(lambda: model, tok, SFTOptions(max_seq_len=512))
+    records = [{"id": "x", "instruction": "What is the net change in revenue?", "answer": "42"}]
+    row = run_suite(records, _suite("finqa_accuracy"), complete)["examples"][0]
+    # opened: the reply is all trace, and its "42" is no answer; not opened: the reply is the answer
+    assert row["score"] == float(not opens) and bool(row["format_failure"]) is opens
+    (completion,) = complete(records, _suite("finqa_accuracy"))
+    assert completion.think_opened is opens and completion.reply == TRACE_REPLY
+    from data.sft import prompt_opens_think
+
+    assert prompt_opens_think(tok) is opens
+
+
+def test_reference_with_only_empty_containers_is_a_bad_reference():
+    """Issue 20.5: {"items": []} has no field to score: counted under bad_references, not a crash."""
+    from eval.generation_suite import run_suite
+
+    with pytest.raises(ValueError, match="no fields to score"):
+        field_accuracy.score('{"items": []}', {"items": []})
+    records = [
+        {"id": "empty", "instruction": "q", "answer": json.dumps({"items": [], "summary": {}})},
+        {"id": "ok", "instruction": "q", "answer": json.dumps({"items": [{"qty": "5"}]})},
+    ]
+    result = run_suite(records, _suite("field_accuracy"), _echo({"empty": "{}", "ok": '{"items": [{"qty": "5"}]}'}))
+    assert result["bad_references"] == 1 and result["num_examples"] == 1 and result["score"] == 1.0
+    assert result["examples"][0]["bad_reference"].startswith("reference has no fields to score")
+
+
+def test_a_bug_in_a_metric_is_not_a_silent_zero(monkeypatch):
+    """Only ValueError (a reference the metric cannot read) is counted; any other exception propagates."""
+    from eval import generation_suite
+
+    def broken(reply, reference, context=None):
+        return 1 / 0
+
+    monkeypatch.setitem(generation_suite.METRICS, "field_accuracy", broken)
+    records = [{"id": "ok", "instruction": "q", "answer": json.dumps({"a": "1"})}]
+    with pytest.raises(ZeroDivisionError):
+        generation_suite.run_suite(records, _suite("field_accuracy"), _echo({"ok": '{"a": "1"}'}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from data.builder_base import StudyBuilder, example, select
+from data.mcq_options import option_lines
 from data.records import DataError, find_file, normalize_text, read_records, require
 
 LETTERS = "ABCD"
@@ -45,8 +46,8 @@ def detect_cop_base(rows: list[tuple[int, dict]], path) -> int:
 
 
 def question_text(row: dict) -> str:
-    options = "\n".join(f"{letter}. {row['op' + letter.lower()]}" for letter in LETTERS)
-    return f"{row['question']}\n{options}"
+    """The stem, then one `A. <option>` line per option (data/mcq_options.py; the scorer reads them back)."""
+    return f"{row['question']}\n{option_lines({letter: row['op' + letter.lower()] for letter in LETTERS})}"
 
 
 def parse_rows(path, cop_base: int | None = None) -> list[tuple[str, dict]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from data.builder_base import example, select
+from data.mcq_options import option_lines
 from data.medmcqa.builder import INSTRUCTION, EvaluatedOnMedMCQA, dedup_key
 from data.records import DataError, find_file, normalize_text, read_records, require
 
@@ -80,8 +81,7 @@ class Builder(EvaluatedOnMedMCQA):
             if letter is None:
                 unmatched += 1
                 continue
-            listing = "\n".join(f"{k}. {v}" for k, v in options.items())
-            instruction = f"{INSTRUCTION}\n\n{row['question']}\n{listing}"
+            instruction = f"{INSTRUCTION}\n\n{row['question']}\n{option_lines(options)}"
             train.append(example(rid, instruction, f"{letter}. {options[letter]}", reasoning=reasoning, answer=letter))
         self.counts.update(
             train_dropped_unmatched_answer=unmatched,
