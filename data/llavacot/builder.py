@@ -22,6 +22,8 @@ import hashlib
 import posixpath
 import re
 
+import tensorflow_datasets as tfds
+
 from data.builder_base import LazyRows, StudyBuilder, example, select, split_off
 from data.records import DataError, find_file, read_records
 
@@ -86,6 +88,9 @@ def images_in_both(train: list[dict], test: list[dict]) -> int:
 class Builder(StudyBuilder):
     name = "llavacot"
     SPLIT_SIZES = {"train": 10000, "test": 270}
+    # 1.1.0: the test split is held out by image; a dataset prepared by 1.0.0 (by row) is rebuilt, not reused
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Test split held out by image (1.0.0 drew rows, leaking shared images)."}
     DESCRIPTION = "LLaVA-CoT structured visual reasoning."
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     Put in data.manual_dir: train.jsonl from https://huggingface.co/datasets/Xkev/LLaVA-CoT-100k (rows
