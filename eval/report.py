@@ -1,22 +1,27 @@
-"""The study's table from a sweep's root directory: datasets x arms, with intervals, tests, latency.
+"""The study's table from a sweep's root directory: arms x datasets, with intervals, tests, latency.
 
-    python -m eval.report --root=/tmp/sweeps/cocohd [--out=<root>/report]
+    python -m eval.report --root=/tmp/sweeps/study [--out=<root>/report] [--arms=oproj,oproj_fc2]
 
 Reads only the JSON files in the run workdirs under --root (summary.json, eval/<suite>.json,
 eval/latency.json, eval/results.json), never a model, so a report can be rebuilt anywhere from a
-copied results folder. Writes to --out:
-  report.md, report.csv — one row per (dataset, arm): the metric's mean over seeds with a 95%
-      bootstrap interval (over examples and seeds; eval/report_stats.py), format failures, the
-      paired test against the dataset's best arm on the same examples (p, and whether p < 0.05),
-      trainable parameters (ours and what PEFT's separate q/k/v, gate/up adapters would train),
-      TPOT p95 unmerged and merged, and the TPOT increase over the dataset's cheapest arm; plus a
-      base-model row per dataset when a run scored the base (mode=eval with no adapter);
-  <dataset>.png — metric vs TPOT p95 (unmerged), one point per arm with its interval, the Pareto
-      front (no arm both faster and better), the base model as a horizontal line;
-  tensorboard/ — one hparams run per (dataset, arm, seed) with its metric and TPOT, so TensorBoard's
-      HParams tab compares the arms.
-Runs without results, failed runs (their launch.log's last error line), and runs on another base
-model than the report's (the most common one) are listed under "Not in the table", never a crash.
+copied results folder. Runs are grouped by (dataset, base model): the text datasets on one base and
+the image datasets on a vision base are all in one report. Writes to --out:
+  report.md — first the study's table (arms x datasets, `summarize`): a row per arm, a column per
+      dataset (mean over seeds, 95% interval), the average over datasets both raw and relative to
+      each dataset's best arm, and per base model the TPOT p95 and the within-run unmerged / base
+      ratio; then one table per (dataset, base): format failures, the comparison with the best arm,
+      trainable parameters (ours and PEFT's separate q/k/v, gate/up adapters), the latency device,
+      device count and mesh, TPOT p95 unmerged and merged, unmerged / base, the increase over the
+      fastest arm; a base-model row where a run scored the base (mode=eval, no adapter);
+  summary.csv — the study's table as in report.md; report.csv — one row per (dataset, base, arm),
+      and one row per arm with dataset "average";
+  summary.png — average score (relative to the best) vs TPOT p95, the Pareto front;
+  <dataset>.png — the metric vs TPOT p95 (unmerged), one point per arm with its interval, the
+      Pareto front (no arm both faster and better), the base model as a horizontal line;
+  tensorboard/ — one hparams run per (dataset, arm, seed) with its metric and TPOT.
+Runs without results, failed runs (their launch.log's last error line), and the latency of runs
+measured on another device kind than most runs of their dataset are listed under "Not in the table".
+Metrics in eval.metrics.LOWER_IS_BETTER rank lower-first everywhere.
 """
 
 from __future__ import annotations
@@ -31,9 +36,19 @@ import sys
 
 import numpy as np
 
-from eval.report_stats import bootstrap_ci, paired_p_value
+from eval import metrics
+from eval.report_stats import (
+    RESAMPLES,
+    compare_with_best,
+    interval,
+    observed_means,
+    relative_to_best,
+    resample_means,
+)
 
 SIGNIFICANCE = 0.05
+PROCEDURE = "max-T bootstrap comparison with the best (the best re-picked in every resample; familywise 5%)"
+BASE_ARM = "base"
 
 
 @dataclasses.dataclass
@@ -48,13 +63,30 @@ class RunResult:
     base_model: str
     trainable_params: int | None = None
     peft_params: int | None = None
-    tpot_unmerged: float | None = None  # ms, p95
+    tpot_unmerged: float | None = None  # ms, p95 (the base model's for a base-model run)
     tpot_merged: float | None = None
+    tpot_base: float | None = None  # the base model's, measured interleaved in the same run
+    device: str | None = None  # latency.json's device kind
+    device_count: int | None = None
+    mesh: str | None = None  # the serving mesh, "data x fsdp x tensor"
+
+    @property
+    def tpot_ratio(self) -> float | None:
+        """The within-run unmerged / base TPOT p95 (both measured interleaved in one process)."""
+        if self.arm == BASE_ARM or not self.tpot_unmerged or not self.tpot_base:
+            return None
+        return self.tpot_unmerged / self.tpot_base
 
 
 def _json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def _mesh(mesh) -> str | None:
+    if not isinstance(mesh, dict):
+        return None
+    return "x".join(str(mesh.get(axis, "?")) for axis in ("data", "fsdp", "tensor"))
 
 
 def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
@@ -78,21 +110,22 @@ def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
         if os.path.exists(path):  # mode=eval's results, else training's summary
             meta = _json(path)
             break
-    latency = (
-        _json(os.path.join(eval_dir, "latency.json")) if os.path.exists(os.path.join(eval_dir, "latency.json")) else {}
-    )
     out = []
     for f in suites:
         try:
+            latency_path = os.path.join(eval_dir, "latency.json")
+            latency = _json(latency_path) if os.path.exists(latency_path) else {}
             suite = _json(os.path.join(eval_dir, f))
             scores = {e["id"]: e["score"] for e in suite["examples"] if e.get("score") is not None}
             is_base = suite.get("adapter_source") == "base"
             variants = latency.get("variants", {})
+            base_p95 = variants.get("base", {}).get("tpot_ms_p95")
+            count = latency.get("device_count")
             out.append(
                 RunResult(
                     name=name,
                     dataset=suite["dataset"],
-                    arm="base" if is_base else meta.get("arm") or name,
+                    arm=BASE_ARM if is_base else meta.get("arm") or name,
                     seed=int(meta.get("seed", 0)),
                     metric=suite["metric"],
                     scores=scores,
@@ -100,10 +133,12 @@ def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
                     base_model=str(meta.get("base_model", "?")),
                     trainable_params=None if is_base else meta.get("trainable_params"),
                     peft_params=None if is_base else meta.get("peft_equivalent_params"),
-                    tpot_unmerged=variants.get("unmerged", {}).get("tpot_ms_p95")
-                    if not is_base
-                    else variants.get("base", {}).get("tpot_ms_p95"),
-                    tpot_merged=variants.get("merged", {}).get("tpot_ms_p95") if not is_base else None,
+                    tpot_unmerged=base_p95 if is_base else variants.get("unmerged", {}).get("tpot_ms_p95"),
+                    tpot_merged=None if is_base else variants.get("merged", {}).get("tpot_ms_p95"),
+                    tpot_base=base_p95,
+                    device=str(latency["device"]) if latency.get("device") is not None else None,
+                    device_count=int(count) if count is not None else None,
+                    mesh=_mesh(latency.get("mesh")),
                 )
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
@@ -111,7 +146,44 @@ def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
     return out, None
 
 
+def _most_common(values) -> str | None:
+    counts = collections.Counter(values)
+    return min(counts, key=lambda v: (-counts[v], str(v))) if counts else None  # ties: the first by name
+
+
+def _latency_line(r: RunResult) -> str:
+    ratio = f", unmerged/base {r.tpot_ratio:.3f}" if r.tpot_ratio else ""
+    merged = f", merged {r.tpot_merged:.2f} ms" if r.tpot_merged else ""
+    return f"TPOT p95 {'base' if r.arm == BASE_ARM else 'unmerged'} {r.tpot_unmerged:.2f} ms{merged}{ratio}"
+
+
+def one_device_kind(results: list[RunResult]) -> tuple[list[RunResult], list[tuple[str, str]]]:
+    """Absolute TPOT is compared only within one device kind per (dataset, base): the most common
+    one among its runs with a latency. Other runs keep their scores; their latency leaves the table
+    (returned as (run, why) lines for "Not in the table")."""
+    kinds = collections.defaultdict(list)
+    for r in results:
+        if r.tpot_unmerged is not None:
+            kinds[(r.dataset, r.base_model)].append(r.device or "?")
+    main = {key: _most_common(v) for key, v in kinds.items()}
+    out, notes = [], []
+    for r in results:
+        kind = main.get((r.dataset, r.base_model))
+        if r.tpot_unmerged is not None and (r.device or "?") != kind:
+            notes.append(
+                (
+                    r.name,
+                    f"latency on {r.device or '?'} not compared ({_latency_line(r)}): most {r.dataset} runs "
+                    f"on this base measured on {kind}; its scores are in the table",
+                )
+            )
+            r = dataclasses.replace(r, tpot_unmerged=None, tpot_merged=None, tpot_base=None)
+        out.append(r)
+    return out, notes
+
+
 def collect(root: str) -> tuple[list[RunResult], list[tuple[str, str]]]:
+    """(every run's results, (run, why) for runs or latencies not in the table)."""
     results, missing = [], []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
@@ -121,32 +193,59 @@ def collect(root: str) -> tuple[list[RunResult], list[tuple[str, str]]]:
         if why:
             missing.append((name, why))
         results.extend(found)
-    if results:  # one base model per report: the most common one
-        common = collections.Counter(r.base_model for r in results).most_common(1)[0][0]
-        for r in [r for r in results if r.base_model != common]:
-            missing.append((r.name, f"base model {r.base_model} is not the report's ({common})"))
-        results = [r for r in results if r.base_model == common]
-    return results, missing
+    results, notes = one_device_kind(results)
+    return results, missing + notes
 
 
 @dataclasses.dataclass
 class Row:
     dataset: str
+    base_model: str
     arm: str
     metric: str
-    seeds: int
-    examples: int
+    seeds: int | None
+    examples: int | None
     mean: float
     low: float
     high: float
-    format_failures: float
+    format_failures: float | None = None
+    rel_to_best: float | None = None
+    rel_low: float | None = None
+    rel_high: float | None = None
     p_vs_best: float | None = None
     significant: bool | None = None
+    rel_p_vs_best: float | None = None
+    rel_significant: bool | None = None
     trainable_params: int | None = None
     peft_params: int | None = None
+    device: str | None = None
+    device_count: str | None = None
+    mesh: str | None = None
     tpot_unmerged: float | None = None
     tpot_merged: float | None = None
+    tpot_ratio: float | None = None
     tpot_increase: float | None = None
+    note: str | None = None
+
+
+@dataclasses.dataclass
+class Group:
+    """One (dataset, base model) of the grid and its resamples (the arms', base model excluded)."""
+
+    dataset: str
+    base_model: str
+    label: str
+    metric: str
+    higher_is_better: bool
+    arms: list[str]
+    observed: np.ndarray  # [arms]
+    resampled: np.ndarray  # [resamples, arms]
+    rows: list[Row]
+    base_resampled: np.ndarray | None = None  # [resamples]: the base model's, where a run scored it
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in metrics.LOWER_IS_BETTER
 
 
 def _mean(xs):
@@ -154,67 +253,127 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
-def table(results: list[RunResult]) -> tuple[list[Row], dict]:
-    """(rows, {(dataset, arm): per-example means}) over seeds, examples aligned by id."""
-    groups = collections.defaultdict(list)
+def _joined(values) -> str | None:
+    """The distinct values of runs, "?" for a file that does not record it; None without latency."""
+    values = ["?" if v is None else str(v) for v in values]
+    return "/".join(sorted(set(values))) if values else None
+
+
+def table(results: list[RunResult]) -> tuple[list[Row], list[Group]]:
+    """(rows, groups): one row per (dataset, base, arm), over seeds, examples aligned by id."""
+    by_group = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in results:
-        groups[(r.dataset, r.arm)].append(r)
-    rows, per_example = [], {}
-    for (dataset, arm), runs in sorted(groups.items()):
-        ids = sorted(set.intersection(*(set(r.scores) for r in runs)))
-        matrix = np.array([[r.scores[i] for i in ids] for r in runs]) if ids else np.zeros((len(runs), 0))
-        mean, low, high = bootstrap_ci(matrix) if ids else (float("nan"),) * 3
-        per_example[(dataset, arm)] = dict(zip(ids, matrix.mean(axis=0))) if ids else {}
-        rows.append(
-            Row(
+        by_group[(r.dataset, r.base_model)][r.arm].append(r)
+    bases_of = collections.Counter(dataset for dataset, _ in by_group)
+    rows, groups = [], []
+    for dataset, base in sorted(by_group, key=lambda k: (k[1], k[0])):
+        runs_of = by_group[(dataset, base)]
+        names = sorted(a for a in runs_of if a != BASE_ARM) + ([BASE_ARM] if BASE_ARM in runs_of else [])
+        ids_of = {a: set.intersection(*(set(r.scores) for r in runs_of[a])) for a in names}
+        union = sorted(set().union(*ids_of.values()))
+        matrices = [
+            np.array([[r.scores[i] if i in ids_of[a] else np.nan for i in union] for r in runs_of[a]]).reshape(
+                len(runs_of[a]), len(union)
+            )
+            for a in names
+        ]
+        metric = runs_of[names[0]][0].metric
+        hib = higher_is_better(metric)
+        arm_mask = np.array([a != BASE_ARM for a in names])
+        if union:  # a seed per group: datasets are resampled independently of each other
+            observed, resampled = observed_means(matrices), resample_means(matrices, seed=len(groups))
+        else:
+            observed, resampled = np.full(len(names), np.nan), np.full((RESAMPLES, len(names)), np.nan)
+        rel, rel_resampled = relative_to_best(observed, hib, arm_mask), relative_to_best(resampled, hib, arm_mask)
+        p = np.ones(len(names))
+        if arm_mask.any() and union:
+            p[arm_mask] = compare_with_best(observed[arm_mask], resampled[:, arm_mask], hib)
+        group_rows = []
+        for k, a in enumerate(names):
+            runs = runs_of[a]
+            timed = [r for r in runs if r.tpot_unmerged is not None]
+            is_arm = a != BASE_ARM
+            group_rows.append(
+                Row(
+                    dataset,
+                    base,
+                    a,
+                    metric,
+                    len(runs),
+                    len(ids_of[a]),
+                    float(observed[k]),
+                    *interval(resampled[:, k]),
+                    format_failures=float(np.mean([r.format_failures for r in runs])),
+                    rel_to_best=float(rel[k]),
+                    rel_low=interval(rel_resampled[:, k])[0],
+                    rel_high=interval(rel_resampled[:, k])[1],
+                    p_vs_best=float(p[k]) if is_arm else None,
+                    significant=bool(p[k] < SIGNIFICANCE) if is_arm else None,
+                    trainable_params=runs[0].trainable_params,
+                    peft_params=runs[0].peft_params,
+                    device=_joined(r.device for r in timed),
+                    device_count=_joined(r.device_count for r in timed),
+                    mesh=_joined(r.mesh for r in timed),
+                    tpot_unmerged=_mean([r.tpot_unmerged for r in runs]),
+                    tpot_merged=_mean([r.tpot_merged for r in runs]),
+                    tpot_ratio=_mean([r.tpot_ratio for r in runs]),
+                )
+            )
+        cheapest = min((r.tpot_unmerged for r in group_rows if r.arm != BASE_ARM and r.tpot_unmerged), default=None)
+        for r in group_rows:
+            if r.arm != BASE_ARM and cheapest and r.tpot_unmerged:
+                r.tpot_increase = r.tpot_unmerged / cheapest - 1
+        label = dataset if bases_of[dataset] == 1 else f"{dataset} [{base}]"
+        arms = [a for a in names if a != BASE_ARM]
+        groups.append(
+            Group(
                 dataset,
-                arm,
-                runs[0].metric,
-                len(runs),
-                len(ids),
-                mean,
-                low,
-                high,
-                float(np.mean([r.format_failures for r in runs])),
-                trainable_params=runs[0].trainable_params,
-                peft_params=runs[0].peft_params,
-                tpot_unmerged=_mean([r.tpot_unmerged for r in runs]),
-                tpot_merged=_mean([r.tpot_merged for r in runs]),
+                base,
+                label,
+                metric,
+                hib,
+                arms,
+                observed[arm_mask],
+                resampled[:, arm_mask],
+                group_rows,
+                resampled[:, -1] if BASE_ARM in names else None,
             )
         )
-    for dataset in sorted({r.dataset for r in rows}):
-        arms = [r for r in rows if r.dataset == dataset and r.arm != "base"]
-        if not arms:
-            continue
-        best = max(arms, key=lambda r: r.mean)
-        cheapest = min((r.tpot_unmerged for r in arms if r.tpot_unmerged), default=None)
-        for r in arms:
-            a, b = per_example[(dataset, r.arm)], per_example[(dataset, best.arm)]
-            shared = sorted(set(a) & set(b))
-            r.p_vs_best = 1.0 if r is best else paired_p_value([a[i] for i in shared], [b[i] for i in shared])
-            r.significant = r.p_vs_best < SIGNIFICANCE
-            if cheapest and r.tpot_unmerged:
-                r.tpot_increase = r.tpot_unmerged / cheapest - 1
-    return rows, per_example
+        rows.extend(group_rows)
+    return rows, groups
 
 
 COLUMNS = [
     ("dataset", "dataset"),
     ("arm", "arm"),
+    ("base_model", "base_model"),
     ("metric", "metric"),
     ("seeds", "seeds"),
     ("examples", "examples"),
     ("mean", "score"),
     ("low", "ci95_low"),
     ("high", "ci95_high"),
+    ("rel_to_best", "relative_to_best"),
+    ("rel_low", "relative_ci95_low"),
+    ("rel_high", "relative_ci95_high"),
     ("format_failures", "format_failures"),
     ("p_vs_best", "p_vs_best"),
     ("significant", "worse_than_best_p<0.05"),
+    ("rel_p_vs_best", "relative_p_vs_best"),
+    ("rel_significant", "relative_worse_than_best_p<0.05"),
     ("trainable_params", "trainable_params"),
     ("peft_params", "peft_equivalent_params"),
+    ("device", "latency_device"),
+    ("device_count", "latency_device_count"),
+    ("mesh", "latency_mesh_data_x_fsdp_x_tensor"),
     ("tpot_unmerged", "tpot_p95_ms_unmerged"),
     ("tpot_merged", "tpot_p95_ms_merged"),
+    ("tpot_ratio", "tpot_p95_unmerged_over_base"),
     ("tpot_increase", "tpot_increase_vs_cheapest"),
+    ("note", "note"),
+]
+_DATASET_COLUMNS = [
+    c for c in COLUMNS[3:] if c[0] not in ("rel_low", "rel_high", "rel_p_vs_best", "rel_significant", "note")
 ]
 
 
@@ -236,19 +395,28 @@ def write_csv(rows: list[Row], path: str) -> None:
             w.writerow([_fmt(getattr(r, k)) for k, _ in COLUMNS])
 
 
-def write_markdown(rows: list[Row], missing, path: str, root: str) -> None:
+def write_markdown(summary, groups: list[Group], missing, path: str, root: str) -> None:
+    """report.md: the study's table (summary: eval.report_summary.Summary), then one table per group."""
+    from eval.report_summary import summary_markdown
+
     lines = [f"# LoRA target-module ablation: {root}", ""]
-    for dataset in sorted({r.dataset for r in rows}):
-        lines += [f"## {dataset}", ""]
-        lines.append("| arm | " + " | ".join(c for k, c in COLUMNS[2:]) + " |")
-        lines.append("|---" * (len(COLUMNS) - 1) + "|")
-        for r in [r for r in rows if r.dataset == dataset]:
-            lines.append(f"| {r.arm} | " + " | ".join(_fmt(getattr(r, k)) for k, _ in COLUMNS[2:]) + " |")
-        lines += ["", f"![{dataset}]({dataset}.png)", ""]
+    lines += summary_markdown(summary)
+    for g in groups:
+        direction = "higher is better" if g.higher_is_better else "lower is better"
+        lines += [f"## {g.label}", "", f"Base model `{g.base_model}`; metric `{g.metric}` ({direction}).", ""]
+        cols = [c for c in _DATASET_COLUMNS if c[0] != "base_model"]
+        lines.append("| arm | " + " | ".join(c for _, c in cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for r in g.rows:
+            lines.append(f"| {r.arm} | " + " | ".join(_fmt(getattr(r, k)) for k, _ in cols) + " |")
+        lines += ["", f"![{g.label}]({_png(g)})", ""]
     lines += [
-        "Score: mean over seeds; ci95: bootstrap over examples and seeds. p_vs_best: paired sign-flip",
-        "permutation test against the dataset's best arm on the same examples. TPOT: decode time per",
-        "token, p95, adapters unmerged (merged beside it); increase over the dataset's fastest arm.",
+        "Score: mean over seeds; ci95: bootstrap over examples and seeds (eval/report_stats.py).",
+        "relative_to_best: score / the best arm's (best / score when lower is better), 1 = best.",
+        f"p_vs_best: {PROCEDURE}, against the dataset's best arm on the same examples.",
+        "TPOT: decode time per token, p95, adapters unmerged (merged beside it), on the latency device",
+        "(most of the dataset's runs; others under Not in the table); unmerged_over_base: the run's own",
+        "interleaved ratio; increase: over the dataset's fastest arm.",
         "",
     ]
     if missing:
@@ -257,24 +425,29 @@ def write_markdown(rows: list[Row], missing, path: str, root: str) -> None:
         f.write("\n".join(lines))
 
 
-def pareto(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both (lower x, higher y), sorted by x."""
+def _png(g: Group) -> str:
+    return f"{g.dataset}.png" if g.label == g.dataset else f"{g.dataset}_{g.base_model}.png"
+
+
+def pareto(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on both (lower x; higher y, or lower y when
+    lower is better), sorted by x."""
+    s = 1.0 if higher_is_better else -1.0
+    pts = [(x, s * y) for x, y in points]
     front = [
-        i
-        for i, (x, y) in enumerate(points)
-        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)
+        i for i, (x, y) in enumerate(pts) if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in pts)
     ]
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot(rows: list[Row], dataset: str, path: str) -> None:
+def plot(group: Group, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [r for r in rows if r.dataset == dataset and r.arm != "base" and r.tpot_unmerged]
-    base = [r for r in rows if r.dataset == dataset and r.arm == "base"]
+    arms = [r for r in group.rows if r.arm != BASE_ARM and r.tpot_unmerged]
+    base = [r for r in group.rows if r.arm == BASE_ARM]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if arms:
         xs, ys = [r.tpot_unmerged for r in arms], [r.mean for r in arms]
@@ -282,13 +455,14 @@ def plot(rows: list[Row], dataset: str, path: str) -> None:
         ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label="arm (95% CI)")
         for r in arms:
             ax.annotate(r.arm, (r.tpot_unmerged, r.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = pareto(list(zip(xs, ys)))
+        front = pareto(list(zip(xs, ys)), group.higher_is_better)
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", label="Pareto front")
     if base:
         ax.axhline(base[0].mean, color="gray", linestyle=":", label="base model")
+    direction = "higher" if group.higher_is_better else "lower"
     ax.set_xlabel("TPOT p95, adapters unmerged (ms)")
-    ax.set_ylabel(arms[0].metric if arms else (base[0].metric if base else "score"))
-    ax.set_title(f"{dataset}: score vs decode latency")
+    ax.set_ylabel(f"{group.metric} ({direction} is better)")
+    ax.set_title(f"{group.label}: score vs decode latency")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -296,42 +470,66 @@ def plot(rows: list[Row], dataset: str, path: str) -> None:
 
 
 def write_hparams(results: list[RunResult], out_dir: str) -> None:
-    """One TensorBoard run per (dataset, arm, seed) with its hparams and scores (HParams tab)."""
+    """One TensorBoard run per (dataset, base, arm, seed) with its hparams and scores (HParams tab)."""
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
 
+    bases_of = collections.defaultdict(set)
     for r in results:
-        with tf.summary.create_file_writer(os.path.join(out_dir, f"{r.dataset}_{r.arm}_s{r.seed}")).as_default():
-            hp.hparams({"dataset": r.dataset, "arm": r.arm, "seed": r.seed}, trial_id=r.name)
+        bases_of[r.dataset].add(r.base_model)
+    for r in results:
+        run = f"{r.dataset}_{r.arm}_s{r.seed}" + (f"_{r.base_model}" if len(bases_of[r.dataset]) > 1 else "")
+        with tf.summary.create_file_writer(os.path.join(out_dir, run)).as_default():
+            hp.hparams(
+                {"dataset": r.dataset, "arm": r.arm, "seed": r.seed, "base_model": r.base_model}, trial_id=r.name
+            )
             tf.summary.scalar(f"score/{r.metric}", float(np.mean(list(r.scores.values()))) if r.scores else 0.0, step=0)
             if r.tpot_unmerged is not None:
                 tf.summary.scalar("latency/tpot_ms_p95_unmerged", r.tpot_unmerged, step=0)
 
 
-def build(root: str, out: str) -> dict:
+def build(root: str, out: str, compare_arms: list[str] | None = None) -> dict:
+    from eval.report_summary import plot_summary, summarize, write_summary_csv
+
     results, missing = collect(root)
-    rows, _ = table(results)
+    rows, groups = table(results)
+    summary = summarize(groups, results, compare_arms)
     os.makedirs(out, exist_ok=True)
-    write_csv(rows, os.path.join(out, "report.csv"))
-    write_markdown(rows, missing, os.path.join(out, "report.md"), root)
-    datasets = sorted({r.dataset for r in rows})
-    for dataset in datasets:
-        plot(rows, dataset, os.path.join(out, f"{dataset}.png"))
+    write_csv(rows + summary.average_rows(), os.path.join(out, "report.csv"))
+    write_summary_csv(summary, os.path.join(out, "summary.csv"))
+    write_markdown(summary, groups, missing, os.path.join(out, "report.md"), root)
+    for g in groups:
+        plot(g, os.path.join(out, _png(g)))
+    if groups:
+        plot_summary(summary, os.path.join(out, "summary.png"))
     if results:
         write_hparams(results, os.path.join(out, "tensorboard"))
-    return {"rows": rows, "missing": missing, "datasets": datasets}
+    datasets = sorted({g.dataset for g in groups})
+    return {"rows": rows, "missing": missing, "datasets": datasets, "summary": summary, "groups": groups}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="a sweep's root: one workdir per run")
     p.add_argument("--out", default=None, help="default: <root>/report")
+    p.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated arms to average and compare (default: the largest complete arms x datasets block)",
+    )
     a = p.parse_args(argv)
     if not os.path.isdir(a.root):
         print(f"error: --root: no such directory: {a.root}", file=sys.stderr)
         return 2
     out = a.out or os.path.join(a.root, "report")
-    built = build(a.root, out)
+    arms = [x for x in a.arms.split(",") if x] if a.arms else None
+    from eval.report_summary import UnknownArmError
+
+    try:
+        built = build(a.root, out, arms)
+    except UnknownArmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"report: {len(built['rows'])} rows over {len(built['datasets'])} dataset(s), {len(built['missing'])} not in the table -> {out}"
     )

@@ -90,8 +90,13 @@ def test_report_over_run_directories(tmp_path):
     _run(root, "other_model_run", "oproj", 0, [1.0] * 30, 5.0, base_model="model-b")
 
     built = report.build(str(root), str(tmp_path / "out"))
-    rows = {(r["dataset"], r["arm"]): r for r in csv.DictReader(open(tmp_path / "out" / "report.csv"))}
+    every = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    rows = {(r["dataset"], r["arm"]): r for r in every if r["base_model"] == "model-a"}
     assert set(rows) == {("cocohd", a) for a in ("oproj", "fc2", "oproj_fc2", "base")}
+    # the run on another base is its own (dataset, base) group, not dropped
+    assert [(r["dataset"], r["arm"], r["score"]) for r in every if r["base_model"] == "model-b"] == [
+        ("cocohd", "oproj", "1.0000")
+    ]
     for arm in truth:  # the table agrees with the runs' JSON
         runs = [json.loads((root / f"cocohd_{arm}_s{s}" / "eval" / "cocohd.json").read_text()) for s in (0, 1)]
         expected = np.mean([[e["score"] for e in r["examples"]] for r in runs])
@@ -106,16 +111,17 @@ def test_report_over_run_directories(tmp_path):
     missing = dict(built["missing"])
     assert missing["cocohd_qkv_s0"].startswith("no results")
     assert missing["cocohd_all_s0"] == "failed: error: lora.rank=0 is below 1"
-    assert "base model model-b" in missing["other_model_run"]
+    assert "other_model_run" not in missing
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "## Not in the table" in md and "cocohd_all_s0" in md and "![cocohd](cocohd.png)" in md
-    assert (tmp_path / "out" / "cocohd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Not in the table" in md and "cocohd_all_s0" in md and "## cocohd [model-b]" in md
+    assert "![cocohd [model-a]](cocohd_model-a.png)" in md
+    assert (tmp_path / "out" / "cocohd_model-a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from tensorboard.backend.event_processing import event_multiplexer
 
     mux = event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(tmp_path / "out" / "tensorboard"))
     mux.Reload()
-    assert len(mux.Runs()) == 7  # 3 arms x 2 seeds + the base
+    assert len(mux.Runs()) == 8  # 3 arms x 2 seeds + the base on model-a, one run on model-b
 
 
 def test_report_of_an_empty_or_missing_root(tmp_path):
