@@ -108,6 +108,8 @@ def relative_to_best(means, higher_is_better: bool = True, among=None) -> np.nda
     worse either way (NaN where it divides by 0)."""
     m = np.asarray(means, np.float64)
     pool = m if among is None else m[..., np.asarray(among, bool)]
+    if pool.shape[-1] == 0:  # no arm to be relative to
+        return np.full_like(m, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         if higher_is_better:
             return m / np.max(pool, axis=-1, keepdims=True)

@@ -66,7 +66,7 @@ class Summary:
     labels: list[str]  # the dataset columns, in group order
     averaged: list[str]  # the labels averaged over
     compared: list[str]  # the arms averaged and compared
-    raw_direction: str  # "higher" | "lower" | "mixed"
+    raw_direction: str  # "higher" | "lower" | "mixed" | "" (nothing averaged)
     bases: list[str]
     base_devices: dict  # base -> the device kind its TPOT column is measured on
     arms: list[ArmSummary]
@@ -160,7 +160,7 @@ def summarize(groups: list[Group], results: list[RunResult], compare_arms: list[
             coverage[a].add(g.label)
     compared, averaged = averaging_block(dict(coverage), labels, compare_arms)
     directions = {by_label[label].higher_is_better for label in averaged}
-    raw_direction = "mixed" if len(directions) != 1 else ("higher" if directions.pop() else "lower")
+    raw_direction = {0: "", 1: "higher" if True in directions else "lower"}.get(len(directions), "mixed")
     raw_obs = raw_res = rel_obs = rel_res = None
     if averaged and compared:
         cols = [[by_label[label].arms.index(a) for label in averaged] for a in compared]

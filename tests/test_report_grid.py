@@ -218,6 +218,12 @@ def test_lower_is_better_ranks_everywhere(tmp_path, monkeypatch):
     assert summary.raw_direction == "lower"
     assert [a.arm for a in summary.arms][0] == "oproj" and summary.arms[0].rel.mean == 1.0
     assert summary.arms[0].raw.p_vs_best == 1.0 and all(a.raw.worse for a in summary.arms[1:])
+    # --arms picks the compared arms; an arm no run has is a one-line error
+    assert report.main([f"--root={root}", f"--out={tmp_path / 'out2'}", "--arms=fc2,qkv"]) == 0
+    assert [r["arm"] for r in csv.DictReader(open(tmp_path / "out2" / "summary.csv")) if r["average"]] == sorted(
+        ["fc2", "qkv"], key=means.get
+    )  # ranked lower-first
+    assert report.main([f"--root={root}", "--arms=oproj,nope"]) == 2
 
 
 def test_comparison_with_the_best_holds_its_level_when_arms_are_equal():
