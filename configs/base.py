@@ -150,6 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             new_tokens=64,  # TPOT is over these
             requests=20,  # timed requests per variant (base, unmerged, merged), interleaved
             warmup=2,  # untimed requests first (compilation)
+            mesh="auto",  # decode mesh: "auto" (1 device if it fits, else kv-head tensor-parallel) | "single" | "tensor[:N]"
         )
     )
     e.suites = ml_collections.ConfigDict()  # one per dataset; the run scores suites[data.name]

@@ -47,7 +47,7 @@ class EvalContext:
     eval_loss: Callable[[], tuple[float, int]]  # -> (loss, truncated targets) on the test split
     adapter: str | None  # the adapter scored (a path), None for the base model
     adapter_source: str  # "training" | "checkpoint" | "peft" | "base"
-    latency: Callable[[], dict] | None = None  # -> {"base"|"unmerged"|"merged": {"tpot_ms_p95", …}}
+    latency: Callable[[], dict] | None = None  # -> {"variants": {"base"|…: {"tpot_ms_p95", …}}, "device", "mesh", …}
 
 
 def check_evaluators(config) -> None:
@@ -130,7 +130,8 @@ def _samples_markdown(rows: list[dict]) -> str:
 @evaluator("latency")
 def latency_evaluator(ctx: EvalContext, step: int) -> dict:
     settings = ctx.config.eval.latency
-    variants = ctx.latency()
+    measured = ctx.latency()
+    variants = measured["variants"]
     base_p95 = variants["base"]["tpot_ms_p95"]
     result = {
         "step": step,
@@ -139,7 +140,10 @@ def latency_evaluator(ctx: EvalContext, step: int) -> dict:
         "batch_size": settings.batch_size,
         "prompt_tokens": settings.prompt_tokens,
         "new_tokens": settings.new_tokens,
-        "device": str(jax.devices()[0].device_kind),
+        # where it was decoded: the serving mesh (lora_jax/sharding.py serving_mesh), not the training mesh
+        "device": measured["device"],
+        "device_count": measured["device_count"],
+        "mesh": measured["mesh"],
         "variants": variants,
         # the study's figure: how much slower a token is with the adapters served unmerged
         "tpot_p95_increase_unmerged": variants["unmerged"]["tpot_ms_p95"] / base_p95 - 1 if base_p95 else None,

@@ -36,6 +36,7 @@ from lora_jax.multihost import decided_on_process_0
 from lora_jax.peft_io import check_adapter_base, with_adapter
 from lora_jax.run_config import arm_name, check_latency, runtime_options
 from lora_jax.safetensors_io import write_text_atomic
+from lora_jax.sharding import check_serving_mesh
 from lora_jax.trainer import build_trainer
 
 PAD_MULTIPLE = 64  # prompt lengths are bucketed so that few shapes compile
@@ -109,14 +110,17 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
 
 
 def latency_fn(model_fn, config, context: int):
-    """() -> {"base"|"unmerged"|"merged": TTFT/TPOT stats} of the model as it is now (eval.latency).
+    """() -> latency.measure's {"variants": {"base"|"unmerged"|"merged": TTFT/TPOT stats}, "device",
+    "device_count", "mesh"} of the model as it is now (eval.latency), decoded on the serving mesh
+    eval.latency.mesh picks (sharding.serving_mesh), not on the training mesh.
     The settings are validated with the config (run_config.validate, before anything is written);
     checked again here, against this model's context, for callers that skip validation."""
     check_latency(config, context)
+    check_serving_mesh(config.eval.latency.mesh, model_fn().config.num_kv_heads)
 
     def run():
         s = config.eval.latency
-        return latency.measure(model_fn(), s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup)
+        return latency.measure(model_fn(), s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup, s.mesh)
 
     return run
 

@@ -28,7 +28,7 @@ from lora_jax.adapter_bank import AdapterBank, check_adapter_ids
 from lora_jax.decode import init_cache
 from lora_jax.errors import ConfigError
 from lora_jax.model import Transformer
-from lora_jax.sharding import constrain, under_mesh
+from lora_jax.sharding import constrain, partition_spec, under_mesh
 
 CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)  # [layers, batch, slots, kv_heads, head_dim]
@@ -171,6 +171,16 @@ def generate(
     return np.asarray(out), np.asarray(lengths)
 
 
+def cache_shardings(cache: dict, mesh) -> dict:
+    """k/v by CACHE_AXES (kv heads over "tensor", rows over data x fsdp); the slot metadata by rows."""
+
+    def sharding(name, x):
+        axes = CACHE_AXES if name in ("k", "v") else ("act_batch", None)[: x.ndim]
+        return jax.sharding.NamedSharding(mesh, partition_spec(axes, x.shape, mesh))
+
+    return {name: sharding(name, x) for name, x in cache.items()}
+
+
 def check_row_adapters(model: Transformer, adapter_ids, rows: int):
     """Per-row adapter ids for a bank model (checked: one per row, each in [-1, K)); None otherwise."""
     bank = model.lora if isinstance(model.lora, AdapterBank) else None
@@ -187,10 +197,20 @@ class Stepper:
     """Token-by-token decoding for latency measurement (the serving view: each token is observable).
 
     `prefill(tokens, mask)` -> first ids [batch]; then each `step()` -> next ids [batch]. Both are
-    jitted once; the cache stays on device between calls. Greedy or sampled as `opts` says."""
+    jitted once; the cache stays on device between calls. Greedy or sampled as `opts` says.
+
+    mesh: the mesh the model's weights live on (e.g. a serving mesh, sharding.serving_mesh); the cache
+    is placed on it by CACHE_AXES (kv heads over "tensor") and the activation constraints apply."""
 
     def __init__(
-        self, model: Transformer, opts: GenerationOptions, batch: int, prompt_len: int, seed: int = 0, adapter_ids=None
+        self,
+        model: Transformer,
+        opts: GenerationOptions,
+        batch: int,
+        prompt_len: int,
+        seed: int = 0,
+        adapter_ids=None,
+        mesh=None,
     ):
         check_request(model, prompt_len, opts)
         self.adapter_ids = check_row_adapters(model, adapter_ids, batch)
@@ -198,8 +218,12 @@ class Stepper:
         self.opts, self.key = opts, jax.random.key(seed)
         dtype = CACHE_DTYPES.get(opts.cache_dtype)
         self.cache0 = init_cache(model, batch, prompt_len + opts.max_new_tokens, dtype)
-        self._prefill = jax.jit(self._prefill_fn)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        prefill_fn, step_fn = self._prefill_fn, self._step_fn
+        if mesh is not None:
+            self.cache0 = jax.device_put(self.cache0, cache_shardings(self.cache0, mesh))
+            prefill_fn, step_fn = under_mesh(prefill_fn, mesh), under_mesh(step_fn, mesh)
+        self._prefill = jax.jit(prefill_fn)
+        self._step = jax.jit(step_fn, donate_argnums=(1,))
 
     def _prefill_fn(self, params, cache, tokens, mask, key, ids, pixels):
         model = nnx.merge(self.graphdef, params)
@@ -216,11 +240,19 @@ class Stepper:
     def prefill(self, tokens, mask, pixels=None) -> jax.Array:
         """pixels: a Llava's images per row [batch, images, H, W, 3] (the prefill runs the tower)."""
         tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-        self.tok, self.cache, self.pos = self._prefill(
-            self.params, self.cache0, tokens, mask, self.key, self.adapter_ids, pixels
-        )
+        self._prefill_args = (self.params, self.cache0, tokens, mask, self.key, self.adapter_ids, pixels)
+        self.tok, self.cache, self.pos = self._prefill(*self._prefill_args)
         self.i = 1
         return self.tok
+
+    def compiled(self) -> dict[str, jax.stages.Compiled]:
+        """{"prefill", "step"}: the executables `prefill` and `step` run, lowered with the arguments of
+        the last prefill and of the next step (call after `prefill`); e.g. to read their HLO."""
+        step_args = (self.params, self.cache, self.tok, self.pos, self.i, self.key, self.adapter_ids)
+        return {
+            "prefill": self._prefill.lower(*self._prefill_args).compile(),
+            "step": self._step.lower(*step_args).compile(),
+        }
 
     def step(self) -> jax.Array:
         self.tok, self.cache, self.pos = self._step(

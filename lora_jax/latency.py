@@ -6,17 +6,26 @@ the last token - time of the first) / (tokens - 1); percentiles over the request
 the three ways the study serves an arm: the base model (no adapters), adapters unmerged (an extra
 low-rank matmul per targeted projection per token — the study's +29% TPOT p95), and merged into
 the base weights.
+
+Where: on a serving mesh (`eval.latency.mesh`, rule in sharding.py), not on the training mesh. The
+model's weights are copied onto it (`sharding.resharded`), so a decode token never gathers FSDP shards
+of the kernels across the slice: "auto" decodes on one device when the three variants' weights and
+KV caches fit it, else tensor-parallel over the kv heads; "single" and "tensor" force either. The
+result records the device kind, the serving mesh's device count and its axis sizes.
 """
 
 from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lora_jax.generate import GenerationOptions, Stepper
 from lora_jax.model import Transformer, merge_lora
+from lora_jax.sharding import mesh_sizes, resharded, serving_mesh
 
 
 def variants(model: Transformer) -> dict[str, Transformer]:
@@ -39,10 +48,21 @@ class Requests:
     """Timed decode requests of one model: random prompts of `prompt_len`, `new_tokens` new tokens."""
 
     def __init__(
-        self, model: Transformer, batch: int, prompt_len: int, new_tokens: int, seed: int = 0, adapter_ids=None
+        self,
+        model: Transformer,
+        batch: int,
+        prompt_len: int,
+        new_tokens: int,
+        seed: int = 0,
+        adapter_ids=None,
+        mesh: Mesh | None = None,
     ):
-        """adapter_ids: a bank model's adapter per row (generate.py)."""
+        """adapter_ids: a bank model's adapter per row (generate.py). mesh: decode there (e.g.
+        `sharding.serving_mesh`): the weights are resharded onto it (no copy when already there);
+        None = where the model's arrays are."""
         opts = GenerationOptions(max_new_tokens=new_tokens)
+        if mesh is not None:
+            model = resharded(model, mesh)
         rng = np.random.default_rng(seed)
         self.tokens = rng.integers(0, model.config.vocab_size, size=(batch, prompt_len)).astype(np.int32)
         self.mask = np.ones_like(self.tokens)
@@ -54,7 +74,7 @@ class Requests:
             self.mask = np.ones_like(self.tokens)
             shape = (batch, 1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels)
             self.pixels = rng.normal(size=shape).astype(np.float32)
-        self.stepper = Stepper(model, opts, batch, self.tokens.shape[1], adapter_ids=adapter_ids)
+        self.stepper = Stepper(model, opts, batch, self.tokens.shape[1], adapter_ids=adapter_ids, mesh=mesh)
         self.new_tokens = new_tokens
 
     def request(self) -> tuple[float, float]:
@@ -80,12 +100,47 @@ def summarize(samples: list[tuple[float, float]]) -> dict:
     }
 
 
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+def serving_bytes(model: Transformer, batch: int, max_len: int) -> int:
+    """Device bytes `measure` holds at once: every weight, the merged variant's copies of the adapted
+    kernels, and the three variants' KV caches ([layers, batch, max_len, kv_heads, head_dim], k and v).
+    Shapes only: `model` may be abstract (nnx.eval_shape)."""
+    language = getattr(model, "language", model)
+    targets = language.lora.targets if language.lora else ()
+    merged = sum(_nbytes(getattr(language.layers, t).kernel.get_value()) for t in targets)
+    cfg = model.config
+    itemsize = np.dtype(model.options.compute_dtype).itemsize
+    cache = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return sum(_nbytes(a) for a in jax.tree.leaves(nnx.state(model))) + merged + 3 * cache
+
+
+def prepare(model: Transformer, batch: int, prompt_len: int, new_tokens: int, mesh: str = "auto"):
+    """(serving Mesh, {"base"|"unmerged"|"merged": Requests}): `model` copied onto the serving mesh that
+    `mesh` ("auto" | "single" | "tensor" | "tensor:N", see sharding.py) picks, and its variants there.
+    These are the executables `measure` times."""
+    need = serving_bytes(model, batch, prompt_len + new_tokens)
+    serve = serving_mesh(mesh, model.config.num_kv_heads, need)
+    served = resharded(model, serve)
+    return serve, {name: Requests(m, batch, prompt_len, new_tokens, mesh=serve) for name, m in variants(served).items()}
+
+
 def measure(
-    model: Transformer, batch: int, prompt_len: int, new_tokens: int, requests: int, warmup: int = 2
-) -> dict[str, dict]:
-    """{variant: {"ttft_ms_p50", …}} for base, unmerged and merged, requests interleaved variant by
-    variant (A B C A B C …) so that a host's drift hits each the same."""
-    runners = {name: Requests(m, batch, prompt_len, new_tokens) for name, m in variants(model).items()}
+    model: Transformer,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    requests: int,
+    warmup: int = 2,
+    mesh: str = "auto",
+) -> dict:
+    """{"variants": {variant: {"ttft_ms_p50", …}}, "device", "device_count", "mesh"} for base, unmerged
+    and merged on the serving mesh `mesh` picks (see `prepare`), requests interleaved variant by
+    variant (A B C A B C …) so that a host's drift hits each the same. device: the device kind;
+    device_count: devices in the serving mesh; mesh: its {"data", "fsdp", "tensor"} sizes."""
+    serve, runners = prepare(model, batch, prompt_len, new_tokens, mesh)
     for _ in range(warmup):
         for r in runners.values():
             r.request()
@@ -93,4 +148,9 @@ def measure(
     for _ in range(requests):
         for name, r in runners.items():
             samples[name].append(r.request())
-    return {name: summarize(s) for name, s in samples.items()}
+    return {
+        "variants": {name: summarize(s) for name, s in samples.items()},
+        "device": str(serve.devices.flat[0].device_kind),
+        "device_count": int(serve.devices.size),
+        "mesh": mesh_sizes(serve),
+    }

@@ -3,6 +3,18 @@
 Every parameter carries `logical_axes` metadata. A dimension that does not divide its mesh axis is
 replicated with a warning (not an error), so odd vocabularies and tiny test models still shard.
 The LoRA rank axis is never sharded.
+
+Serving (decode latency, `eval.latency.mesh`) uses its own mesh, not the training one: under FSDP every
+decode token would gather (or reduce) across every device, so TPOT would measure the interconnect. The
+rule (`serving_mesh`), over this process's devices:
+  "auto"     one device when the weights and the KV cache fit one device's free memory
+             (`device.memory_stats()`; a backend without memory stats, e.g. CPU, counts as fitting),
+             else tensor-parallel over the kv heads on the most devices that divide num_kv_heads;
+  "single"   one device, always;
+  "tensor"   tensor-parallel on the most devices that divide num_kv_heads (at least 2);
+  "tensor:N" tensor-parallel on exactly N devices (N must divide num_kv_heads).
+A serving mesh is (data=1, fsdp=1, tensor=n), so the same rules table shards heads and the MLP over
+"tensor" and replicates the rest; `resharded` copies a model (Transformer, Llava, adapter bank) onto it.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lora_jax.errors import ConfigError
@@ -140,3 +153,81 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> None:
     """Moves every variable of `model` onto its sharding (in place)."""
     for _, var in nnx.to_flat_state(nnx.state(model)):
         var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh)))
+
+
+SERVING_MESHES = ("auto", "single", "tensor", "tensor:N")
+
+
+def parse_serving_mesh(value: str, key: str = "eval.latency.mesh") -> tuple[str, int | None]:
+    """ "auto" | "single" | "tensor" | "tensor:N" -> (kind, N or None); ConfigError naming `key` otherwise."""
+    kind, _, size = str(value).partition(":")
+    if kind in ("auto", "single", "tensor") and not size:
+        return kind, None
+    if kind == "tensor" and size.isdigit() and int(size) >= 1:
+        return kind, int(size)
+    raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(SERVING_MESHES)}")
+
+
+def fits_one_device(device, num_bytes: int) -> bool:
+    """Whether `num_bytes` fit in the device's free memory (bytes_limit - bytes_in_use); True when the
+    backend reports no memory stats (CPU: host memory)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return True
+    return num_bytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def serving_mesh(value: str, num_kv_heads: int, num_bytes: int, devices=None, key: str = "eval.latency.mesh") -> Mesh:
+    """The (1, 1, n) decode mesh the rule in the module docstring picks (devices: default this process's).
+
+    num_bytes: what serving holds (weights + KV cache), for "auto"'s fit test. A mesh that cannot be
+    built (too few devices, a size that does not divide num_kv_heads) is a ConfigError naming `key`."""
+    kind, size = parse_serving_mesh(value, key)
+    devices = list(devices if devices is not None else jax.local_devices())
+    most = max(n for n in range(1, len(devices) + 1) if num_kv_heads % n == 0)
+    if kind == "single" or (kind == "auto" and (most == 1 or fits_one_device(devices[0], num_bytes))):
+        size = 1
+    elif kind == "auto":
+        size = most
+    elif size is None:
+        if most < 2:
+            raise ConfigError(
+                f"{key}={value!r}: tensor parallelism needs at least 2 devices dividing num_kv_heads="
+                f"{num_kv_heads}, and {len(devices)} device(s) are available"
+            )
+        size = most
+    elif num_kv_heads % size or size > len(devices):
+        raise ConfigError(
+            f"{key}={value!r}: {size} must divide num_kv_heads={num_kv_heads} and be at most the "
+            f"{len(devices)} device(s) available"
+        )
+    return make_mesh((1, 1, size), devices=devices[:size])
+
+
+def check_serving_mesh(value: str, num_kv_heads: int, devices=None, key: str = "eval.latency.mesh") -> None:
+    """ConfigError naming `key` now if `serving_mesh` could not build `value` for this model here
+    (the memory test of "auto" waits for the measurement: it never fails)."""
+    serving_mesh(value, num_kv_heads, 0, devices, key)
+
+
+def resharded(module: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """A copy of `module` (any NNX model: Transformer, Llava, a bank model) whose variables live on
+    `mesh` by their logical axes; `module` is left as it is. An array already placed so is not copied.
+    Arrays that span other processes are gathered to every host first (each host serves alone)."""
+    graphdef, state = nnx.split(module)
+
+    def move(var: nnx.Variable) -> nnx.Variable:
+        value = var.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        return var.copy(jax.device_put(value, variable_sharding(var, mesh)))
+
+    return nnx.merge(graphdef, jax.tree.map(move, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def mesh_sizes(mesh: Mesh) -> dict[str, int]:
+    """{"data": …, "fsdp": …, "tensor": …} of a ("data", "fsdp", "tensor") mesh."""
+    return {axis: int(mesh.shape[axis]) for axis in MESH_AXES}

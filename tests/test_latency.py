@@ -1,15 +1,30 @@
-"""The latency suite's model variants (base, unmerged, merged) and its measurement."""
+"""The latency suite: its model variants (base, unmerged, merged), its measurement, and where it decodes
+(a serving mesh, never the training mesh's FSDP: read from the HLO of the executables it times)."""
 
+import json
+import math
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from lora_jax import latency
+from configs import base
+from eval.evaluators import EvalContext, latency_evaluator
+from lora_jax import latency, sharding, train
+from lora_jax.adapter_bank import AdapterBank
+from lora_jax.errors import ConfigError
+from lora_jax.evaluate import latency_fn
+from lora_jax.llava import Llava, LlavaConfig
 from lora_jax.lora import LoraSpec
 from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.vision import VisionConfig
 from tests.tiny_model import TINY
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, size=(2, 12)))
+IS_VAR = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
 
 
 def _adapted():
@@ -20,20 +35,212 @@ def _adapted():
     return model
 
 
+def _on_mesh(make, mesh):
+    """The model `make()` builds, with random values placed on `mesh` by its logical axes (no eager init:
+    XLA:CPU compiles every eager op)."""
+    model = nnx.eval_shape(make)
+    state = nnx.state(model)
+    rng = np.random.default_rng(0)
+    put = lambda v, s: jax.device_put(0.1 * rng.normal(size=v.get_value().shape).astype(np.float32), s)  # noqa: E731
+    nnx.update(model, jax.tree.map(put, state, sharding.state_shardings(state, mesh), is_leaf=IS_VAR))
+    return model
+
+
+def _kernel_sizes(model) -> set[int]:
+    """Element counts of the frozen kernels (embedding, LM head, and each stacked kernel whole or one
+    layer's slice): an all-gather of one of these sizes is a kernel gathered from its shards."""
+    sizes = set()
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))):
+        shape, axes = var.get_value().shape, var.get_metadata().get("logical_axes") or ()
+        per_layer = shape[1:] if axes[:1] == ("layers",) else shape
+        if len(per_layer) >= 2:
+            sizes |= {math.prod(shape), math.prod(per_layer)}
+    return sizes
+
+
+def kernel_gathers(hlo: str, model) -> list[str]:
+    """The all-gather instructions of an HLO text whose result is the size of a kernel (or its layer slice)."""
+    sizes, found = _kernel_sizes(model), []
+    for line in hlo.splitlines():
+        op = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
+        if op and any(
+            math.prod(int(d) for d in dims.split(",") if d) in sizes
+            for dims in re.findall(r"\[([\d,]*)\]", op.group(1))
+        ):
+            found.append(line.strip()[:160])
+    return found
+
+
+@nnx.jit
+def _logits(model, tokens):  # jitted: eager, every op of the forward would compile on its own
+    return model(tokens)
+
+
 def test_variants_compute_what_they_claim_and_leave_the_model_alone():
     model = _adapted()
-    before = np.asarray(model(TOKENS))
+    before = np.asarray(_logits(model, TOKENS))
     v = latency.variants(model)
-    np.testing.assert_array_equal(np.asarray(model(TOKENS)), before)  # merging a copy never touches the model
-    np.testing.assert_allclose(np.asarray(v["merged"](TOKENS)), before, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(_logits(model, TOKENS)), before)  # merging a copy never touches the model
+    np.testing.assert_allclose(np.asarray(_logits(v["merged"], TOKENS)), before, atol=1e-5)
     plain = Transformer(TINY, None, RuntimeOptions(), rngs=nnx.Rngs(0))  # the same seed: the same base weights
-    np.testing.assert_allclose(np.asarray(v["base"](TOKENS)), np.asarray(plain(TOKENS)), atol=1e-6)
-    assert not np.allclose(np.asarray(v["base"](TOKENS)), before, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(_logits(v["base"], TOKENS)), np.asarray(_logits(plain, TOKENS)), atol=1e-6)
+    assert not np.allclose(np.asarray(_logits(v["base"], TOKENS)), before, atol=1e-3)
 
 
-def test_measure_reports_percentiles_per_variant():
-    result = latency.measure(_adapted(), batch=1, prompt_len=8, new_tokens=4, requests=3, warmup=1)
-    assert set(result) == {"base", "unmerged", "merged"}
-    for stats in result.values():
+class _Writer:
+    def write_scalars(self, step, scalars):
+        self.scalars = scalars
+
+
+def test_latency_json_records_percentiles_and_the_serving_mesh(tmp_path):
+    """The evaluator's path (evaluate.latency_fn -> latency.measure -> eval/latency.json), forced
+    tensor-parallel: TINY's 2 kv heads -> a (1, 1, 2) mesh of 2 of the 8 devices."""
+    config = base.get_config()
+    s = config.eval.latency
+    s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup, s.mesh = 1, 8, 4, 3, 1, "tensor"
+    spec = LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8)
+    model = _on_mesh(lambda: Transformer(TINY, spec, RuntimeOptions(), rngs=nnx.Rngs(0)), sharding.make_mesh((1, 8, 1)))
+    ctx = EvalContext(
+        config, tmp_path, _Writer(), {}, None, None, None, "training", latency_fn(lambda: model, config, 64)
+    )
+    latency_evaluator(ctx, 7)
+    result = json.loads((tmp_path / "eval" / "latency.json").read_text())
+    assert result["device"] == jax.devices()[0].device_kind
+    assert result["device_count"] == 2 and result["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
+    assert set(result["variants"]) == {"base", "unmerged", "merged"}
+    for stats in result["variants"].values():
         assert stats["requests"] == 3 and 0 < stats["tpot_ms_p50"] <= stats["tpot_ms_p95"]
         assert 0 < stats["ttft_ms_p50"] <= stats["ttft_ms_p95"]
+    s.mesh = "tensor:3"  # 3 does not divide 2 kv heads: refused when the run starts, naming the key
+    with pytest.raises(ConfigError, match=r"eval\.latency\.mesh='tensor:3'"):
+        latency_fn(lambda: model, config, 64)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run():
+    """The runlocal config on TINY's shape with all four adapters, its model on the 1x8x1 (FSDP) mesh."""
+    config = base.arm_config("medreason", "all", "runlocal")
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
+        config.model[key] = getattr(TINY, key)
+    config.lora.dropout, config.train.global_batch_size, config.data.max_seq_len = 0.0, 8, 16
+    mesh = sharding.make_mesh((1, 8, 1))
+    cfg, spec, opts = train.random_model_config(config), train.lora_spec(config), train.runtime_options(config)
+    return config, mesh, _on_mesh(lambda: Transformer(cfg, spec, opts, rngs=nnx.Rngs(0)), mesh)
+
+
+def test_the_timed_decode_gathers_no_kernel_on_its_serving_mesh(fsdp_run):
+    """On 8 devices, the prefill and decode step that `measure` times (each Stepper's jitted functions,
+    compiled with their real arguments) hold no all-gather of a kernel and run on the serving mesh's
+    devices only, on one device (no collective at all) and forced tensor-parallel (2 devices: TINY has
+    2 kv heads); both decode the same tokens, and the training model stays on its FSDP mesh. (Before,
+    `measure` decoded the training model as it was: here an 8-device step whose layers all-reduce
+    activations over all 8 devices.)"""
+    _, train_mesh, model = fsdp_run
+    tokens = {}
+    for kind, tensor in (("single", 1), ("tensor", 2)):
+        serve, runners = latency.prepare(model, 1, 8, 4, mesh=kind)
+        assert sharding.mesh_sizes(serve) == {"data": 1, "fsdp": 1, "tensor": tensor}
+        runner = runners["unmerged"]
+        kernel = runner.stepper.params["layers"]["qkv"]["kernel"].get_value()
+        assert kernel.sharding.mesh == serve and kernel.sharding.spec[2] == ("tensor" if tensor > 1 else None)
+        runner.request()  # as `measure` runs it (compiles the two functions)
+        tokens[kind] = [int(runner.stepper.prefill(runner.tokens, runner.mask)[0])]
+        tokens[kind] += [int(runner.stepper.step()[0]) for _ in range(3)]
+        for name, compiled in runner.stepper.compiled().items():
+            hlo = compiled.as_text()
+            assert kernel_gathers(hlo, model) == [], (kind, name)
+            if tensor == 1:  # one device: no collective at all
+                assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo)
+            # it runs on the serving mesh's devices only (the training mesh's decode spans all 8)
+            shardings = jax.tree.leaves(
+                compiled.input_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+            )
+            assert set().union(*(sh.device_set for sh in shardings)) == set(serve.devices.flat), (kind, name)
+    assert tokens["single"] == tokens["tensor"]
+    assert model.layers.qkv.kernel.get_value().sharding.mesh == train_mesh  # the training model is untouched
+
+
+def test_the_training_step_gathers_kernels_under_fsdp(fsdp_run):
+    """The same detector on the compiled training step of the same model on the 1x8x1 mesh: FSDP
+    gathers each kernel's shards (so `kernel_gathers` can fail the test above)."""
+    config, mesh, model = fsdp_run
+    t = train.build_trainer(model, config, mesh)
+    host = {k: np.zeros((8, 16), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    batch = train.global_batch(dict(host, loss_mask=np.ones((8, 16), np.float32)), t.batch_sharding)
+    hlo = t.train_step.lower(t.lora, t.opt_state, t.frozen, batch, 0).compile().as_text()
+    assert len(kernel_gathers(hlo, model)) >= 4
+
+
+def test_the_serving_mesh_rule(monkeypatch):
+    devices = jax.devices()
+    mesh = lambda value, kv: sharding.mesh_sizes(sharding.serving_mesh(value, kv, 10**9, devices))["tensor"]  # noqa: E731
+    assert [mesh("auto", 2), mesh("single", 8), mesh("tensor", 2), mesh("tensor", 12), mesh("tensor:4", 8)] == [
+        1,
+        1,
+        2,
+        6,
+        4,
+    ]
+    monkeypatch.setattr(sharding, "fits_one_device", lambda device, num_bytes: False)
+    assert [mesh("auto", 8), mesh("auto", 12), mesh("auto", 1), mesh("single", 8)] == [8, 6, 1, 1]
+    for value, kv in (("tensor", 1), ("tensor:3", 8), ("tensor:16", 16), ("tensor:0", 8), ("fsdp", 8), ("single:2", 8)):
+        with pytest.raises(ConfigError, match=r"^eval\.latency\.mesh="):
+            sharding.serving_mesh(value, kv, 0, devices)
+    monkeypatch.undo()
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    free_60 = Device({"bytes_limit": 100, "bytes_in_use": 40})
+    assert sharding.fits_one_device(free_60, 60) and not sharding.fits_one_device(free_60, 61)
+    assert sharding.fits_one_device(Device(None), 10**15)  # no memory stats (CPU): fits
+    # What "auto" weighs: every weight, the merged copies of the adapted kernels, three KV caches.
+    spec = LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8)
+    model = nnx.eval_shape(lambda: Transformer(TINY, spec, RuntimeOptions(), rngs=nnx.Rngs(0)))
+    weights = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(model)))  # all float32
+    merged = 4 * TINY.num_layers * (TINY.num_heads * TINY.head_dim + TINY.intermediate_size) * TINY.hidden_size
+    cache = 2 * TINY.num_layers * 3 * 20 * TINY.num_kv_heads * TINY.head_dim * 4
+    assert latency.serving_bytes(model, 3, 20) == weights + merged + 3 * cache
+
+
+def test_a_llava_and_a_bank_reshard_onto_the_serving_mesh():
+    """`resharded` copies any model onto the serving mesh by logical axes (the decoder's heads and MLP
+    over "tensor", the vision tower replicated), values unchanged, the original left where it was."""
+    fsdp = sharding.make_mesh((1, 8, 1))
+    serve = sharding.serving_mesh("tensor", TINY.num_kv_heads, 0)
+    vision = VisionConfig(
+        "siglip", hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=16, patch_size=8
+    )
+    llava_cfg = LlavaConfig(vision, TINY, image_token_id=60, feature_layer=-1)
+    bank = AdapterBank(("a", "b"), (LoraSpec(("o_proj",), rank=2), LoraSpec(("qkv", "fc2"), rank=4)))
+    models = {
+        "llava": _on_mesh(
+            lambda: Llava(llava_cfg, LoraSpec(("fc1",), rank=2), RuntimeOptions(), rngs=nnx.Rngs(0)), fsdp
+        ),
+        "bank": _on_mesh(lambda: Transformer(TINY, bank, RuntimeOptions(), rngs=nnx.Rngs(0)), fsdp),
+    }
+    for name, model in models.items():
+        served = sharding.resharded(model, serve)
+        before, after = nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(served))
+        for (path, old), (_, new) in zip(before, after):
+            assert old.get_value().sharding.mesh == fsdp, (name, path)
+            assert new.get_value().sharding == sharding.variable_sharding(new, serve), (name, path)
+            np.testing.assert_array_equal(np.asarray(new.get_value()), np.asarray(old.get_value()))
+        language = getattr(served, "language", served)
+        for target, dim in (("qkv", 2), ("o_proj", 1), ("fc1", 3), ("fc2", 1)):
+            assert getattr(language.layers, target).kernel.get_value().sharding.spec[dim] == "tensor", (name, target)
+        if name == "llava":
+            tower = nnx.to_flat_state(nnx.state(served.vision))
+            assert tower and all(v.get_value().sharding.is_fully_replicated for _, v in tower)
