@@ -20,7 +20,7 @@ from lora_jax.lora import ARMS, LoraSpec, validate_targets
 from lora_jax.model import REMAT_POLICIES, RuntimeOptions
 from lora_jax.model_config import ModelConfig
 from lora_jax.multihost import decided_on_process_0
-from lora_jax.sharding import resolve_mesh_shape
+from lora_jax.sharding import check_serving_mesh, resolve_mesh_shape
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -240,7 +240,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_dir("eval.adapter_dir", config.eval.adapter_dir, "adapter_config.json")
     if d.name in IMAGE_DATASETS:
         check_vision_tower(config)
-    check_latency(config, model_config_of(config).max_position_embeddings)
+    text = model_config_of(config)
+    check_latency(config, text.max_position_embeddings)
+    check_serving_mesh(config.eval.latency.mesh, text.num_kv_heads)
     if not d.use_bundled_samples:
         from data.prepare import check_manual_dir
 

@@ -244,3 +244,16 @@ def test_a_llava_and_a_bank_reshard_onto_the_serving_mesh():
         if name == "llava":
             tower = nnx.to_flat_state(nnx.state(served.vision))
             assert tower and all(v.get_value().sharding.is_fully_replicated for _, v in tower)
+
+
+@pytest.mark.parametrize("value", ["tensor:3", "fsdp"])
+def test_validate_refuses_a_serving_mesh_it_cannot_build(value):
+    """Before anything is written: the runlocal model has 2 kv heads, so 3-way tensor parallelism (or an
+    unknown mesh name) is refused naming eval.latency.mesh."""
+    from lora_jax.run_config import validate
+
+    config = base.arm_config("medreason", "oproj", "runlocal")
+    validate(config)  # "auto" (the default) is valid
+    config.eval.latency.mesh = value
+    with pytest.raises(ConfigError, match=rf"^eval\.latency\.mesh='{value}'"):
+        validate(config)
