@@ -8,8 +8,9 @@ low-rank matmul per targeted projection per token — the study's +29% TPOT p95)
 the base weights.
 
 Where: on a serving mesh (`eval.latency.mesh`, rule in sharding.py), not on the training mesh. The
-model's weights are copied onto it (`sharding.resharded`), so a decode token never gathers FSDP shards
-of the kernels across the slice: "auto" decodes on one device when the three variants' weights and
+model's weights are copied onto it (`sharding.resharded`), so a decode token never communicates over
+the whole training mesh (gathering FSDP shards of the kernels, or all-reducing partial activations
+over every device, as XLA chose on CPU): "auto" decodes on one device when the three variants' weights and
 KV caches fit it, else tensor-parallel over the kv heads; "single" and "tensor" force either. The
 result records the device kind, the serving mesh's device count and its axis sizes.
 """
