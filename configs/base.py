@@ -149,7 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prompt_tokens=128,  # random prompt ids (latency does not depend on their values)
             new_tokens=64,  # TPOT is over these
             requests=20,  # timed requests per variant (base, unmerged, merged), interleaved
-            warmup=2,  # untimed requests first (compilation)
+            warmup=2,  # untimed requests first, >= 1 (compilation must not land in TTFT/TPOT)
             mesh="auto",  # decode mesh: "auto" (1 device if it fits, else kv-head tensor-parallel) | "single" | "tensor[:N]"
         )
     )

@@ -6,6 +6,7 @@ The cases run as real subprocesses, three at a time (most fail within a few seco
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from cli import ARM, ENV, ROOT, file_hashes
 
 from data import samples
+from lora_jax.peft_io import BASE_FILE
 from lora_jax.safetensors_io import write_safetensors
 
 
@@ -62,6 +64,13 @@ def _cocohd_dir(d, lines):
     d.mkdir()
     (d / "cocohd.jsonl").write_text("\n".join(lines) + "\n")
     return d
+
+
+def _foreign_adapter(t, W):
+    """The shared run's adapter, its lora_jax_base.json saying it was trained on another base."""
+    shutil.copytree(W / "adapter", t / "adapter")
+    (t / "adapter" / BASE_FILE).write_text(json.dumps({"base_model": "random-0000000000000000"}))
+    return t / "adapter"
 
 
 def _parquet_govreport(d):
@@ -137,6 +146,32 @@ CASES = [
         ],
         "train.parquet: unreadable Parquet file",
     ),
+    ("latency warmup 0", lambda t, W: ["--config.eval.latency.warmup=0", _fresh(t)], "eval.latency.warmup=0 must be"),
+    (
+        "latency past the context",
+        lambda t, W: ["--config.eval.latency.prompt_tokens=4000", _fresh(t)],
+        "eval.latency.prompt_tokens + new_tokens = 4008 passes the model's context (2048)",
+    ),
+    (
+        "joint latency past the context",
+        lambda t, W: ["--config.arms=('oproj','fc2')", "--config.eval.latency.new_tokens=4000", _fresh(t)],
+        "eval.latency.prompt_tokens + new_tokens = 4032 passes the model's context (2048)",
+    ),
+    (
+        "arms in mode=eval",
+        lambda t, W: ["--config.arms=('oproj','fc2')", "--config.mode=eval", _fresh(t)],
+        "config.arms trains arms jointly; mode=eval scores one arm",
+    ),
+    (
+        "image dataset on a text config",
+        lambda t, W: ["--config.data.name=invoiceocr", "--config.data.pack=False", _fresh(t)],
+        "data.name='invoiceocr' is an image dataset and the model has no vision tower",
+    ),
+    (
+        "adapter of another base",
+        lambda t, W: ["--config.mode=eval", f"--config.eval.adapter_dir={_foreign_adapter(t, W)}", _fresh(t)],
+        "adapter/lora_jax_base.json: the adapter was trained on base random-0000000000000000, but this run's base is random-",
+    ),
     ("workdir under a file", lambda t, W: [f"--workdir={ROOT}/README.md/run"], "README.md/run is not writable"),
     (
         "workdir of another arm",
@@ -152,6 +187,20 @@ CASES = [
 ]
 
 
+# Cases refused by a config check: their fresh workdir must not even be created (no tfds/, bundled/, checkpoints/).
+NOTHING_WRITTEN = (
+    "latency warmup 0",
+    "latency past the context",
+    "joint latency past the context",
+    "arms in mode=eval",
+    "image dataset on a text config",
+)
+
+
+def _fresh(t):
+    return f"--workdir={t / 'fresh'}"
+
+
 def _command(args, workdir):
     """main.py with the case's arguments; the runlocal arm and the shared workdir unless the case names its own."""
     given = lambda flag: any(a.startswith(flag + "=") for a in args)  # noqa: E731
@@ -162,12 +211,13 @@ def _command(args, workdir):
 
 @pytest.fixture(scope="module")
 def results(reference_run, tmp_path_factory):
-    """Runs every case against the shared workdir; returns ({name: CompletedProcess}, hashes before)."""
+    """Runs every case against the shared workdir; returns ({name: CompletedProcess}, hashes before, the
+    shared workdir, {name: the case's own directory})."""
     workdir, _ = reference_run
     before = file_hashes(workdir / "checkpoints")
-    commands = {}
+    commands, case_dirs = {}, {}
     for name, build, _ in CASES:
-        case_dir = tmp_path_factory.mktemp("case")
+        case_dir = case_dirs[name] = tmp_path_factory.mktemp("case")
         args = build(case_dir, workdir)
         no_config = name == "no config"
         commands[name] = (
@@ -179,7 +229,7 @@ def results(reference_run, tmp_path_factory):
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         procs = dict(zip(commands, pool.map(run, commands.values())))
-    return procs, before, workdir
+    return procs, before, workdir, case_dirs
 
 
 def test_at_least_thirty_cases():
@@ -197,5 +247,13 @@ def test_bad_input_is_one_line_exit_2(results, name, expected):
 
 
 def test_existing_checkpoints_are_untouched(results):
-    _, before, workdir = results
+    _, before, workdir, _ = results
     assert file_hashes(workdir / "checkpoints") == before
+
+
+@pytest.mark.parametrize("name", NOTHING_WRITTEN)
+def test_a_config_check_refuses_before_the_workdir_is_written(results, name):
+    procs, _, _, case_dirs = results
+    assert procs[name].returncode == 2, procs[name].stderr[-2000:]
+    fresh = case_dirs[name] / "fresh"
+    assert not fresh.exists(), sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*"))[:20]

@@ -157,3 +157,79 @@ def test_suite_counts_bad_input_and_never_crashes(tmp_path):
     assert rows["long-doc"]["prompt_tokens"] <= 256 - 8  # its document was cut as training cuts it
     assert result["format_failures"] == 2 and rows["ok"]["format_failure"] == "no parseable JSON"
     assert rows["no-ref"]["score"] is None and rows["no-ref"]["bad_reference"] == "empty reference"
+
+
+def _runlocal_llama_dir(d):
+    """A Llama checkpoint with the runlocal model's shapes (random weights, written without transformers)
+    and the tiny tokenizer."""
+    from lora_jax.safetensors_io import write_safetensors
+
+    d.mkdir()
+    h, i, kv, hd, v = 64, 128, 2, 16, 259
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": v,
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": kv,
+        "head_dim": hd,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for n in range(2):
+        p = f"model.layers.{n}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        shapes.update({p + f"self_attn.{m}_proj.weight": (o, h) for m, o in (("q", 64), ("k", 32), ("v", 32))})
+        shapes[p + "self_attn.o_proj.weight"] = (h, 64)
+        shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h)})
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+    rng = np.random.default_rng(0)
+    arrays = {n: (rng.normal(size=s) * 0.05).astype(np.float32) for n, s in shapes.items()}
+    write_safetensors(str(d / "model.safetensors"), [(n, s, np.float32) for n, s in shapes.items()], arrays.get)
+    samples.write_tiny_tokenizer(d)
+    return d
+
+
+def _peft_fc2_adapter(d, rank=4):
+    """A PEFT adapter on down_proj only (the fc2 arm), as PEFT writes one for the 2-layer model above."""
+    from lora_jax.safetensors_io import write_safetensors
+
+    d.mkdir()
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["down_proj"], "bias": "none"}
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(1)
+    key = "base_model.model.model.layers.{}.mlp.down_proj.lora_{}.weight"
+    arrays = {key.format(n, "A"): rng.normal(size=(rank, 128)).astype(np.float32) for n in range(2)}
+    arrays.update({key.format(n, "B"): rng.normal(size=(64, rank)).astype(np.float32) for n in range(2)})
+    write_safetensors(
+        str(d / "adapter_model.safetensors"), [(k, a.shape, np.float32) for k, a in arrays.items()], arrays.get
+    )
+    return d
+
+
+def test_an_adapter_on_other_targets_is_filed_under_its_own_arm(tmp_path):
+    """mode=eval of an fc2 adapter with the oproj_fc2 arm's config: results.json, the suite file and the
+    report say fc2 (the adapter's targets), not config.arm."""
+    from eval.report import read_run
+
+    hf = _runlocal_llama_dir(tmp_path / "hf")
+    adapter = _peft_fc2_adapter(tmp_path / "adapter")
+    workdir = tmp_path / "run"
+    _, results = _eval(
+        workdir,
+        f"--config.model.hf_dir={hf}",
+        f"--config.eval.adapter_dir={adapter}",
+        "--config.eval.evaluators=('generate',)",
+    )
+    suite = _suite_file(workdir)
+    assert results["arm"] == "fc2" and results.get("targets") == ["fc2"]
+    assert (suite.get("arm"), suite.get("targets"), suite["adapter_source"]) == ("fc2", ["fc2"], "peft")
+    runs, why = read_run(str(workdir))
+    assert why is None and [r.arm for r in runs] == ["fc2"]
