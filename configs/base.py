@@ -135,6 +135,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.max_to_keep = 3  # checkpoints kept
     t.loss_chunk_tokens = 512  # sequence chunk of the cross-entropy (never the full [B, T, vocab] logits)
     t.allow_changed_on_resume = ()  # keys (e.g. "train.total_steps") a resumed run may change on purpose
+    # Divergence stops the run (one error line, exit 2, no adapter; summary.json says "diverged"), checked at
+    # every log and checkpoint step; lora_jax/divergence.py explains the rules. 0 turns a rule off.
+    t.divergence = ml_collections.ConfigDict(
+        dict(
+            max_norm_growth=20.0,  # stop when ||LoRA weights|| > this x their norm at initialisation
+            max_loss_rise=1.0,  # stop when the loss stays this many nats above its lowest logged value ...
+            patience=3,  # ... at this many consecutive checks
+        )
+    )
 
     config.eval = e = ml_collections.ConfigDict()
     e.evaluators = ("loss", "generate", "latency")  # what runs (eval/evaluators.py): test loss, the suite, TTFT/TPOT

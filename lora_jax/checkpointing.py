@@ -7,6 +7,12 @@ target shardings of the *current* mesh, so a checkpoint restores onto a differen
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import re
+import traceback
+
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -33,12 +39,49 @@ def all_finite(tree) -> bool:
     return bool(_all_finite(tree))
 
 
+class _OrbaxThreadErrors(logging.Filter):
+    """Drops orbax's error records that carry an exception of its background writer threads: the same
+    exception is raised again in the caller's thread, where `CheckpointStore` reports it as one line
+    (instead of two tracebacks on stderr before it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        orbax = f"{os.sep}orbax{os.sep}"
+        tb = record.exc_info[2] if record.exc_info else None
+        files = {frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)} | {record.pathname}
+        return not any(orbax in f for f in files) and "_SignalingThread.run() raised" not in record.getMessage()
+
+
+for _name in ("absl", "asyncio"):  # asyncio: "Future exception was never retrieved" of an orbax write
+    logging.getLogger(_name).addFilter(_OrbaxThreadErrors())
+
+# A tensorstore write error: `... No space left on device [os_error_code='28']`.
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OS error behind a failed orbax write (raised as OSError, or by tensorstore as a
+    ValueError carrying os_error_code), else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        found = _TENSORSTORE_OS_ERROR.search(str(error))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _manager(directory: epath.Path, max_to_keep: int, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
     return ocp.CheckpointManager(directory, options=options)
 
 
 class CheckpointStore:
+    _pending: int | None = None  # the step of the last save started (the one a failed write belongs to)
+
     def __init__(self, workdir: str, max_to_keep: int, identity: dict, allowed_changes: tuple[str, ...] = ()):
         """identity: JSON-able values a checkpoint must agree with to be resumed (but allowed_changes)."""
         self.dir = epath.Path(workdir) / "checkpoints"
@@ -73,6 +116,8 @@ class CheckpointStore:
         return self.manager.latest_step()
 
     def save(self, step: int, lora, opt_state, data_state: dict, extra_meta: dict) -> None:
+        """Starts writing checkpoint `step` (orbax finishes it in the background; `wait` joins it). A
+        failed write (full disk, ...) of this or the previous save is a WorkdirError."""
         if not all_finite((lora, opt_state)):
             raise FloatingPointError(f"refusing to save step {step}: the state holds NaN/Inf")
         args = ocp.args.Composite(
@@ -80,7 +125,10 @@ class CheckpointStore:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(dict(self.identity, step=step, **extra_meta)),
         )
-        self.manager.save(step, args=args, force=True)
+        self.wait()  # the previous save's failure is reported as that step's
+        self._pending = step
+        with self._write_errors():
+            self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, lora_target, opt_target):
         """Restores onto the shardings carried by the (concrete or abstract) targets."""
@@ -97,4 +145,46 @@ class CheckpointStore:
         return out["state"]["lora"], out["state"]["opt"], out["data"], out["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._write_errors():
+            self.manager.wait_until_finished()
+
+    def _write_errors(self):
+        return _WriteErrors(self)
+
+    def _remove_partial_steps(self) -> None:
+        """Orbax writes a step to `<step>.orbax-checkpoint-tmp*` and renames it when complete: a failed
+        write leaves only that, which is removed (finished steps are never touched)."""
+        if jax.process_index() != 0 or not self.dir.exists():
+            return
+        for path in self.dir.iterdir():
+            if ".orbax-checkpoint-tmp" not in path.name:
+                continue
+            if path.is_dir():
+                path.rmtree()
+            else:
+                path.unlink(missing_ok=True)
+
+
+class _WriteErrors:
+    """Turns an OS error of an orbax write into one WorkdirError naming the workdir, the step and the OS
+    error, after removing the partial step directory (the earlier checkpoints stay)."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        os_error = _os_error(error) if error is not None and not isinstance(error, WorkdirError) else None
+        if os_error is None:
+            return False
+        store = self.store
+        store._remove_partial_steps()
+        finished = [s for s in store.manager.all_steps() if s != store._pending]
+        kept = f"the last finished checkpoint is step {max(finished)}" if finished else "no checkpoint was finished"
+        reason = os_error.strerror or errno.errorcode.get(os_error.errno, str(os_error))
+        raise WorkdirError(
+            f"{store.dir.parent}: writing checkpoint step {store._pending} failed ({reason}); {kept}, and the "
+            "partial step was removed: free space and run the same command to resume"
+        ) from error

@@ -113,8 +113,10 @@ def check_hf_conflicts(config: ml_collections.ConfigDict, hf: ModelConfig, sourc
 
 
 def _check_range(config: ml_collections.ConfigDict, key: str, low, high=None) -> None:
-    section, name = key.split(".")
-    value = config[section][name]
+    *sections, name = key.split(".")
+    for section in sections:  # "train.divergence.patience": nested sections
+        config = config[section]
+    value = config[name]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
     if ok and high is not None:
         ok = value < high
@@ -142,6 +144,9 @@ RANGES = {
     "train.checkpoint_every_steps": (1,),
     "train.max_to_keep": (1,),
     "train.loss_chunk_tokens": (1,),
+    "train.divergence.max_norm_growth": (0,),
+    "train.divergence.max_loss_rise": (0,),
+    "train.divergence.patience": (1,),
     "eval.eval_every_steps": (0,),
     "eval.max_eval_batches": (0,),
     "eval.batch_size": (1,),

@@ -4,6 +4,7 @@ steps) and eval/ (evaluators); this module only runs them in order."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -31,6 +32,7 @@ from lora_jax.assemble import (  # noqa: F401 — re-exported: train.global_batc
     tokenizer_dir,
 )
 from lora_jax.checkpointing import all_finite
+from lora_jax.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
 from lora_jax.evaluate import completion_fn, latency_fn
 from lora_jax.run_config import (  # noqa: F401 — re-exported: train.lora_spec etc. are the public names
     RESUMABLE_CHANGES,
@@ -42,6 +44,7 @@ from lora_jax.run_config import (  # noqa: F401 — re-exported: train.lora_spec
     validate,
 )
 from lora_jax.sharding import make_mesh
+from lora_jax.train_step import adapter_norm
 from lora_jax.trainer import Trainer, build_trainer, export_adapter  # noqa: F401 — re-exported
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -89,6 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = data_iterators(config, workdir, tok_dir, model.config.vocab_size, batch_sh, image_inputs(model, config))
     train_iter = data.train
 
+    detector = DivergenceDetector(DivergenceLimits.from_config(config), float(jax.jit(adapter_norm)(lora)))
     start = store.latest_step() or 0
     if start:
         lora, opt_state, data_state, _ = store.restore(start, lora, opt_state)
@@ -134,8 +138,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         is_log, is_ckpt, is_eval = step_events(config, done)
         if is_log or is_ckpt:
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(last["loss"]):
-                raise FloatingPointError(f"non-finite loss {last['loss']} at step {done}; stopping (nothing saved)")
+            found = detector.check(done, last["loss"], last["adapter_norm"])
+            if found:  # before this step's checkpoint: every saved step passed the check
+                history.append((done, last["loss"]))
+                fields = run_summary_fields(config, spec, model.config, history, fingerprint, start)
+                stop_diverged(found, store, workdir, fields)
         if is_log:
             scalars = dict(last, trainable_params=n_trainable, train_dropped_examples=train_iter.dropped)
             targets, real = np.mean(jax.device_get(counts), axis=0)
@@ -155,11 +162,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
-            store.save(
-                done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"], "config": config.to_json()}
-            )
+            with timer.paused(metrics):  # the blocking part of an orbax save is not training time
+                store.save(
+                    done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"], "config": config.to_json()}
+                )
         if is_eval:
-            evaluate(done)
+            with timer.paused(metrics), progress.timed("eval"):
+                evaluate(done)
     store.wait()
     final_step = config.train.total_steps
     export_adapter(
@@ -177,20 +186,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 class StepTimer:
-    """Seconds per training step, timed from the second step on (the first one compiles)."""
+    """Seconds per training step over the steps since the previous reading (from the second step on:
+    the first one compiles), less the time spent inside `paused()` — evaluation and checkpoint
+    writes — so that tokens/s, MFU and the ETA describe training alone.
 
-    def __init__(self):
-        self.start, self.steps = None, 0
+    step_s = (clock at this reading - clock at the previous one - paused seconds) / steps ticked
+    since. Readings are taken after the host fetched the step's metrics (the device is done)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.start, self.steps, self.paused_s = None, 0, 0.0
 
     def tick(self, metrics) -> None:
         if self.start is None:
             jax.block_until_ready(metrics)
-            self.start = time.perf_counter()
+            self.start = self.clock()
         else:
             self.steps += 1
 
+    @contextlib.contextmanager
+    def paused(self, pending=None):
+        """Time spent inside is not training time. pending: the last step's outputs, waited for first,
+        so that the steps still running on the device count as training."""
+        if pending is not None:
+            jax.block_until_ready(pending)
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.paused_s += self.clock() - began
+
     def step_s(self) -> float | None:
-        return (time.perf_counter() - self.start) / self.steps if self.steps else None
+        """Seconds per step since the previous reading (None before two steps ran); starts a new window."""
+        if not self.steps:
+            return None
+        now = self.clock()
+        seconds = (now - self.start - self.paused_s) / self.steps
+        self.start, self.steps, self.paused_s = now, 0, 0.0
+        return seconds
+
+
+def stop_diverged(found, store, workdir: epath.Path, fields: dict) -> None:
+    """Ends a diverged run: waits for the checkpoints already being written (the last one before the
+    divergence is kept), records the divergence in summary.json, exports nothing, raises DivergenceError."""
+    store.wait()
+    last_step = store.latest_step()
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(diverged_summary(found, last_step, fields), indent=2))
+    raise DivergenceError(diverged_message(found, str(workdir / "checkpoints" / str(last_step)) if last_step else None))
+
+
+def run_summary_fields(config, spec, model_cfg, history, fingerprint, start) -> dict:
+    """What every summary.json names: the run, its adapters, its base and its training losses."""
+    return {
+        "train_loss_history": history,
+        "trainable_params": sum(accounting.lora_params_per_target(model_cfg, spec).values()),
+        "arm": config.arm,
+        "dataset": config.data.name,
+        "seed": config.train.seed,
+        "targets": list(spec.targets),
+        "rank": spec.rank,
+        "base_model": fingerprint,
+        "resumed_from": start,
+    }
+
+
+def diverged_summary(found, last_checkpoint_step: int | None, fields: dict) -> dict:
+    """summary.json of a diverged run (or arm): status "diverged", where and why, what was kept; no
+    adapter was exported and no evaluation ran."""
+    return {
+        "status": "diverged",
+        "final_step": found.step,
+        "divergence": found.to_json(),
+        "last_checkpoint_step": last_checkpoint_step,
+        **fields,
+    }
 
 
 def step_events(config, done: int) -> tuple[bool, bool, bool]:
@@ -206,6 +276,7 @@ def run_summary(config, spec, model_cfg, results, history, dropped, data_counts,
     """A finished run's summary.json: what it scored, trained and was trained on."""
     loss = results.get("loss", {})
     return {
+        "status": "done",
         "final_step": config.train.total_steps,
         "train_loss_history": history,
         "eval_loss": loss.get("eval_loss"),

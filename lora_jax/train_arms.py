@@ -22,8 +22,8 @@ import json
 import logging
 
 import jax
+import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from etils import epath
 from flax import nnx
 
@@ -31,6 +31,7 @@ from eval.evaluators import EvalContext, run_evaluators
 from lora_jax import accounting
 from lora_jax.assemble import build_bank_model, data_iterators, global_batch, open_checkpoint_store, tokenizer_dir
 from lora_jax.checkpointing import all_finite
+from lora_jax.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
 from lora_jax.errors import WorkdirError
 from lora_jax.evaluate import completion_fn, latency_fn
 from lora_jax.run_config import arm_config, check_workdir_writable, lora_spec, validate
@@ -38,13 +39,16 @@ from lora_jax.sharding import make_mesh
 from lora_jax.train import (
     StepTimer,
     dataset_counts,
+    diverged_summary,
     flatten,
     loss_on_test_split,
     metric_writer,
     print_data_counts,
     run_summary,
+    run_summary_fields,
     step_events,
 )
+from lora_jax.train_step import adapter_norm
 from lora_jax.trainer import build_trainer, export_adapter
 
 SHARED_DIR = "joint"  # <workdir>/joint: what the arms share (prepared data, bundled samples)
@@ -89,6 +93,10 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     lora, frozen, opt_state = trainer.lora, trainer.frozen, trainer.opt_state
     batch_sh = trainer.batch_sharding
     data = data_iterators(config, shared, tokenizer_dir(config, shared), model.config.vocab_size, batch_sh)
+    initial_norms = jax.device_get(jax.jit(adapter_norm, static_argnums=1)(lora, model.lora))  # [K], fresh init
+    limits = DivergenceLimits.from_config(config)
+    detectors = [DivergenceDetector(limits, n) for n in initial_norms]
+    diverged = {}  # arm index -> its summary.json: a diverged arm stops alone, the others go on
     start = _common_step(stores)
     if start:
         targets = views.split(lora, opt_state)  # the arms' fresh states give the layout to restore onto
@@ -132,6 +140,9 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
         results = []
         for k, (c, w) in enumerate(zip(configs, workdirs)):
+            if k in diverged:
+                results.append(None)
+                continue
             if jax.process_index() == 0:
                 print(f"arm {c.arm}:", flush=True)
             final = step == config.train.total_steps
@@ -160,15 +171,27 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         timer.tick(metrics)
         is_log, is_ckpt, is_eval = step_events(config, done)
         if is_log or is_ckpt:
-            last = jax.device_get(metrics)
-            bad = [n for n, v in zip(names, last["loss"]) if not np.isfinite(v)]
-            if bad:
-                raise FloatingPointError(
-                    f"non-finite loss of arm(s) {', '.join(bad)} at step {done}; stopping (nothing saved)"
+            last, newly = jax.device_get(metrics), []
+            for k in range(len(configs)):
+                if k in diverged or not (found := detectors[k].check(done, last["loss"][k], last["adapter_norm"][k])):
+                    continue
+                history[k].append((done, float(last["loss"][k])))
+                fields = run_summary_fields(configs[k], specs[k], model.config, history[k], fingerprint, start)
+                fields["joint"] = {"arms": names, "workdir": str(root)}
+                diverged[k] = _stop_arm(found, stores[k], workdirs[k], names[k], fields)
+                newly.append(k)
+            if len(diverged) == len(configs):
+                raise DivergenceError(
+                    "every arm diverged: "
+                    + "; ".join(f"{names[k]}: {s['divergence']['detail']}" for k, s in sorted(diverged.items()))
                 )
+            if newly:  # zero the diverged arms' adapters and moments: they stay zero (see _freeze_arms)
+                lora, opt_state = _freeze_arms(views, lora, opt_state, set(newly))
         if is_log:
             step_s = timer.step_s()
             for k, w in enumerate(writers):
+                if k in diverged:
+                    continue
                 scalars = {
                     "loss": float(last["loss"][k]),
                     "grad_norm": float(last["grad_norm"][k]),
@@ -182,27 +205,35 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                     )
                 w.write_scalars(done, scalars)
                 history[k].append((done, scalars["loss"]))
-            _print_progress(done, config.train.total_steps, names, last["loss"], step_s)
+            losses = ["diverged" if k in diverged else v for k, v in enumerate(last["loss"])]
+            _print_progress(done, config.train.total_steps, names, losses, step_s)
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
             data_state = data.train.get_state()
-            for k, (arm_lora, arm_opt) in enumerate(views.split(lora, opt_state)):
-                if done in stores[k].manager.all_steps():  # saved before a kill; the resumed run repeats it exactly
-                    continue
-                meta = {"loss": float(last["loss"][k]), "config": configs[k].to_json()}
-                stores[k].save(done, arm_lora, arm_opt, data_state, meta)
+            with timer.paused(metrics):  # the blocking part of the orbax saves is not training time
+                for k, (arm_lora, arm_opt) in enumerate(views.split(lora, opt_state)):
+                    saved = done in stores[k].manager.all_steps()  # before a kill; the resumed run repeats it exactly
+                    if k in diverged or saved:
+                        continue
+                    meta = {"loss": float(last["loss"][k]), "config": configs[k].to_json()}
+                    stores[k].save(done, arm_lora, arm_opt, data_state, meta)
         if is_eval:
-            evaluate(done)
+            with timer.paused(metrics):
+                evaluate(done)
     for s in stores:
         s.wait()
     final_step = config.train.total_steps
     for k, (arm_lora, _) in enumerate(views.split(lora)):  # before evaluation: never lost to it
-        export_adapter(views.graphdefs[k], arm_lora, frozen, workdirs[k], config.model.hf_dir or "", fingerprint)
+        if k not in diverged:
+            export_adapter(views.graphdefs[k], arm_lora, frozen, workdirs[k], config.model.hf_dir or "", fingerprint)
     results = evaluate(final_step)
     summaries = []
     for k, (c, w) in enumerate(zip(configs, workdirs)):
         writers[k].flush()
+        if k in diverged:
+            summaries.append(diverged[k])
+            continue
         summary = run_summary(
             c, specs[k], model.config, results[k], history[k], data.train.dropped, data_counts, fingerprint, start
         )
@@ -212,21 +243,48 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             (w / "summary.json").write_text(json.dumps(summary, indent=2))
     if jax.process_index() == 0:
         shared.mkdir(parents=True, exist_ok=True)
-        (shared / "summary.json").write_text(json.dumps({"arms": names, "runs": [str(w) for w in workdirs]}, indent=2))
+        joint = {"arms": names, "runs": [str(w) for w in workdirs], "diverged": [names[k] for k in sorted(diverged)]}
+        (shared / "summary.json").write_text(json.dumps(joint, indent=2))
         _print_arms_summary(root, names, workdirs, summaries)
     return summaries
+
+
+def _stop_arm(found, store, workdir: epath.Path, name: str, fields: dict) -> dict:
+    """A diverged arm of a joint run: its checkpoints so far are kept (the last one passed the check),
+    summary.json records the divergence, one line says so; returns that summary. Nothing is exported."""
+    store.wait()
+    last_step = store.latest_step()
+    summary = diverged_summary(found, last_step, fields)
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        last_dir = str(workdir / "checkpoints" / str(last_step)) if last_step else None
+        print(f"arm {name}: {diverged_message(found, last_dir)}; the other arms go on", flush=True)
+    return summary
+
+
+def _freeze_arms(views, lora, opt_state, arms: set[int]):
+    """The bank's state with the given arms' LoRA weights and optimizer moments set to zero. Such an arm
+    then stays zero: with lora_a = lora_b = 0 both gradients are zero, and so are AdamW's moments and
+    decay — its rows compute the base model and can no longer overflow into the others' checks."""
+    zero = lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731 — not counters
+    arms_state = views.split(lora, opt_state)
+    arms_state = [jax.tree.map(zero, a) if k in arms else a for k, a in enumerate(arms_state)]
+    return views.stack(lora, opt_state, arms_state)
 
 
 def _print_progress(done: int, total: int, names, losses, step_s) -> None:
     if jax.process_index() != 0:
         return
-    arms = "  ".join(f"{n} {float(v):.4f}" for n, v in zip(names, losses))
+    arms = "  ".join(f"{n} {v}" if isinstance(v, str) else f"{n} {float(v):.4f}" for n, v in zip(names, losses))
     print(f"step {done}/{total}  loss: {arms}" + (f"  ({step_s:.2f} s/step, all arms)" if step_s else ""), flush=True)
 
 
 def _print_arms_summary(root, names, workdirs, summaries) -> None:
     print(f"done: {len(names)} arms trained jointly in {root}")
     for name, w, s in zip(names, workdirs, summaries):
+        if s.get("status") == "diverged":
+            print(f"  {name:10s} diverged at step {s['final_step']}: {s['divergence']['detail']}  -> {w}")
+            continue
         scores = "".join(
             f", {r['metric']} {r['score']:.4f}" for r in s["eval"].values() if isinstance(r, dict) and "metric" in r
         )

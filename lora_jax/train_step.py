@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from lora_jax.adapter_bank import AdapterBank
-from lora_jax.arm_views import arm_grad_norms, clip_by_arm_global_norm
+from lora_jax.arm_views import arm_grad_norms, clip_by_arm_global_norm, key_names
 from lora_jax.lora import dropout_key, row_dropout_keys
 from lora_jax.loss import chunked_cross_entropy
 from lora_jax.sharding import under_mesh
@@ -121,10 +121,35 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
             "learning_rate": schedule(step),
             "target_tokens": count,
             "real_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),  # not padding
+            "adapter_norm": adapter_norm(lora, bank),  # after the update: what divergence.py watches
         }
         return lora, opt_state, metrics
 
     return step_fn if mesh is None else under_mesh(step_fn, mesh)
+
+
+def adapter_norm(lora, bank=None) -> jax.Array:
+    """||LoRA weights||_F over the whole tree ([K]: each arm's own, with an AdapterBank; the slot axis
+    is axis 1). Computed as m * ||x / m|| with m = max |x|, so weights past ~1e19 (whose squares
+    overflow float32) still give their finite norm; NaN/Inf anywhere gives a non-finite norm."""
+    leaves = [(key_names(p), x.astype(jnp.float32)) for p, x in jax.tree_util.tree_flatten_with_path(lora)[0]]
+    if bank is None:
+        m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for _, x in leaves]))
+        scale = jnp.where(m > 0, m, 1.0)
+        return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for _, x in leaves))
+    k = bank.num_arms
+    items = [
+        (jnp.asarray(bank.members(names[-2])), x, tuple(i for i in range(x.ndim) if i != 1)) for names, x in leaves
+    ]
+    m = jnp.zeros((k,), jnp.float32)
+    for members, x, axes in items:
+        m = m.at[members].max(jnp.max(jnp.abs(x), axis=axes))
+    scale = jnp.where(m > 0, m, 1.0)
+    sq = jnp.zeros((k,), jnp.float32)
+    for members, x, axes in items:
+        s = scale[members].reshape((1, -1) + (1,) * (x.ndim - 2))
+        sq = sq.at[members].add(jnp.sum(jnp.square(x / s), axis=axes))
+    return scale * jnp.sqrt(sq)
 
 
 def make_eval_step(graphdef, chunk: int, mesh=None):
