@@ -49,21 +49,34 @@ def build_model(config, mesh, lora=None) -> tuple[Transformer, str]:
         model = Transformer(cfg, spec, opts, rngs=nnx.Rngs(RANDOM_BASE_SEED))
         shard_model(model, mesh)
         init_adapters(model, config.train.seed)
-        fingerprint = "random-" + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
+        fingerprint = _random_fingerprint("random-", cfg, opts)
     return model, fingerprint
 
 
-def build_llava_model(config, spec, opts, mesh):
-    """The image datasets' model: a LLaVA checkpoint (model.hf_dir), else a random tiny one (model.vision)."""
-    from lora_jax.llava import Llava, LlavaConfig, load_llava
+def _random_fingerprint(prefix: str, cfg, opts) -> str:
+    """A random base is decided by its shape, RANDOM_BASE_SEED and the dtype its weights are drawn in."""
+    return prefix + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
+
+
+def base_fingerprint(config) -> str:
+    """The fingerprint `build_model` gives the config's base, without building the model (reads only
+    the checkpoint's config and a few values of each tensor): what an adapter is checked against
+    before anything is written."""
+    if config.model.hf_dir:
+        return HFCheckpoint(config.model.hf_dir).fingerprint()
+    opts = runtime_options(config)
+    if config.data.name in IMAGE_DATASETS:
+        return _random_fingerprint("random-llava-", random_llava_config(config), opts)
+    return _random_fingerprint("random-", random_model_config(config), opts)
+
+
+def random_llava_config(config):
+    """The LlavaConfig of a random LLaVA (model.vision + the random decoder's dimensions)."""
+    from lora_jax.llava import LlavaConfig
     from lora_jax.vision import VisionConfig
 
-    if config.model.hf_dir:
-        ckpt = HFCheckpoint(config.model.hf_dir)
-        check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
-        return load_llava(config.model.hf_dir, spec, opts, mesh, seed=config.train.seed, ckpt=ckpt), ckpt.fingerprint()
     v = config.model.vision
-    cfg = LlavaConfig(
+    return LlavaConfig(
         vision=VisionConfig(
             v.kind, v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.image_size, v.patch_size
         ),
@@ -72,13 +85,21 @@ def build_llava_model(config, spec, opts, mesh):
         feature_layer=v.feature_layer,
         select_strategy=v.select_strategy,
     )
+
+
+def build_llava_model(config, spec, opts, mesh):
+    """The image datasets' model: a LLaVA checkpoint (model.hf_dir), else a random tiny one (model.vision)."""
+    from lora_jax.llava import Llava, load_llava
+
+    if config.model.hf_dir:
+        ckpt = HFCheckpoint(config.model.hf_dir)
+        check_hf_conflicts(config, ckpt.config, config.model.hf_dir)
+        return load_llava(config.model.hf_dir, spec, opts, mesh, seed=config.train.seed, ckpt=ckpt), ckpt.fingerprint()
+    cfg = random_llava_config(config)
     model = Llava(cfg, spec, opts, rngs=nnx.Rngs(RANDOM_BASE_SEED))
     shard_model(model, mesh)
     init_adapters(model.language, config.train.seed)
-    fingerprint = (
-        "random-llava-" + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
-    )
-    return model, fingerprint
+    return model, _random_fingerprint("random-llava-", cfg, opts)
 
 
 def image_inputs(model, config) -> dict:

@@ -29,12 +29,12 @@ from data.tokenizer import Tokenizer
 from eval.evaluators import EvalContext, run_evaluators
 from eval.generation_suite import Completion
 from lora_jax import latency
-from lora_jax.assemble import data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
+from lora_jax.assemble import base_fingerprint, data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
 from lora_jax.generate import GenerationOptions, complete
 from lora_jax.lora import ARMS, validate_targets
 from lora_jax.multihost import decided_on_process_0
 from lora_jax.peft_io import check_adapter_base, with_adapter
-from lora_jax.run_config import arm_name, check_latency, runtime_options
+from lora_jax.run_config import arm_name, check_latency, runtime_options, validate
 from lora_jax.safetensors_io import write_text_atomic
 from lora_jax.sharding import check_serving_mesh
 from lora_jax.trainer import build_trainer
@@ -154,10 +154,12 @@ def evaluate(config, workdir: str) -> dict:
     """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
     from lora_jax.train import loss_on_test_split, metric_writer, start_run
 
+    if config.eval.adapter_dir:  # an adapter of another base is refused before anything is written
+        validate(config)
+        check_adapter_base(config.eval.adapter_dir, base_fingerprint(config))
     workdir, mesh, model, fingerprint = start_run(config, workdir)
     step, adapter, source = 0, None, "base"
     if config.eval.adapter_dir:
-        check_adapter_base(config.eval.adapter_dir, fingerprint)
         model = with_adapter(model, config.eval.adapter_dir, config.model.hf_dir, runtime_options(config), mesh)
         adapter, source = str(config.eval.adapter_dir), "peft"
     elif decided_on_process_0(lambda: "yes" if (workdir / "checkpoints").exists() else ""):

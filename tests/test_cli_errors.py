@@ -187,13 +187,14 @@ CASES = [
 ]
 
 
-# Cases refused by a config check: their fresh workdir must not even be created (no tfds/, bundled/, checkpoints/).
+# Cases refused by a check of the config (or of a file it names): their fresh workdir is not even created (no tfds/, bundled/, checkpoints/).
 NOTHING_WRITTEN = (
     "latency warmup 0",
     "latency past the context",
     "joint latency past the context",
     "arms in mode=eval",
     "image dataset on a text config",
+    "adapter of another base",
 )
 
 
