@@ -19,8 +19,11 @@ the image datasets on a vision base are all in one report. Writes to --out:
   <dataset>.png — the metric vs TPOT p95 (unmerged), one point per arm with its interval, the
       Pareto front (no arm both faster and better), the base model as a horizontal line;
   tensorboard/ — one hparams run per (dataset, arm, seed) with its metric and TPOT.
-Runs without results, failed runs (their launch.log's last error line), and the latency of runs
-measured on another device kind than most runs of their dataset are listed under "Not in the table".
+Runs without results or with unreadable ones, diverged runs ("diverged at step N (rule, value)",
+from their summary.json), failed runs (their launch.log's last error line), the latency of runs
+measured on another device kind than most runs of their dataset, and datasets left out of a base's
+TPOT column (measured on another kind than the base's most common) are listed under "Not in the
+table".
 Metrics in eval.metrics.LOWER_IS_BETTER rank lower-first everywhere.
 """
 
@@ -47,7 +50,10 @@ from eval.report_stats import (
 )
 
 SIGNIFICANCE = 0.05
-PROCEDURE = "max-T bootstrap comparison with the best (the best re-picked in every resample; familywise 5%)"
+PROCEDURE = (
+    "max-T bootstrap comparison with the best (the best re-picked in every resample; familywise error "
+    "about 5% or less in simulations with two seeds, eval/report_stats.py)"
+)
 BASE_ARM = "base"
 
 
@@ -89,10 +95,61 @@ def _mesh(mesh) -> str | None:
     return "x".join(str(mesh.get(axis, "?")) for axis in ("data", "fsdp", "tensor"))
 
 
+def diverged_note(summary) -> str | None:
+    """ "diverged at step N (rule, value)" for a summary.json whose status is "diverged" (the step,
+    rule and value under "divergence", or at the top level), else None."""
+    if not isinstance(summary, dict) or summary.get("status") != "diverged":
+        return None
+    d = summary.get("divergence") if isinstance(summary.get("divergence"), dict) else summary
+    value = d.get("value", "?")
+    value = f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    kept = summary.get("last_checkpoint_step")
+    step = d.get("step", summary.get("final_step", "?"))
+    note = f"diverged at step {step} ({d.get('rule', '?')}, {value})"
+    return note + (f"; last checkpoint at step {kept}" if kept is not None else "; no checkpoint kept")
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _latency(latency, is_base: bool) -> dict:
+    """latency.json's fields the report reads, checked: {unmerged, merged, base, device, count, mesh}."""
+    latency = _object(latency, "the file")
+    variants = _object(latency.get("variants", {}), "variants")
+
+    def p95(name):
+        v = _object(variants.get(name, {}), f"variants.{name}").get("tpot_ms_p95")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"variants.{name}.tpot_ms_p95 is {v!r}, not a number")
+        return v
+
+    base, count = p95("base"), latency.get("device_count")
+    return {
+        "unmerged": base if is_base else p95("unmerged"),
+        "merged": None if is_base else p95("merged"),
+        "base": base,
+        "device": str(latency["device"]) if latency.get("device") is not None else None,
+        "count": int(count) if count is not None else None,
+        "mesh": _mesh(latency.get("mesh")),
+    }
+
+
 def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
-    """(results of the run — one per suite file —, or why it has none)."""
+    """(results of the run — one per suite file —, or why it has none: diverged, failed, no or
+    unreadable results)."""
     name = os.path.basename(run_dir.rstrip("/"))
     eval_dir = os.path.join(run_dir, "eval")
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary_path):  # a diverged run exported nothing; its summary says where it stopped
+        try:
+            diverged = diverged_note(_json(summary_path))
+        except (OSError, ValueError) as e:
+            return [], f"unreadable results (summary.json: {type(e).__name__}: {e})"
+        if diverged:
+            return [], diverged
     suites = (
         [f for f in sorted(os.listdir(eval_dir)) if f.endswith(".json") and f not in ("latency.json", "results.json")]
         if os.path.isdir(eval_dir)
@@ -105,22 +162,26 @@ def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
             errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
             return [], f"failed: {errors[-1][:160]}" if errors else "failed"
         return [], "no results (no eval/<suite>.json)"
-    meta = {}
-    for path in (os.path.join(eval_dir, "results.json"), os.path.join(run_dir, "summary.json")):
-        if os.path.exists(path):  # mode=eval's results, else training's summary
-            meta = _json(path)
-            break
     out = []
-    for f in suites:
-        try:
-            latency_path = os.path.join(eval_dir, "latency.json")
-            latency = _json(latency_path) if os.path.exists(latency_path) else {}
-            suite = _json(os.path.join(eval_dir, f))
+    reading = "results.json"
+    try:
+        meta = {}
+        for path in (os.path.join(eval_dir, "results.json"), summary_path):
+            if os.path.exists(path):  # mode=eval's results, else training's summary
+                reading = os.path.basename(path)
+                meta = _object(_json(path), "the file")
+                break
+        latency_path = os.path.join(eval_dir, "latency.json")
+        reading = "latency.json"
+        latency = _json(latency_path) if os.path.exists(latency_path) else {}
+        for f in suites:
+            reading = f
+            suite = _object(_json(os.path.join(eval_dir, f)), "the file")
             scores = {e["id"]: e["score"] for e in suite["examples"] if e.get("score") is not None}
             is_base = suite.get("adapter_source") == "base"
-            variants = latency.get("variants", {})
-            base_p95 = variants.get("base", {}).get("tpot_ms_p95")
-            count = latency.get("device_count")
+            reading = "latency.json"
+            lat = _latency(latency, is_base)
+            reading = f
             out.append(
                 RunResult(
                     name=name,
@@ -133,16 +194,16 @@ def read_run(run_dir: str) -> tuple[list[RunResult], str | None]:
                     base_model=str(meta.get("base_model", "?")),
                     trainable_params=None if is_base else meta.get("trainable_params"),
                     peft_params=None if is_base else meta.get("peft_equivalent_params"),
-                    tpot_unmerged=base_p95 if is_base else variants.get("unmerged", {}).get("tpot_ms_p95"),
-                    tpot_merged=None if is_base else variants.get("merged", {}).get("tpot_ms_p95"),
-                    tpot_base=base_p95,
-                    device=str(latency["device"]) if latency.get("device") is not None else None,
-                    device_count=int(count) if count is not None else None,
-                    mesh=_mesh(latency.get("mesh")),
+                    tpot_unmerged=lat["unmerged"],
+                    tpot_merged=lat["merged"],
+                    tpot_base=lat["base"],
+                    device=lat["device"],
+                    device_count=lat["count"],
+                    mesh=lat["mesh"],
                 )
             )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-            return [], f"unreadable results ({f}: {type(e).__name__}: {e})"
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        return [], f"unreadable results ({reading}: {type(e).__name__}: {e})"
     return out, None
 
 
@@ -242,6 +303,7 @@ class Group:
     resampled: np.ndarray  # [resamples, arms]
     rows: list[Row]
     base_resampled: np.ndarray | None = None  # [resamples]: the base model's, where a run scored it
+    examples: dict = dataclasses.field(default_factory=dict)  # arm -> examples its mean is over
 
 
 def higher_is_better(metric: str) -> bool:
@@ -281,7 +343,8 @@ def table(results: list[RunResult]) -> tuple[list[Row], list[Group]]:
         hib = higher_is_better(metric)
         arm_mask = np.array([a != BASE_ARM for a in names])
         if union:  # a seed per group: datasets are resampled independently of each other
-            observed, resampled = observed_means(matrices), resample_means(matrices, seed=len(groups))
+            observed = observed_means(matrices)
+            resampled = resample_means(matrices, seed=len(groups), seeded=arm_mask)  # the base: no seed
         else:
             observed, resampled = np.full(len(names), np.nan), np.full((RESAMPLES, len(names)), np.nan)
         rel, rel_resampled = relative_to_best(observed, hib, arm_mask), relative_to_best(resampled, hib, arm_mask)
@@ -337,6 +400,7 @@ def table(results: list[RunResult]) -> tuple[list[Row], list[Group]]:
                 resampled[:, arm_mask],
                 group_rows,
                 resampled[:, -1] if BASE_ARM in names else None,
+                {a: len(ids_of[a]) for a in names},
             )
         )
         rows.extend(group_rows)
@@ -409,11 +473,18 @@ def write_markdown(summary, groups: list[Group], missing, path: str, root: str) 
         lines.append("|---" * (len(cols) + 1) + "|")
         for r in g.rows:
             lines.append(f"| {r.arm} | " + " | ".join(_fmt(getattr(r, k)) for k, _ in cols) + " |")
+        counts = sorted(set(g.examples.values()))
+        if len(counts) > 1:  # the means are over different examples; say so where the numbers are
+            per_arm = ", ".join(f"{a}: {k}" for a, k in g.examples.items())
+            lines += ["", f"The arms' means are over different examples ({per_arm}): each over its own."]
         lines += ["", f"![{g.label}]({_png(g)})", ""]
     lines += [
         "Score: mean over seeds; ci95: bootstrap over examples and seeds (eval/report_stats.py).",
-        "relative_to_best: score / the best arm's (best / score when lower is better), 1 = best.",
-        f"p_vs_best: {PROCEDURE}, against the dataset's best arm on the same examples.",
+        "relative_to_best: score / the best arm's; when lower is better 1 - (score - best), one minus the",
+        "excess over the best in the metric's units (a best of 0 is likely); 1 = best.",
+        f"p_vs_best: {PROCEDURE}, against the dataset's best arm. Each arm's mean is over the examples all",
+        "its seeds scored (`examples`); every resample draws the examples once for all arms, so arms are",
+        "paired on the examples they share.",
         "TPOT: decode time per token, p95, adapters unmerged (merged beside it), on the latency device",
         "(most of the dataset's runs; others under Not in the table); unmerged_over_base: the run's own",
         "interleaved ratio; increase: over the dataset's fastest arm.",
@@ -494,6 +565,7 @@ def build(root: str, out: str, compare_arms: list[str] | None = None) -> dict:
     results, missing = collect(root)
     rows, groups = table(results)
     summary = summarize(groups, results, compare_arms)
+    missing = missing + summary.notes
     os.makedirs(out, exist_ok=True)
     write_csv(rows + summary.average_rows(), os.path.join(out, "report.csv"))
     write_summary_csv(summary, os.path.join(out, "summary.csv"))
@@ -523,11 +595,11 @@ def main(argv=None) -> int:
         return 2
     out = a.out or os.path.join(a.root, "report")
     arms = [x for x in a.arms.split(",") if x] if a.arms else None
-    from eval.report_summary import UnknownArmError
+    from eval.report_summary import ArmsError
 
     try:
         built = build(a.root, out, arms)
-    except UnknownArmError as e:
+    except ArmsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

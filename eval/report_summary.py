@@ -10,16 +10,21 @@ Definitions (eval/report.py builds the per-dataset rows and resamples this reads
   datasets it lacks and gets no average, never an average over fewer datasets.
 - raw average: the mean over the averaged datasets of the arm's scores (no direction when the
   averaged metrics do not all rank the same way: then only the relative average is tested).
-- relative average: the mean over the averaged datasets of score / the dataset's best arm's score
-  (best / score for a lower-is-better metric); the best among every arm that ran on the dataset.
-  1 = the best everywhere, 0.98 = 2% below the best on average.
+- relative average: the mean over the averaged datasets of the score relative to the dataset's best
+  arm (report_stats.relative_to_best): score / best; for a lower-is-better metric 1 - (score -
+  best), one minus the excess over the best in the metric's units, defined when the best is 0 (a
+  likely rate or KL), where best / score would give NaN for the best arm and 0 for every other.
+  The best among every arm that ran on the dataset. 1 = the best everywhere, 0.98 = 2% (a
+  lower-is-better metric: 0.02) below the best on average. Arms rank by it, best first; an arm
+  without one comes after those with one.
 - intervals: the per-dataset bootstrap (report_stats.resample_means; datasets resampled
   independently), averaged resample by resample; for the relative average the dataset's best is
   re-picked in every resample. "Worse than the best on average" applies report.PROCEDURE to these
   averaged resamples over the compared arms.
 - TPOT per base model: the mean over the arm's runs on that base of TPOT p95 with adapters unmerged
   (the base model's own for the base row), on the base's most common latency device kind; beside
-  it the mean of each run's own interleaved unmerged / base ratio.
+  it the mean of each run's own interleaved unmerged / base ratio. A dataset measured on another
+  kind is left out of the column and listed under "Not in the table".
 - summary plot: x = the mean over the averaged datasets of the arm's TPOT p95 (its per-dataset
   rows), y = the relative average with its interval, and the Pareto front.
 """
@@ -34,9 +39,14 @@ import numpy as np
 
 from eval.report import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, pareto
 from eval.report_stats import compare_with_best, interval, relative_to_best
+from lora_jax.errors import UserError
 
 
-class UnknownArmError(ValueError):
+class ArmsError(UserError, ValueError):
+    """--arms names arms the report cannot compare."""
+
+
+class UnknownArmError(ArmsError):
     """--arms names an arm no run in the report has."""
 
 
@@ -70,6 +80,7 @@ class Summary:
     bases: list[str]
     base_devices: dict  # base -> the device kind its TPOT column is measured on
     arms: list[ArmSummary]
+    notes: list = dataclasses.field(default_factory=list)  # (dataset, why) for "Not in the table"
 
     def average_rows(self) -> list[Row]:
         """report.csv's rows with dataset "average", one per arm."""
@@ -114,6 +125,8 @@ def averaging_block(coverage: dict, labels: list[str], arms: list[str] | None = 
                 f"--arms: no run has arm(s) {', '.join(unknown)}; arms: {', '.join(sorted(coverage))}"
             )
         common = set(labels).intersection(*(coverage[a] for a in arms))
+        if not common:  # nothing to average over or compare on
+            raise ArmsError(f"--arms: {', '.join(arms)} share no dataset")
         return list(arms), [label for label in labels if label in common]
     closures: set[frozenset] = set()  # every intersection of some arms' dataset sets
     for a in sorted(coverage):
@@ -134,20 +147,34 @@ def _average(observed: np.ndarray, resampled: np.ndarray, k: int, p: np.ndarray 
     return Average(float(observed[k]), low, high, pk, None if pk is None else pk < SIGNIFICANCE)
 
 
-def _tpot_by_base(results: list[RunResult]) -> tuple[dict, dict, dict]:
-    """({base: device kind}, {(base, arm): mean TPOT p95}, {(base, arm): mean unmerged/base})."""
+def _tpot_by_base(results: list[RunResult]) -> tuple[dict, dict, dict, list]:
+    """({base: device kind}, {(base, arm): mean TPOT p95}, {(base, arm): mean unmerged/base},
+    [(dataset, why)] for the datasets whose latency is on another kind than their base's most common
+    one: their runs are left out of that base's column, and listed under "Not in the table")."""
     timed = [r for r in results if r.tpot_unmerged is not None]
     kinds = collections.defaultdict(collections.Counter)
     for r in timed:
         kinds[r.base_model][r.device or "?"] += 1
     device = {b: min(c, key=lambda k: (-c[k], k)) for b, c in kinds.items()}
     tpot, ratio = collections.defaultdict(list), collections.defaultdict(list)
+    left_out = collections.defaultdict(set)  # (dataset, base) -> its kinds other than the base's
     for r in timed:
         if (r.device or "?") == device[r.base_model]:
             tpot[(r.base_model, r.arm)].append(r.tpot_unmerged)
             if r.tpot_ratio is not None:
                 ratio[(r.base_model, r.arm)].append(r.tpot_ratio)
-    return device, {k: float(np.mean(v)) for k, v in tpot.items()}, {k: float(np.mean(v)) for k, v in ratio.items()}
+        else:
+            left_out[(r.dataset, r.base_model)].add(r.device or "?")
+    notes = [
+        (
+            dataset,
+            f"latency on {'/'.join(sorted(other))} not in the TPOT p95 column of base {base}: that column "
+            f"is measured on {device[base]}, the base's most common device kind; the {dataset} table has it",
+        )
+        for (dataset, base), other in sorted(left_out.items())
+    ]
+    tpot_mean = {k: float(np.mean(v)) for k, v in tpot.items()}
+    return device, tpot_mean, {k: float(np.mean(v)) for k, v in ratio.items()}, notes
 
 
 def summarize(groups: list[Group], results: list[RunResult], compare_arms: list[str] | None = None) -> Summary:
@@ -175,10 +202,15 @@ def summarize(groups: list[Group], results: list[RunResult], compare_arms: list[
         rel_p = compare_with_best(rel_obs, rel_res)
         if raw_direction != "mixed":
             raw_p = compare_with_best(raw_obs, raw_res, raw_direction == "higher")
-    base_devices, tpot, ratio = _tpot_by_base(results)
+    base_devices, tpot, ratio, notes = _tpot_by_base(results)
     bases = sorted({g.base_model for g in groups})
     names = sorted(coverage)
-    order = sorted(names, key=lambda a: (a not in compared, -rel_obs[compared.index(a)] if a in compared else 0, a))
+
+    def rank(a):  # best relative average first; an arm without one (NaN, not compared) after those with one
+        rel = rel_obs[compared.index(a)] if a in compared and rel_obs is not None else np.nan
+        return (a not in compared, bool(np.isnan(rel)), 0.0 if np.isnan(rel) else -rel, a)
+
+    order = sorted(names, key=rank)
     arms = []
     has_base = any(r.arm == BASE_ARM for g in groups for r in g.rows)
     for a in order + ([BASE_ARM] if has_base else []):
@@ -194,7 +226,7 @@ def summarize(groups: list[Group], results: list[RunResult], compare_arms: list[
         xs = [cells[label].tpot_unmerged for label in averaged if label in cells]
         s.tpot_avg = float(np.mean(xs)) if averaged and not s.lacks and None not in xs else None
         arms.append(s)
-    return Summary(labels, averaged, compared, raw_direction, bases, base_devices, arms)
+    return Summary(labels, averaged, compared, raw_direction, bases, base_devices, arms, notes)
 
 
 def _base_average(by_label: dict, averaged: list[str]) -> tuple[Average, Average]:
@@ -262,7 +294,8 @@ def summary_markdown(summary: Summary) -> list[str]:
         f"arm at p < {SIGNIFICANCE} by the {PROCEDURE}. Average: the raw mean of the per-dataset scores over "
         f"the {n} dataset(s) where all {m} compared arms ran ({', '.join(summary.averaged) or 'none'}); "
         "relative to best: the mean over the same datasets of score / that dataset's best arm's score "
-        "(best / score when lower is better), 1 = best. An arm missing one of them is marked, not averaged. "
+        "(1 - (score - best) when lower is better: the excess over the best in the metric's units), 1 = best. "
+        "An arm missing one of them is marked, not averaged. "
         "Intervals and ▼ of both averages: the same bootstrap, averaged resample by resample, the best "
         "re-picked in every resample"
         + (

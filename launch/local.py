@@ -3,14 +3,17 @@
     python launch/local.py --sweep=configs/sweeps/study.py:dataset=cocohd --root=/data/sweeps/cocohd
 
 A finished run (its workdir has summary.json) is skipped; an unfinished one resumes from its
-latest checkpoint (main.py resumes by itself); a failed one is recorded and the sweep goes on.
-Each run's output goes to <root>/<name>/launch.log. The end is a table of every run's status;
-the exit status is 1 if any run failed. Re-running the same command finishes only what is left.
+latest checkpoint (main.py resumes by itself); a failed one is recorded and the sweep goes on. A
+diverged run (its summary.json says "status": "diverged") is counted as diverged, not done, and is
+skipped on a rerun too (rerunning would diverge again: change its config). Each run's output goes
+to <root>/<name>/launch.log. The end is a table of every run's status; the exit status is 1 if any
+run failed or diverged. Re-running the same command finishes only what is left.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -21,10 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.sweep import ROOT, Run, SweepError, load  # noqa: E402
 
 
+def diverged(run_dir: str) -> str | None:
+    """ "diverged at step N (rule, value)" when the run's summary.json records a divergence, else None."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    from eval.report import diverged_note  # the report's wording for the same run
+
+    return diverged_note(summary)
+
+
 def status_before(run_dir: str) -> str:
-    """done (summary.json) | resume (a finished checkpoint: orbax renames <step>.*tmp* to <step>) | new."""
+    """diverged (summary.json says so) | done (any other summary.json) | resume (a finished
+    checkpoint: orbax renames <step>.*tmp* to <step>) | new."""
     if os.path.exists(os.path.join(run_dir, "summary.json")):
-        return "done"
+        return "diverged" if diverged(run_dir) else "done"
     ckpts = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
         return "resume"
@@ -39,11 +55,13 @@ def last_error(log_path: str) -> str:
 
 
 def run_one(run: Run, root: str, python: str) -> tuple[str, float, str]:
-    """(status, seconds, note) of one run: done | finished | resumed+finished | failed."""
+    """(status, seconds, note) of one run: done | finished | resumed | failed | diverged."""
     run_dir = os.path.join(root, run.name)
     before = status_before(run_dir)
     if before == "done":
         return "done", 0.0, "already finished"
+    if before == "diverged":
+        return "diverged", 0.0, f"{diverged(run_dir)} (skipped; log: {os.path.join(run_dir, 'launch.log')})"
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "launch.log")
     start = time.perf_counter()
@@ -52,6 +70,8 @@ def run_one(run: Run, root: str, python: str) -> tuple[str, float, str]:
         log.flush()
         rc = subprocess.call(run.command(run_dir, python), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
+    if note := diverged(run_dir):  # main.py exits 2 with one error line and writes summary.json
+        return "diverged", seconds, f"{note} (log: {log_path})"
     if rc != 0:
         return "failed", seconds, f"exit {rc}: {last_error(log_path)} (log: {log_path})"
     return ("resumed" if before == "resume" else "finished"), seconds, ""
@@ -93,9 +113,9 @@ def main(argv=None) -> int:
     print(f"\n{'run':<{width}}  {'status':<8}  {'time':>7}  note")
     for name, status, seconds, note in rows:
         print(f"{name:<{width}}  {status:<8}  {f'{seconds:.0f} s' if seconds else '-':>7}  {note}")
-    counts = {s: sum(r[1] == s for r in rows) for s in ("done", "finished", "resumed", "failed")}
+    counts = {s: sum(r[1] == s for r in rows) for s in ("done", "finished", "resumed", "failed", "diverged")}
     print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" — root {root}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or counts["diverged"] else 0
 
 
 if __name__ == "__main__":

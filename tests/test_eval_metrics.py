@@ -384,6 +384,19 @@ def test_exact_match_letter_only_when_marked_as_an_option(conclusion, reference,
     assert s.score == float(right)
 
 
+@pytest.mark.parametrize(
+    "conclusion, reference, right",
+    [("B", "B: 5 MPa", True), ("(B)", "B: 5 MPa", True), ("**B**.", "(B) 5 MPa", True), ("B: 5 MPa", "B", True)]
+    + [("C", "B: 5 MPa", False), ("C: 5 MPa", "B: 5 MPa", False), ("A", "A cat is on the mat.", False)]
+    + [("A cat is on the mat.", "A", False), ("I", "I think C", False)],
+)
+def test_exact_match_letters_decide_when_the_reference_is_an_option(conclusion, reference, right):
+    """Reply `B` against the reference conclusion `B: 5 MPa` (LLaVA-CoT's own form) is option B, as
+    reply `B: 5 MPa` against reference `B` is; text that merely starts with a letter is no option."""
+    s = exact_match.score(f"<CONCLUSION>{conclusion}</CONCLUSION>", f"<CONCLUSION>{reference}</CONCLUSION>")
+    assert s.score == float(right)
+
+
 @needs_fixtures
 def test_exact_match_on_real_llava_cot_conclusions():
     rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "llava_cot/readme_examples.jsonl"))]
@@ -392,8 +405,9 @@ def test_exact_match_on_real_llava_cot_conclusions():
         found = exact_match.conclusion(answer)
         assert found and exact_match.score(answer, answer).score == 1.0
         letter = re.match(r"\W*([A-Z])\b", found)
-        if letter:  # a letter conclusion also matches that bare letter as the reference
+        if letter:  # a letter conclusion also matches that bare letter as the reference, and back
             assert exact_match.score(answer, letter.group(1)).score == 1.0, found
+            assert exact_match.score(f"<CONCLUSION>{letter.group(1)}</CONCLUSION>", answer).score == 1.0, found
 
 
 TRACE_REPLY = "Revenue rose from 100 to 142, so the change is 42"  # ran out of tokens before </think>

@@ -3,6 +3,7 @@ directories in the results format (including runs that failed, have no results, 
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -129,3 +130,91 @@ def test_report_of_an_empty_or_missing_root(tmp_path):
     built = report.build(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert built["rows"] == [] and (tmp_path / "out" / "report.md").exists()
     assert report.main([f"--root={tmp_path / 'nope'}"]) == 2
+
+
+@pytest.mark.parametrize(
+    "latency",
+    ['{"variants": {"base": 5}}', "[1, 2]", '{"variants": {"unmerged": {"tpot_ms_p95": "x"}}}'],
+)
+def test_malformed_latency_is_unreadable_results_not_a_crash(tmp_path, monkeypatch, latency):
+    monkeypatch.setattr(report, "write_hparams", lambda *a: None)
+    root = tmp_path / "sweep"
+    for arm, seed in (("oproj", 0), ("fc2", 0), ("fc2", 1)):
+        _run(root, f"cocohd_{arm}_s{seed}", arm, seed, [0.5, 0.7, 0.9], 8.0)
+    (root / "cocohd_fc2_s1" / "eval" / "latency.json").write_text(latency)
+    built = report.build(str(root), str(tmp_path / "out"))
+    missing = dict(built["missing"])
+    assert list(missing) == ["cocohd_fc2_s1"] and missing["cocohd_fc2_s1"].startswith(
+        "unreadable results (latency.json: "
+    )
+    assert {(r.arm, r.seeds) for r in built["rows"]} == {("oproj", 1), ("fc2", 1)}  # the others stay
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.index("- cocohd_fc2_s1: unreadable results") > md.index("## Not in the table")
+
+
+DIVERGED = {  # lora_jax/train.py diverged_summary
+    "status": "diverged",
+    "final_step": 4,
+    "divergence": {"step": 4, "rule": "norm_growth", "value": 3.1e30, "limit": 120.0, "detail": "adapter norm"},
+    "last_checkpoint_step": 2,
+    "arm": "fc2",
+    "seed": 0,
+    "base_model": "model-a",
+}
+
+
+def test_a_diverged_run_is_listed_as_diverged(tmp_path):
+    root = tmp_path / "sweep"
+    _run(root, "cocohd_oproj_s0", "oproj", 0, [0.5, 0.7, 0.9], 8.0)
+    (root / "cocohd_fc2_s0").mkdir()
+    (root / "cocohd_fc2_s0" / "summary.json").write_text(json.dumps(DIVERGED))
+    (root / "cocohd_fc2_s0" / "launch.log").write_text("error: training diverged at step 4: adapter norm\n")
+    built = report.build(str(root), str(tmp_path / "out"))
+    assert dict(built["missing"]) == {
+        "cocohd_fc2_s0": "diverged at step 4 (norm_growth, 3.1e+30); last checkpoint at step 2"
+    }
+
+
+def test_local_runner_counts_a_diverged_run_as_diverged(tmp_path, monkeypatch, capsys):
+    """A run that diverges while the sweep runs (main.py exits 2 and writes summary.json "diverged"),
+    and one that had diverged before (skipped on a rerun): both counted as diverged, exit status 1."""
+    import subprocess
+
+    from launch import local
+    from launch.sweep import Run
+
+    runs = [Run(n, "configs/cocohd_oproj.py", "runlocal", ()) for n in ("old", "new", "ok")]
+    root = tmp_path / "root"
+    (root / "old").mkdir(parents=True)
+    (root / "old" / "summary.json").write_text(json.dumps(DIVERGED))
+
+    def fake_main(cmd, cwd, stdout, stderr):  # what main.py leaves behind
+        workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+        status = DIVERGED if workdir.endswith("new") else {"status": "done"}
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(status, f)
+        return 2 if status is DIVERGED else 0
+
+    monkeypatch.setattr(local, "load", lambda spec: runs)
+    monkeypatch.setattr(subprocess, "call", fake_main)
+    assert local.status_before(str(root / "old")) == "diverged"
+    assert local.main(["--sweep=x.py", f"--root={root}"]) == 1
+    out = capsys.readouterr().out
+    table = {
+        line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] in (["old"], ["new"], ["ok"])
+    }
+    assert table == {"old": "diverged", "new": "diverged", "ok": "finished"}, out
+    assert "0 done, 1 finished, 0 resumed, 0 failed, 2 diverged" in out
+    assert "diverged at step 4 (norm_growth, 3.1e+30)" in out
+
+
+def test_report_says_what_the_means_are_over(tmp_path):
+    """p_vs_best is not "on the same examples": each arm's mean is over the examples its seeds scored,
+    arms are paired on those they share; arms over different examples are named with their counts."""
+    root = tmp_path / "sweep"
+    _run(root, "cocohd_oproj_s0", "oproj", 0, [0.5, 0.7, 0.9, 0.4], 8.0)
+    _run(root, "cocohd_fc2_s0", "fc2", 0, [0.5, 0.7, 0.9], 8.0)
+    report.build(str(root), str(tmp_path / "out"))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "on the same examples" not in md and "paired on the examples they share" in md
+    assert "over different examples (fc2: 3, oproj: 4)" in md
