@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,12 @@ from eval.evaluators import EvalContext, run_evaluators
 from eval.generation_suite import Completion
 from lora_jax import latency
 from lora_jax.assemble import base_fingerprint, data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
+from lora_jax.errors import CheckpointError
 from lora_jax.generate import GenerationOptions, complete
 from lora_jax.lora import ARMS, validate_targets
 from lora_jax.multihost import decided_on_process_0
-from lora_jax.peft_io import check_adapter_base, with_adapter
-from lora_jax.run_config import arm_name, check_latency, runtime_options, validate
+from lora_jax.peft_io import check_adapter_base, read_peft_adapter, with_adapter
+from lora_jax.run_config import arm_name, check_latency, lora_spec, model_config_of, runtime_options, validate
 from lora_jax.safetensors_io import write_text_atomic
 from lora_jax.sharding import check_serving_mesh
 from lora_jax.trainer import build_trainer
@@ -114,9 +116,14 @@ def latency_fn(model_fn, config, context: int):
     "device_count", "mesh"} of the model as it is now (eval.latency), decoded on the serving mesh
     eval.latency.mesh picks (sharding.serving_mesh), not on the training mesh.
     The settings are validated with the config (run_config.validate, before anything is written);
-    checked again here, against this model's context, for callers that skip validation."""
-    check_latency(config, context)
-    check_serving_mesh(config.eval.latency.mesh, model_fn().config.num_kv_heads)
+    checked again here, against this model's context (and a LLaVA's image placeholders, which
+    latency.Requests puts before the prompt), for callers that skip validation; not at all when
+    "latency" is not in eval.evaluators (nothing will call the result)."""
+    if "latency" in config.eval.evaluators:
+        model = model_fn()
+        llava = getattr(model, "llava_config", None)
+        check_latency(config, context, llava.tokens_per_image if llava else 0)
+        check_serving_mesh(config.eval.latency.mesh, model.config.num_kv_heads)
 
     def run():
         s = config.eval.latency
@@ -150,13 +157,36 @@ def labelled_config(config, model):
     return label
 
 
+def check_eval_adapter(config) -> None:
+    """eval.adapter_dir, checked without building the model: its lora_jax_base.json (if any) names this
+    run's base; its files read as a PEFT adapter of the base's shape (`read_peft_adapter`); and on a
+    random base (no model.hf_dir to load again with the adapter's shapes) it fits the config's own
+    adapter slots: the same targets, layers, ranks and scales (what `with_adapter` requires)."""
+    adapter_dir = str(config.eval.adapter_dir)
+    check_adapter_base(adapter_dir, base_fingerprint(config))
+    own = lora_spec(config)
+    spec, _ = read_peft_adapter(adapter_dir, model_config_of(config), own)
+    if config.model.hf_dir:
+        return
+    fits = spec.targets == own.targets and spec.use_rslora == own.use_rslora and spec.layers == own.layers
+    fits = fits and all(
+        spec.rank_for(t) == own.rank_for(t) and math.isclose(spec.alpha_for(t), own.alpha_for(t)) for t in spec.targets
+    )
+    if not fits:
+        raise CheckpointError(
+            f"{adapter_dir}: adapter on {spec.targets} does not fit the model (targets {own.targets}, "
+            f"lora.rank={own.rank}, lora.alpha={own.alpha}); a randomly initialised base can only take an adapter "
+            "of the config's own arm"
+        )
+
+
 def evaluate(config, workdir: str) -> dict:
     """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
     from lora_jax.train import loss_on_test_split, metric_writer, start_run
 
-    if config.eval.adapter_dir:  # an adapter of another base is refused before anything is written
+    if config.eval.adapter_dir:  # an adapter that cannot be scored is refused before anything is written
         validate(config)
-        check_adapter_base(config.eval.adapter_dir, base_fingerprint(config))
+        check_eval_adapter(config)
     workdir, mesh, model, fingerprint = start_run(config, workdir)
     step, adapter, source = 0, None, "base"
     if config.eval.adapter_dir:

@@ -243,11 +243,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_dir("model.hf_dir", config.model.hf_dir, "config.json")
     _check_dir("data.tokenizer_dir", d.tokenizer_dir)
     _check_dir("eval.adapter_dir", config.eval.adapter_dir, "adapter_config.json")
+    check_arm_label(config)
     if d.name in IMAGE_DATASETS:
         check_vision_tower(config)
     text = model_config_of(config)
-    check_latency(config, text.max_position_embeddings)
-    check_serving_mesh(config.eval.latency.mesh, text.num_kv_heads)
+    if config.model.hf_dir:  # before anything is written (build_model checks it again, on the loaded checkpoint)
+        check_hf_conflicts(config, text, config.model.hf_dir)
+    if "latency" in config.eval.evaluators:  # settings of an evaluator that does not run are not checked
+        check_latency(config, text.max_position_embeddings, image_tokens(config, text))
+        check_serving_mesh(config.eval.latency.mesh, text.num_kv_heads)
     if not d.use_bundled_samples:
         from data.prepare import check_manual_dir
 
@@ -265,17 +269,53 @@ def check_evaluators(config: ml_collections.ConfigDict) -> None:
     check(config)
 
 
-def check_latency(config: ml_collections.ConfigDict, context: int) -> None:
-    """eval.latency: every setting at least its minimum, and prompt + new tokens within the context."""
+def check_latency(config: ml_collections.ConfigDict, context: int, image_tokens: int = 0) -> None:
+    """eval.latency: every setting at least its minimum, and a request's sequence within the context:
+    image_tokens (a LLaVA's placeholders of the one image latency.Requests puts before the prompt)
+    + prompt_tokens + new_tokens."""
     s = config.eval.latency
     for key, low in LATENCY_MINIMA.items():
         value = s[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"eval.latency.{key}={value!r} must be an integer >= {low}")
-    if s.prompt_tokens + s.new_tokens > context:
+    total = image_tokens + s.prompt_tokens + s.new_tokens
+    if total > context:
+        terms = f"prompt_tokens + new_tokens = {total}"
+        if image_tokens:  # name the placeholders: the config's own numbers alone fit
+            terms = (
+                f"prompt_tokens + new_tokens + the image's tokens_per_image = {s.prompt_tokens} + {s.new_tokens} + "
+                f"{image_tokens} = {total}"
+            )
+        raise ConfigError(f"eval.latency.{terms} passes the model's context ({context})")
+
+
+def image_tokens(config: ml_collections.ConfigDict, text: ModelConfig) -> int:
+    """Placeholder tokens per image (LlavaConfig.tokens_per_image) of an image dataset's model: the
+    LLaVA checkpoint's config.json (model.hf_dir), else the random tower of model.vision; 0 for a text
+    dataset. Needs check_vision_tower to have passed."""
+    if config.data.name not in IMAGE_DATASETS:
+        return 0
+    if config.model.hf_dir:
+        from lora_jax.llava import llava_config_from_hf
+
+        path = epath.Path(config.model.hf_dir) / "config.json"
+        return llava_config_from_hf(json.loads(path.read_text()), text, str(path)).tokens_per_image
+    from lora_jax.assemble import random_llava_config  # assemble imports this module
+
+    return random_llava_config(config).tokens_per_image
+
+
+def check_arm_label(config: ml_collections.ConfigDict) -> None:
+    """config.arm, the label a run's files carry (summary.json, eval/<suite>.json), is a study arm only
+    with that arm's targets: mode=eval labels a checkpoint by its targets (`arm_name`), so a study arm
+    name on other targets would file one checkpoint under two arms. Other names label the config's own
+    targets as given."""
+    arm = config.arm
+    if arm in ARMS and validate_targets(ARMS[arm]) != validate_targets(config.lora.targets):
         raise ConfigError(
-            f"eval.latency.prompt_tokens + new_tokens = {s.prompt_tokens + s.new_tokens} passes the model's "
-            f"context ({context})"
+            f"config.arm={arm!r} is the study arm of targets {tuple(ARMS[arm])}, but lora.targets="
+            f"{tuple(config.lora.targets)}: set config.arm={arm_name(config.lora.targets)!r} (or another name that is "
+            "not a study arm)"
         )
 
 
@@ -311,6 +351,13 @@ def check_vision_tower(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.vision: patch_size={v.patch_size} must be <= image_size={v.image_size} and "
             f"hidden_size={v.hidden_size} must divide by num_heads={v.num_heads}"
+        )
+    # vision.VisionTower.hidden_state's range: hidden state 0 (the embeddings) .. num_layers, or from the end
+    layer = v.feature_layer
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -v.num_layers - 1 <= layer <= v.num_layers:
+        raise ConfigError(
+            f"model.vision.feature_layer={layer!r} must be an integer in [{-v.num_layers - 1}, {v.num_layers}] "
+            f"(the tower has model.vision.num_layers={v.num_layers}; -1 = the last layer)"
         )
     vocab = config.model.vocab_size
     if not 0 <= v.image_token_id < vocab:

@@ -17,6 +17,7 @@ from cli import ARM, ENV, ROOT, file_hashes
 from data import samples
 from lora_jax.peft_io import BASE_FILE
 from lora_jax.safetensors_io import write_safetensors
+from tests.test_eval_mode import _peft_fc2_adapter
 
 
 def _tiny_hf_dir(d, truncate=False):
@@ -73,6 +74,22 @@ def _foreign_adapter(t, W):
     return t / "adapter"
 
 
+def _weightless_adapter(t):
+    """A PEFT adapter directory with its adapter_config.json but no adapter_model.safetensors."""
+    (t / "adapter").mkdir()
+    (t / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    return t / "adapter"
+
+
+# The runlocal model's dimensions overridden to _tiny_hf_dir's, so that the checkpoint's own defect is what is refused.
+TINY_HF_DIMS = [
+    f"--config.model.{k}={v}"
+    for k, v in dict(
+        hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8
+    ).items()
+]
+
+
 def _parquet_govreport(d):
     d.mkdir()
     (d / "train.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -117,8 +134,13 @@ CASES = [
     ("hf_dir no config", lambda t, W: [f"--config.model.hf_dir={t}"], "has no config.json"),
     (
         "truncated safetensors",
-        lambda t, W: [f"--config.model.hf_dir={_tiny_hf_dir(t / 'hf', truncate=True)}"],
+        lambda t, W: [f"--config.model.hf_dir={_tiny_hf_dir(t / 'hf', truncate=True)}", *TINY_HF_DIMS],
         "model.safetensors: unreadable safetensors file",
+    ),
+    (
+        "hf_dir conflicts with the model's dimensions",
+        lambda t, W: [f"--config.model.hf_dir={_tiny_hf_dir(t / 'hf')}", _fresh(t)],
+        "model.hidden_size=64 conflicts with",
     ),
     ("tokenizer dir missing", lambda t, W: ["--config.data.tokenizer_dir=/no/tok"], "data.tokenizer_dir"),
     ("manual dir missing", lambda t, W: ["--config.data.use_bundled_samples=False"], "no such directory: None"),
@@ -158,6 +180,41 @@ CASES = [
         "eval.latency.prompt_tokens + new_tokens = 4032 passes the model's context (2048)",
     ),
     (
+        "llava latency past the context",
+        lambda t, W: [
+            "--config=configs/llavacot_oproj.py:runlocal",
+            "--config.eval.latency.prompt_tokens=2040",
+            "--config.eval.latency.new_tokens=8",
+            _fresh(t),
+        ],
+        "eval.latency.prompt_tokens + new_tokens + the image's tokens_per_image = 2040 + 8 + 16 = 2064 passes the "
+        "model's context (2048)",
+    ),
+    (
+        "feature layer past the tower",
+        lambda t, W: [
+            "--config=configs/llavacot_oproj.py:runlocal",
+            "--config.model.vision.feature_layer=-5",
+            _fresh(t),
+        ],
+        "model.vision.feature_layer=-5 must be an integer in [-3, 2]",
+    ),
+    (
+        "study arm name on other targets",
+        lambda t, W: ["--config.lora.targets=('fc2',)", _fresh(t)],
+        "config.arm='oproj_fc2' is the study arm of targets ('o_proj', 'fc2'), but lora.targets=('fc2',)",
+    ),
+    (
+        "adapter without weights",
+        lambda t, W: ["--config.mode=eval", f"--config.eval.adapter_dir={_weightless_adapter(t)}", _fresh(t)],
+        "adapter_model.safetensors: missing",
+    ),
+    (
+        "adapter of another arm on a random base",
+        lambda t, W: ["--config.mode=eval", f"--config.eval.adapter_dir={_peft_fc2_adapter(t / 'fc2')}", _fresh(t)],
+        "adapter on ('fc2',) does not fit the model",
+    ),
+    (
         "arms in mode=eval",
         lambda t, W: ["--config.arms=('oproj','fc2')", "--config.mode=eval", _fresh(t)],
         "config.arms trains arms jointly; mode=eval scores one arm",
@@ -192,6 +249,12 @@ NOTHING_WRITTEN = (
     "latency warmup 0",
     "latency past the context",
     "joint latency past the context",
+    "llava latency past the context",
+    "hf_dir conflicts with the model's dimensions",
+    "feature layer past the tower",
+    "study arm name on other targets",
+    "adapter without weights",
+    "adapter of another arm on a random base",
     "arms in mode=eval",
     "image dataset on a text config",
     "adapter of another base",

@@ -233,3 +233,31 @@ def test_an_adapter_on_other_targets_is_filed_under_its_own_arm(tmp_path):
     assert (suite.get("arm"), suite.get("targets"), suite["adapter_source"]) == ("fc2", ["fc2"], "peft")
     runs, why = read_run(str(workdir))
     assert why is None and [r.arm for r in runs] == ["fc2"]
+
+
+def test_training_and_mode_eval_give_a_checkpoint_one_arm_label():
+    """Training labels its files with config.arm; mode=eval labels the model it scores by its targets
+    (`labelled_config`). For every study arm the two agree, a config.arm outside the study's arms is
+    kept by both, and a study arm name on other targets is refused by validate (one line naming both keys)."""
+    from configs import base
+    from lora_jax import train
+    from lora_jax.errors import ConfigError
+    from lora_jax.evaluate import labelled_config
+    from lora_jax.lora import ARMS
+    from lora_jax.run_config import validate
+
+    def model_of(config):
+        cfg, spec, opts = train.random_model_config(config), train.lora_spec(config), train.runtime_options(config)
+        return nnx.eval_shape(lambda: Transformer(cfg, spec, opts, rngs=nnx.Rngs(0)))
+
+    for arm in ARMS:
+        config = base.arm_config("cocohd", arm, "runlocal")
+        validate(config)
+        assert labelled_config(config, model_of(config)).arm == arm
+    config = base.arm_config("cocohd", "oproj_fc2", "runlocal")
+    config.arm, config.lora.targets = "fc2_r8", ("fc2",)  # not a study arm's name: the config's own label
+    validate(config)
+    assert labelled_config(config, model_of(config)).arm == "fc2_r8"
+    config.arm = "oproj_fc2"  # the study's oproj_fc2 is o_proj + fc2: this checkpoint would be filed twice
+    with pytest.raises(ConfigError, match=r"^config\.arm='oproj_fc2' is the study arm .* lora\.targets=\('fc2',\)"):
+        validate(config)

@@ -7,6 +7,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -92,30 +93,6 @@ class _Writer:
         self.scalars = scalars
 
 
-def test_latency_json_records_percentiles_and_the_serving_mesh(tmp_path):
-    """The evaluator's path (evaluate.latency_fn -> latency.measure -> eval/latency.json), forced
-    tensor-parallel: TINY's 2 kv heads -> a (1, 1, 2) mesh of 2 of the 8 devices."""
-    config = base.get_config()
-    s = config.eval.latency
-    s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup, s.mesh = 1, 8, 4, 3, 1, "tensor"
-    spec = LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8)
-    model = _on_mesh(lambda: Transformer(TINY, spec, RuntimeOptions(), rngs=nnx.Rngs(0)), sharding.make_mesh((1, 8, 1)))
-    ctx = EvalContext(
-        config, tmp_path, _Writer(), {}, None, None, None, "training", latency_fn(lambda: model, config, 64)
-    )
-    latency_evaluator(ctx, 7)
-    result = json.loads((tmp_path / "eval" / "latency.json").read_text())
-    assert result["device"] == jax.devices()[0].device_kind
-    assert result["device_count"] == 2 and result["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
-    assert set(result["variants"]) == {"base", "unmerged", "merged"}
-    for stats in result["variants"].values():
-        assert stats["requests"] == 3 and 0 < stats["tpot_ms_p50"] <= stats["tpot_ms_p95"]
-        assert 0 < stats["ttft_ms_p50"] <= stats["ttft_ms_p95"]
-    s.mesh = "tensor:3"  # 3 does not divide 2 kv heads: refused when the run starts, naming the key
-    with pytest.raises(ConfigError, match=r"eval\.latency\.mesh='tensor:3'"):
-        latency_fn(lambda: model, config, 64)
-
-
 @pytest.fixture(scope="module")
 def fsdp_run():
     """The runlocal config on TINY's shape with all four adapters, its model on the 1x8x1 (FSDP) mesh."""
@@ -136,34 +113,82 @@ def fsdp_run():
     return config, mesh, _on_mesh(lambda: Transformer(cfg, spec, opts, rngs=nnx.Rngs(0)), mesh)
 
 
-def test_the_timed_decode_gathers_no_kernel_on_its_serving_mesh(fsdp_run):
-    """On 8 devices, the prefill and decode step that `measure` times (each Stepper's jitted functions,
-    compiled with their real arguments) hold no all-gather of a kernel and run on the serving mesh's
-    devices only, on one device (no collective at all) and forced tensor-parallel (2 devices: TINY has
-    2 kv heads); both decode the same tokens, and the training model stays on its FSDP mesh. (Before,
-    `measure` decoded the training model as it was: here an 8-device step whose layers all-reduce
-    activations over all 8 devices.)"""
+@pytest.fixture(scope="module")
+def measured(fsdp_run, tmp_path_factory):
+    """The evaluator's path (evaluate.latency_fn -> latency.measure -> eval/latency.json) on the FSDP
+    model, forced tensor-parallel: TINY's 2 kv heads -> a (1, 1, 2) mesh of 2 of the 8 devices.
+    (config, eval/latency.json, the (serving mesh, runners) `measure` timed), the runners recorded
+    from its call of `latency.prepare`."""
+    _, _, model = fsdp_run
+    config = base.get_config()
+    s = config.eval.latency
+    s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup, s.mesh = 1, 8, 4, 3, 1, "tensor"
+    prepare, timed = latency.prepare, []
+    out = tmp_path_factory.mktemp("latency")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(latency, "prepare", lambda *args, **kw: timed.append(prepare(*args, **kw)) or timed[-1])
+        ctx = EvalContext(
+            config, out, _Writer(), {}, None, None, None, "training", latency_fn(lambda: model, config, 64)
+        )
+        latency_evaluator(ctx, 7)
+    assert len(timed) == 1
+    return config, json.loads((out / "eval" / "latency.json").read_text()), timed[0]
+
+
+def test_latency_json_records_percentiles_and_the_serving_mesh(fsdp_run, measured):
+    _, _, model = fsdp_run
+    config, result, _ = measured
+    assert result["device"] == jax.devices()[0].device_kind
+    assert result["device_count"] == 2 and result["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
+    assert set(result["variants"]) == {"base", "unmerged", "merged"}
+    for stats in result["variants"].values():
+        assert stats["requests"] == 3 and 0 < stats["tpot_ms_p50"] <= stats["tpot_ms_p95"]
+        assert 0 < stats["ttft_ms_p50"] <= stats["ttft_ms_p95"]
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval.latency.mesh = "tensor:3"  # 3 does not divide 2 kv heads: refused when the run starts, naming the key
+    with pytest.raises(ConfigError, match=r"eval\.latency\.mesh='tensor:3'"):
+        latency_fn(lambda: model, config, 64)
+
+
+def test_the_timed_decode_gathers_no_kernel_on_its_serving_mesh(fsdp_run, measured):
+    """On 8 devices, the prefill and decode step that `measure` times for each variant (base,
+    unmerged, merged: each Stepper's jitted functions, compiled once by a request — so `compiled()`,
+    lowered with the same arguments, is the executable that was timed) hold no all-gather of a kernel
+    and run on the serving mesh's devices only, on one device (no collective at all) and forced
+    tensor-parallel (2 devices: TINY has 2 kv heads); both decode the same tokens, and the training
+    model stays on its FSDP mesh. (Before, `measure` decoded the training model as it was: here an
+    8-device step whose layers all-reduce activations over all 8 devices.)"""
     _, train_mesh, model = fsdp_run
     tokens = {}
     for kind, tensor in (("single", 1), ("tensor", 2)):
-        serve, runners = latency.prepare(model, 1, 8, 4, mesh=kind)
+        if kind == "tensor":  # the runners `measure` timed in `measured` (a warm-up and 3 requests each)
+            serve, runners = measured[2]
+        else:  # run as `measure` runs them: a warm-up request (compiles the two functions), a timed one
+            serve, runners = latency.prepare(model, 1, 8, 4, mesh=kind)
+            for runner in runners.values():
+                runner.request()
+                runner.request()
         assert sharding.mesh_sizes(serve) == {"data": 1, "fsdp": 1, "tensor": tensor}
-        runner = runners["unmerged"]
-        kernel = runner.stepper.params["layers"]["qkv"]["kernel"].get_value()
-        assert kernel.sharding.mesh == serve and kernel.sharding.spec[2] == ("tensor" if tensor > 1 else None)
-        runner.request()  # as `measure` runs it (compiles the two functions)
-        tokens[kind] = [int(runner.stepper.prefill(runner.tokens, runner.mask)[0])]
-        tokens[kind] += [int(runner.stepper.step()[0]) for _ in range(3)]
-        for name, compiled in runner.stepper.compiled().items():
-            hlo = compiled.as_text()
-            assert kernel_gathers(hlo, model) == [], (kind, name)
-            if tensor == 1:  # one device: no collective at all
-                assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo)
-            # it runs on the serving mesh's devices only (the training mesh's decode spans all 8)
-            shardings = jax.tree.leaves(
-                compiled.input_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
-            )
-            assert set().union(*(sh.device_set for sh in shardings)) == set(serve.devices.flat), (kind, name)
+        assert set(runners) == {"base", "unmerged", "merged"}
+        for variant, runner in runners.items():
+            kernel = runner.stepper.params["layers"]["qkv"]["kernel"].get_value()
+            assert kernel.sharding.mesh == serve and kernel.sharding.spec[2] == ("tensor" if tensor > 1 else None)
+            # one executable each: the one every request ran, and the one compiled() gives back
+            assert (runner.stepper._prefill._cache_size(), runner.stepper._step._cache_size()) == (1, 1), variant
+            if variant == "unmerged":
+                tokens[kind] = [int(runner.stepper.prefill(runner.tokens, runner.mask)[0])]
+                tokens[kind] += [int(runner.stepper.step()[0]) for _ in range(3)]
+            for name, compiled in runner.stepper.compiled().items():
+                hlo = compiled.as_text()
+                assert kernel_gathers(hlo, model) == [], (kind, variant, name)
+                if tensor == 1:  # one device: no collective at all
+                    assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo)
+                # it runs on the serving mesh's devices only (the training mesh's decode spans all 8)
+                shardings = jax.tree.leaves(
+                    compiled.input_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+                )
+                assert set().union(*(sh.device_set for sh in shardings)) == set(serve.devices.flat), (kind, variant)
+            assert (runner.stepper._prefill._cache_size(), runner.stepper._step._cache_size()) == (1, 1), variant
     assert tokens["single"] == tokens["tensor"]
     assert model.layers.qkv.kernel.get_value().sharding.mesh == train_mesh  # the training model is untouched
 
@@ -244,6 +269,23 @@ def test_a_llava_and_a_bank_reshard_onto_the_serving_mesh():
         if name == "llava":
             tower = nnx.to_flat_state(nnx.state(served.vision))
             assert tower and all(v.get_value().sharding.is_fully_replicated for _, v in tower)
+
+
+def test_latency_settings_are_checked_only_when_latency_runs():
+    """eval.latency settings that cannot run (no tensor parallelism on 1 device, warmup 0) pass when
+    "latency" is not in eval.evaluators, in validate and in evaluate.latency_fn, and are refused when it is."""
+    from lora_jax.run_config import validate
+
+    config = base.arm_config("cocohd", "oproj", "runlocal")
+    config.eval.evaluators = ("loss", "generate")
+    config.eval.latency.mesh, config.eval.latency.warmup = "tensor:3", 0
+    model = nnx.eval_shape(lambda: Transformer(TINY, None, RuntimeOptions(), rngs=nnx.Rngs(0)))
+    validate(config)
+    latency_fn(lambda: model, config, 64)
+    config.eval.evaluators = ("loss", "latency")
+    for check in (lambda: validate(config), lambda: latency_fn(lambda: model, config, 64)):
+        with pytest.raises(ConfigError, match=r"^eval\.latency\.warmup=0"):
+            check()
 
 
 @pytest.mark.parametrize("value", ["tensor:3", "fsdp"])
