@@ -163,7 +163,8 @@ DIVERGED = {  # lora_jax/train.py diverged_summary
 }
 
 
-def test_a_diverged_run_is_listed_as_diverged(tmp_path):
+def test_a_diverged_run_is_listed_as_diverged(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "write_hparams", lambda *a: None)  # TensorBoard's import is slow
     root = tmp_path / "sweep"
     _run(root, "cocohd_oproj_s0", "oproj", 0, [0.5, 0.7, 0.9], 8.0)
     (root / "cocohd_fc2_s0").mkdir()
@@ -208,9 +209,10 @@ def test_local_runner_counts_a_diverged_run_as_diverged(tmp_path, monkeypatch, c
     assert "diverged at step 4 (norm_growth, 3.1e+30)" in out
 
 
-def test_report_says_what_the_means_are_over(tmp_path):
+def test_report_says_what_the_means_are_over(tmp_path, monkeypatch):
     """p_vs_best is not "on the same examples": each arm's mean is over the examples its seeds scored,
     arms are paired on those they share; arms over different examples are named with their counts."""
+    monkeypatch.setattr(report, "write_hparams", lambda *a: None)
     root = tmp_path / "sweep"
     _run(root, "cocohd_oproj_s0", "oproj", 0, [0.5, 0.7, 0.9, 0.4], 8.0)
     _run(root, "cocohd_fc2_s0", "fc2", 0, [0.5, 0.7, 0.9], 8.0)
