@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lora_jax.attention import get_attention_impl  # noqa: E402
+from lora_jax.model.attention import get_attention_impl
 
 KV_HEADS, Q_PER_KV, HEAD_DIM = 4, 2, 64
 DENSE_IMPLS = ("xla", "causal_blocks")  # materialise [T, T] scores (causal_blocks: about half)

@@ -33,11 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lora_jax import latency  # noqa: E402
-from lora_jax.lora import LoraSpec  # noqa: E402
-from lora_jax.model import RuntimeOptions, Transformer  # noqa: E402
-from lora_jax.model_config import ModelConfig  # noqa: E402
-from lora_jax.peft_io import HF_MODULES  # noqa: E402
+from lora_jax.serve import latency
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.model.config import ModelConfig
+from lora_jax.io.peft_adapter import HF_MODULES
 
 BENCH = ModelConfig(
     vocab_size=32000,
@@ -138,8 +138,8 @@ def build_pair(targets, workdir, peer: bool, layers=()):
     import torch
     import transformers
 
-    from lora_jax.hf_checkpoint import load_hf_model
-    from lora_jax.peft_io import read_peft_adapter, set_lora_weights
+    from lora_jax.io.hf_checkpoint import load_hf_model
+    from lora_jax.io.peft_adapter import read_peft_adapter, set_lora_weights
 
     torch.manual_seed(0)
     hf_dir = os.path.join(workdir, "base")

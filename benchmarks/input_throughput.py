@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import samples  # noqa: E402
 from data.pipeline import PackedBatchIterator  # noqa: E402
-from data.prepare import data_sources  # noqa: E402
+from data.prepare import data_sources
 from data.sft import SFTOptions  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 

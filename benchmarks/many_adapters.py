@@ -30,10 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.train_throughput import OursStep, bench_config  # noqa: E402
-from configs.base import ARM_TARGETS  # noqa: E402
+from lora_jax.lora.arms import ARMS as ARM_TARGETS
 from configs.sweeps.study import STUDY_ARMS  # noqa: E402
-from lora_jax import latency, train  # noqa: E402
-from lora_jax.assemble import build_bank_model  # noqa: E402
+from lora_jax import train
+from lora_jax.serve import latency
+from lora_jax.run.assemble import build_bank_model
 from lora_jax.sharding import make_mesh  # noqa: E402
 
 BATCH, SEQ = 4, 512

@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
-from lora_jax import accounting, train  # noqa: E402
-from lora_jax.model import Transformer  # noqa: E402
-from lora_jax.peft_io import HF_MODULES  # noqa: E402
+from lora_jax import train
+from lora_jax.train import accounting
+from lora_jax.model.transformer import Transformer
+from lora_jax.io.peft_adapter import HF_MODULES
 from lora_jax.sharding import make_mesh, shard_model  # noqa: E402
 
 BENCH = dict(

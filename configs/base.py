@@ -10,6 +10,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from data.datasets import IMAGE_DATASETS
+from lora_jax.lora.arms import ARMS, TARGETS
+
 # Sequence length per dataset (GovReport reports run 30-40K tokens; CoCoHD transcripts > 20K).
 MAX_SEQ_LEN = {
     "fincot": 4096,
@@ -30,19 +33,6 @@ MAX_TARGET_TOKENS = {
     "llavacot": 1024,
     "invoiceocr": 1024,
 }
-ARM_TARGETS = {
-    "qkv": ("qkv",),
-    "oproj": ("o_proj",),
-    "fc1": ("fc1",),
-    "fc2": ("fc2",),
-    "oproj_fc1": ("o_proj", "fc1"),
-    "qkv_fc1": ("qkv", "fc1"),
-    "oproj_fc2": ("o_proj", "fc2"),
-    "qkv_fc2": ("qkv", "fc2"),
-    "all": ("qkv", "o_proj", "fc1", "fc2"),
-}
-STUDY_TARGETS = ("qkv", "o_proj", "fc1", "fc2")
-IMAGE_DATASETS = ("llavacot", "invoiceocr")
 # Each dataset's generation suite: (metric, max_new_tokens, examples scored (0 = the whole split)).
 # The study's evaluation sets: FinQA test 1147, GovReport 837, MedMCQA 3683 (MedReason scores on the
 # same rows), CoCoHD 1053, LLaVA-CoT 270, Invoice OCR 447 — the builders' test splits.
@@ -102,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lo.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rsLoRA)
     lo.dropout = 0.0  # dropout on the LoRA input (PEFT's default 0); randomness = f(seed, step, layer)
     lo.use_rslora = False  # rank-stabilised scaling
-    lo.rank_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(int) for t in STUDY_TARGETS})
-    lo.alpha_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(float) for t in STUDY_TARGETS})
+    lo.rank_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(int) for t in TARGETS})
+    lo.alpha_overrides = ml_collections.ConfigDict({t: config_dict.placeholder(float) for t in TARGETS})
 
     config.data = d = ml_collections.ConfigDict()
     d.name = "cocohd"  # fincot | govreport | medmcqa | medreason | cocohd | llavacot | invoiceocr
@@ -222,7 +212,7 @@ def arm_config(dataset: str, arm: str, arg: str | None = None) -> ml_collections
     """The config of one study arm: dataset defaults + the arm's targets (+ runlocal)."""
     config = get_config(None)
     config.arm = arm
-    config.lora.targets = ARM_TARGETS[arm]
+    config.lora.targets = ARMS[arm]
     config.data.name = dataset
     config.data.max_seq_len = MAX_SEQ_LEN[dataset]
     config.data.max_target_tokens = MAX_TARGET_TOKENS[dataset]

@@ -17,9 +17,9 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data.datasets import DATASETS
 from data.records import DataError, MissingDataError
 
-DATASETS = ("fincot", "govreport", "medmcqa", "medreason", "cocohd", "llavacot", "invoiceocr")
 MANIFEST = "source_manifest.json"
 
 

@@ -24,7 +24,7 @@ from etils import epath
 from eval.generation_suite import run_suite
 from eval.suites import suite_of
 from lora_jax.errors import ConfigError
-from lora_jax.safetensors_io import write_text_atomic
+from lora_jax.io.files import write_text_atomic
 
 EVALUATORS: dict[str, Callable] = {}
 

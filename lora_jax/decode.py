@@ -5,25 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lora_jax.model import Transformer
-
-
-def init_cache(model: Transformer, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty cache: k/v [layers, batch, max_len, kv_heads, head_dim]; slot positions/segments [batch, max_len].
-
-    Segment 0 marks an empty slot, so it is never attended to.
-    """
-    cfg = model.config
-    model.check_length(max_len)
-    dtype = dtype or model.options.compute_dtype
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "positions": jnp.zeros((batch, max_len), jnp.int32),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
+from lora_jax.model.transformer import Transformer
 
 
 def forward_with_cache(model: Transformer, tokens, positions, segment_ids, cache):

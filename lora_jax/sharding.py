@@ -231,3 +231,19 @@ def resharded(module: nnx.Module, mesh: Mesh) -> nnx.Module:
 def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     """{"data": …, "fsdp": …, "tensor": …} of a ("data", "fsdp", "tensor") mesh."""
     return {axis: int(mesh.shape[axis]) for axis in MESH_AXES}
+
+
+def process_rows(sharding, global_batch_size: int) -> list[int]:
+    """The global batch rows this process's devices hold under `sharding` (all rows when replicated)."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size, 1)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return sorted(rows)
+
+
+def global_batch(local: dict, sharding, size: int | None = None) -> dict:
+    """Host arrays holding this process's rows of a batch of `size` rows (default: all of them, one
+    process) -> global arrays on `sharding`. The rows are those `process_rows` gives for the sharding,
+    so this is right for any mesh, also when the batch is replicated across processes."""
+    size = size or next(iter(local.values())).shape[0]
+    return {k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]) for k, v in local.items()}

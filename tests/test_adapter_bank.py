@@ -10,12 +10,13 @@ from tiny_model import sample_batches, set_keys
 
 from configs import base
 from lora_jax import train
-from lora_jax.adapter_bank import AdapterBank, grouped_delta, row_delta
-from lora_jax.assemble import build_bank_model
+from lora_jax.lora.bank import AdapterBank, grouped_delta, row_delta
+from lora_jax.run.assemble import build_bank_model
 from lora_jax.errors import ConfigError
-from lora_jax.generate import GenerationOptions, generate, left_pad
-from lora_jax.lora import LoraSpec, lora_delta
-from lora_jax.model import Transformer
+from lora_jax.serve.generate import GenerationOptions, generate, left_pad
+from lora_jax.lora.delta import lora_delta
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import Transformer
 from lora_jax.sharding import make_mesh
 
 ARMS = ("oproj", "qkv_fc1", "all")

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.attention import causal_block_attention, chunked_attention, get_attention_impl, reference_attention
+from lora_jax.model.attention import causal_block_attention, chunked_attention, get_attention_impl, reference_attention
 
 
 def _packed_inputs(seed=0, b=2, t=37, kh=2, g=3, d=8):
@@ -92,8 +92,9 @@ def test_chunked_attention_with_the_kv_cache_matches_the_reference():
     sequence under the reference attention without a cache."""
     from flax import nnx
 
-    from lora_jax.decode import forward_with_cache, init_cache
-    from lora_jax.model import RuntimeOptions, Transformer
+    from lora_jax.serve.generate import init_cache
+    from tests.tiny_model import forward_with_cache
+    from lora_jax.model.transformer import RuntimeOptions, Transformer
     from tests.tiny_model import TINY
 
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, size=(2, 20)))

@@ -15,8 +15,8 @@ import pytest
 from cli import ARM, ENV, ROOT, file_hashes
 
 from data import samples
-from lora_jax.peft_io import BASE_FILE
-from lora_jax.safetensors_io import write_safetensors
+from lora_jax.io.peft_adapter import BASE_FILE
+from lora_jax.io.safetensors_file import write_safetensors
 from tests.test_eval_mode import _peft_fc2_adapter
 
 

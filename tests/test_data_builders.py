@@ -10,7 +10,8 @@ from fixtures import FIXTURES, needs_fixtures
 from data import samples
 from data.medmcqa.builder import detect_cop_base
 from data.medreason.builder import match_letter, parse_options, strip_explanation
-from data.prepare import DATASETS, data_sources
+from data.datasets import DATASETS
+from data.prepare import data_sources
 from data.records import DataError
 
 

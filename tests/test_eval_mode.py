@@ -18,10 +18,10 @@ from data.sft import SFTOptions
 from data.tokenizer import Tokenizer
 from eval.generation_suite import run_suite
 from eval.suites import Suite
-from lora_jax.evaluate import completion_fn
-from lora_jax.generate import GenerationOptions, generate, left_pad
-from lora_jax.lora import LoraSpec
-from lora_jax.model import RuntimeOptions, Transformer
+from lora_jax.run.eval_hooks import completion_fn
+from lora_jax.serve.generate import GenerationOptions, generate, left_pad
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.sharding import make_mesh
 from tests.tiny_model import TINY
 
@@ -93,8 +93,8 @@ def test_greedy_completions_equal_transformers_peft(tmp_path):
     import torch
     import transformers
 
-    from lora_jax.hf_checkpoint import load_hf_model
-    from lora_jax.peft_io import export_peft, load_hf_model_with_adapter
+    from lora_jax.io.hf_checkpoint import load_hf_model
+    from lora_jax.io.peft_adapter import export_peft, load_hf_model_with_adapter
     from tests.hf_reference import saved_hf_dir
 
     d = saved_hf_dir("llama")
@@ -162,7 +162,7 @@ def test_suite_counts_bad_input_and_never_crashes(tmp_path):
 def _runlocal_llama_dir(d):
     """A Llama checkpoint with the runlocal model's shapes (random weights, written without transformers)
     and the tiny tokenizer."""
-    from lora_jax.safetensors_io import write_safetensors
+    from lora_jax.io.safetensors_file import write_safetensors
 
     d.mkdir()
     h, i, kv, hd, v = 64, 128, 2, 16, 259
@@ -199,7 +199,7 @@ def _runlocal_llama_dir(d):
 
 def _peft_fc2_adapter(d, rank=4):
     """A PEFT adapter on down_proj only (the fc2 arm), as PEFT writes one for the 2-layer model above."""
-    from lora_jax.safetensors_io import write_safetensors
+    from lora_jax.io.safetensors_file import write_safetensors
 
     d.mkdir()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["down_proj"], "bias": "none"}
@@ -242,9 +242,9 @@ def test_training_and_mode_eval_give_a_checkpoint_one_arm_label():
     from configs import base
     from lora_jax import train
     from lora_jax.errors import ConfigError
-    from lora_jax.evaluate import labelled_config
-    from lora_jax.lora import ARMS
-    from lora_jax.run_config import validate
+    from lora_jax.run.eval_mode import labelled_config
+    from lora_jax.lora.arms import ARMS
+    from lora_jax.run.config import validate
 
     def model_of(config):
         cfg, spec, opts = train.random_model_config(config), train.lora_spec(config), train.runtime_options(config)

@@ -151,7 +151,7 @@ def test_image_file_name_that_is_not_a_string_is_a_data_error(tmp_path):
 
 def test_truncated_safetensors_names_the_file(tmp_path):
     from lora_jax.errors import CheckpointError
-    from lora_jax.safetensors_io import SafetensorsFile, write_safetensors
+    from lora_jax.io.safetensors_file import SafetensorsFile, write_safetensors
 
     path = tmp_path / "model.safetensors"
     write_safetensors(str(path), [("w", (64, 64), np.float32)], lambda _: np.ones((64, 64)))
@@ -167,10 +167,11 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
     from flax import nnx
     from tiny_model import TINY
 
-    from lora_jax import train, trainer
+    from lora_jax import train
+    from lora_jax.train import trainer
     from lora_jax.errors import WorkdirError
-    from lora_jax.lora import LoraSpec
-    from lora_jax.model import Transformer
+    from lora_jax.lora.spec import LoraSpec
+    from lora_jax.model.transformer import Transformer
 
     model = Transformer(TINY, LoraSpec(targets=("o_proj",), rank=2), rngs=nnx.Rngs(0))
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from lora_jax.errors import ConfigError
-from lora_jax.generate import GenerationOptions, complete, generate, left_pad
-from lora_jax.lora import LoraSpec
-from lora_jax.model import RuntimeOptions, Transformer, merge_lora
+from lora_jax.serve.generate import GenerationOptions, complete, generate, left_pad
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer, merge_lora
 from lora_jax.sharding import make_mesh, shard_model
 from tests.tiny_model import TINY
 
@@ -58,7 +58,8 @@ def test_cached_greedy_equals_full_recomputation(with_adapters):
 
 
 def test_chunked_prefill_equals_one_shot():
-    from lora_jax.decode import forward_with_cache, init_cache
+    from lora_jax.serve.generate import init_cache
+    from tests.tiny_model import forward_with_cache
 
     model = adapted_model()
     tokens, mask = left_pad(PROMPTS, multiple=4)
@@ -86,7 +87,7 @@ def test_a_32k_prompt_prefills_in_bounded_memory():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
     mask = jnp.ones((1, t), jnp.int32)
     opts = GenerationOptions(max_new_tokens=4, prefill_chunk=1024)
-    from lora_jax.generate import _compiled
+    from lora_jax.serve.generate import _compiled
 
     graphdef, state = nnx.split(model)
     compiled = _compiled(graphdef, opts, None).lower(state, tokens, mask, jax.random.key(0), None, None).compile()
@@ -184,7 +185,7 @@ def test_stepper_decodes_the_same_tokens_as_generate():
     model = adapted_model()
     tokens, mask = left_pad(PROMPTS)
     ref = generate(model, tokens, mask, GenerationOptions(max_new_tokens=5))[0]
-    from lora_jax.generate import Stepper
+    from lora_jax.serve.generate import Stepper
 
     stepper = Stepper(model, GenerationOptions(max_new_tokens=5), 3, tokens.shape[1])
     out = [np.asarray(stepper.prefill(tokens, mask))] + [np.asarray(stepper.step()) for _ in range(4)]

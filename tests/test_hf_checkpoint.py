@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.hf_checkpoint import HFCheckpoint, load_hf_model
-from lora_jax.model import RuntimeOptions
+from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, make_hf_model, saved_hf_dir
 

@@ -14,14 +14,15 @@ from flax import nnx
 
 from configs import base
 from eval.evaluators import EvalContext, latency_evaluator
-from lora_jax import latency, sharding, train
-from lora_jax.adapter_bank import AdapterBank
+from lora_jax import sharding, train
+from lora_jax.serve import latency
+from lora_jax.lora.bank import AdapterBank
 from lora_jax.errors import ConfigError
-from lora_jax.evaluate import latency_fn
-from lora_jax.llava import Llava, LlavaConfig
-from lora_jax.lora import LoraSpec
-from lora_jax.model import RuntimeOptions, Transformer
-from lora_jax.vision import VisionConfig
+from lora_jax.run.eval_hooks import latency_fn
+from lora_jax.model.llava import Llava, LlavaConfig
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.model.vision import VisionConfig
 from tests.tiny_model import TINY
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, size=(2, 12)))
@@ -274,7 +275,7 @@ def test_a_llava_and_a_bank_reshard_onto_the_serving_mesh():
 def test_latency_settings_are_checked_only_when_latency_runs():
     """eval.latency settings that cannot run (no tensor parallelism on 1 device, warmup 0) pass when
     "latency" is not in eval.evaluators, in validate and in evaluate.latency_fn, and are refused when it is."""
-    from lora_jax.run_config import validate
+    from lora_jax.run.config import validate
 
     config = base.arm_config("cocohd", "oproj", "runlocal")
     config.eval.evaluators = ("loss", "generate")
@@ -292,7 +293,7 @@ def test_latency_settings_are_checked_only_when_latency_runs():
 def test_validate_refuses_a_serving_mesh_it_cannot_build(value):
     """Before anything is written: the runlocal model has 2 kv heads, so 3-way tensor parallelism (or an
     unknown mesh name) is refused naming eval.latency.mesh."""
-    from lora_jax.run_config import validate
+    from lora_jax.run.config import validate
 
     config = base.arm_config("medreason", "oproj", "runlocal")
     validate(config)  # "auto" (the default) is valid

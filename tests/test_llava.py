@@ -13,8 +13,8 @@ from fixtures import FIXTURES, needs_fixtures
 from data.image_processing import ImageProcessor
 from data.records import DataError
 from lora_jax.errors import CheckpointError
-from lora_jax.llava import load_llava
-from lora_jax.model import RuntimeOptions
+from lora_jax.io.llava_checkpoint import load_llava
+from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.sharding import make_mesh
 
 IMAGE_TOKEN = 299
@@ -153,8 +153,8 @@ def test_our_peft_export_loads_in_peft_on_transformers_llava(tmp_path):
     import peft
     import torch
 
-    from lora_jax.lora import LoraSpec
-    from lora_jax.peft_io import export_peft
+    from lora_jax.lora.spec import LoraSpec
+    from lora_jax.io.peft_adapter import export_peft
 
     hf, d = tiny_llava_dir(tmp_path, "siglip")
     ours = load_llava(d, LoraSpec(("qkv", "o_proj"), rank=4, alpha=8.0), RuntimeOptions(), one_device())
@@ -238,7 +238,7 @@ def test_runlocal_arm_on_a_transformers_llava_exports_what_peft_loads(tmp_path):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     from data import samples
-    from lora_jax.peft_io import with_adapter
+    from lora_jax.io.peft_adapter import with_adapter
 
     torch.manual_seed(0)
     config = LlavaConfig(  # the runlocal decoder's shape (configs/base.py), a SigLIP tower of 32x32 pixels

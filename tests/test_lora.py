@@ -9,8 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from lora_jax.lora import ARMS, TARGETS, LoraSpec, dropout_key, lora_delta
-from lora_jax.model import RuntimeOptions, Transformer, merge_lora, unmerge_lora
+from lora_jax.lora.arms import ARMS, TARGETS
+from lora_jax.lora.delta import dropout_key, lora_delta
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer, merge_lora, unmerge_lora
 from tests.tiny_model import TINY
 
 CFG = dataclasses.replace(TINY, qkv_bias=True)
@@ -138,7 +140,7 @@ def test_options_are_validated():
 
 
 def test_merged_weight_lora_matmul_matches_the_plain_formula_and_its_gradients():
-    from lora_jax.lora import lora_matmul
+    from lora_jax.lora.delta import lora_matmul
 
     rng = np.random.default_rng(0)
     for x_shape, w_shape, n_in in [((2, 5, 6), (6, 3, 4), 1), ((2, 5, 2, 3, 4), (2, 3, 4, 7), 3)]:

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax.loss import chunked_cross_entropy
+from lora_jax.train.loss import chunked_cross_entropy
 
 
 def test_chunked_loss_and_gradient_equal_the_full_softmax_cross_entropy():

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from lora_jax.model_config import load_hf_model_config, model_config_from_hf
+from lora_jax.io.hf_checkpoint import load_hf_model_config
+from lora_jax.model.config import model_config_from_hf
 from tests.hf_reference import TINY
 
 # The tiny parity config without head_dim, so the hidden_size // heads default is exercised too.

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.decode import forward_with_cache, greedy_generate, init_cache
-from lora_jax.hf_checkpoint import load_hf_model
-from lora_jax.model import RuntimeOptions
+from lora_jax.serve.generate import init_cache
+from tests.tiny_model import forward_with_cache
+from lora_jax.io.hf_checkpoint import load_hf_model
+from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
 

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.hf_checkpoint import export_merged, load_hf_model
-from lora_jax.lora import TARGETS, LoraSpec
-from lora_jax.model import RuntimeOptions
-from lora_jax.peft_io import export_peft, read_peft_adapter, set_lora_weights
+from lora_jax.io.hf_checkpoint import export_merged, load_hf_model
+from lora_jax.lora.arms import TARGETS
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions
+from lora_jax.io.peft_adapter import export_peft, read_peft_adapter, set_lora_weights
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
 
@@ -133,7 +134,7 @@ def test_unsupported_peft_options_are_refused(field, value, message, mesh, tmp_p
 
 
 def test_missing_adapter_files(tmp_path):
-    from lora_jax.model_config import model_config_from_hf
+    from lora_jax.model.config import model_config_from_hf
 
     cfg = model_config_from_hf(
         dict(

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lora_jax import accounting
-from lora_jax.lora import ARMS, TARGETS, LoraSpec
-from lora_jax.model import RuntimeOptions, Transformer
-from lora_jax.model_config import ModelConfig
+from lora_jax.train import accounting
+from lora_jax.lora.arms import ARMS, TARGETS
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.model.config import ModelConfig
 from tests.tiny_model import TINY
 
 CFG = dataclasses.replace(TINY)

@@ -15,11 +15,11 @@ from configs import base
 from eval import report
 from lora_jax import train
 from lora_jax.errors import ConfigError
-from lora_jax.generate import GenerationOptions, generate, left_pad
-from lora_jax.peft_io import BASE_FILE, with_adapter
-from lora_jax.serve_bank import bank_from_adapters
+from lora_jax.serve.generate import GenerationOptions, generate, left_pad
+from lora_jax.io.peft_adapter import BASE_FILE, with_adapter
+from lora_jax.serve.bank import bank_from_adapters
 from lora_jax.sharding import make_mesh
-from lora_jax.train_arms import arm_configs
+from lora_jax.run.config import arm_configs
 
 JOINT = "configs/cocohd_all_arms.py:runlocal"
 ARMS = ("oproj_fc2", "oproj")

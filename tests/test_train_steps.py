@@ -10,8 +10,8 @@ from tiny_model import sample_batches, set_keys
 
 from configs import base
 from lora_jax import train, train_arms
-from lora_jax.checkpointing import CheckpointStore
-from lora_jax.model import Transformer
+from lora_jax.io.checkpoints import CheckpointStore
+from lora_jax.model.transformer import Transformer
 from lora_jax.sharding import make_mesh, shard_model
 
 ODD_VOCAB = 263
@@ -139,7 +139,7 @@ def test_bad_config_is_refused_before_compiling(changes, message):
 
 
 def test_hf_conflicts_and_unknown_keys():
-    from lora_jax.model_config import ModelConfig
+    from lora_jax.model.config import ModelConfig
 
     config = make_config()
     hf = dataclasses.replace(train.random_model_config(config), hidden_size=128)
@@ -158,7 +158,7 @@ def test_every_arm_file_loads_and_validates():
     import importlib.util
     import pathlib
 
-    from lora_jax.lora import ARMS
+    from lora_jax.lora.arms import ARMS
 
     assert base.ARM_TARGETS == ARMS  # configs hold plain values, so the table is written twice: keep them equal
     files = sorted(pathlib.Path(base.__file__).parent.glob("[a-z]*_*.py"))

@@ -1,6 +1,6 @@
 """The tiny random model shared by the LoRA, program and accounting tests."""
 
-from lora_jax.model_config import ModelConfig
+from lora_jax.model.config import ModelConfig
 
 TINY = ModelConfig(
     vocab_size=61,

@@ -19,7 +19,7 @@ def main(workdir: str, port: int, process_id: int, delay_s: float) -> None:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    from lora_jax.checkpointing import CheckpointStore
+    from lora_jax.io.checkpoints import CheckpointStore
 
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)), jax.sharding.PartitionSpec())
     lora = {"a": jax.make_array_from_callback((4,), replicated, lambda index: np.ones(4, np.float32)[index])}

@@ -66,14 +66,6 @@ class SafetensorsFile:
         return self._slices[name][index] if index else self._file.get_tensor(name)
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Writes a text file under a temporary name, then renames it into place."""
-    path = epath.Path(path)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_safetensors(
     path: str,
     specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lora_jax.generate import GenerationOptions, Stepper
-from lora_jax.model import Transformer, merge_lora
+from lora_jax.serve.generate import GenerationOptions, Stepper
+from lora_jax.model.transformer import Transformer, merge_lora
 from lora_jax.sharding import mesh_sizes, resharded, serving_mesh
 
 
@@ -34,7 +34,7 @@ def variants(model: Transformer) -> dict[str, Transformer]:
     variants are Llavas (its adapters are on the decoder)."""
     _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
     if hasattr(model, "llava_config"):
-        from lora_jax.llava import Llava
+        from lora_jax.model.llava import Llava
 
         base = nnx.eval_shape(lambda: Llava(model.llava_config, None, model.options, rngs=nnx.Rngs(0)))
     else:

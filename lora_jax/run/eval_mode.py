@@ -29,107 +29,18 @@ from data.sft import SFTOptions, example_pixels, generation_prompt_ids, prompt_o
 from data.tokenizer import Tokenizer
 from eval.evaluators import EvalContext, run_evaluators
 from eval.generation_suite import Completion
-from lora_jax import latency
-from lora_jax.assemble import base_fingerprint, data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
+from lora_jax.serve import latency
+from lora_jax.run.assemble import base_fingerprint, data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
 from lora_jax.errors import CheckpointError
-from lora_jax.generate import GenerationOptions, complete
-from lora_jax.lora import ARMS, validate_targets
+from lora_jax.serve.generate import GenerationOptions, complete
+from lora_jax.lora.arms import ARMS, validate_targets
 from lora_jax.multihost import decided_on_process_0
-from lora_jax.peft_io import check_adapter_base, read_peft_adapter, with_adapter
-from lora_jax.run_config import arm_name, check_latency, lora_spec, model_config_of, runtime_options, validate
-from lora_jax.safetensors_io import write_text_atomic
+from lora_jax.io.peft_adapter import check_adapter_base, read_peft_adapter, with_adapter
+from lora_jax.lora.arms import arm_name
+from lora_jax.run.config import check_latency, lora_spec, model_config_of, runtime_options, validate
+from lora_jax.io.files import write_text_atomic
 from lora_jax.sharding import check_serving_mesh
-from lora_jax.trainer import build_trainer
-
-PAD_MULTIPLE = 64  # prompt lengths are bucketed so that few shapes compile
-
-
-def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
-    """The chat template's end-of-turn token and EOS: a row stops at either."""
-    ids = {tok.end_of_turn_id}
-    eos = tok.special_tokens.get("eos_token")
-    if eos:
-        ids.add(tok.token_id(eos))
-    return tuple(sorted(ids))
-
-
-def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: int = 0, num_arms: int = 0):
-    """(records, suite) -> [Completion(prompt tokens, reply, think_opened) or None]: greedy (or the
-    suite's temperature) batched decoding of the model `model_fn()` returns, from prompts rendered and
-    cut exactly as training renders the generation prompt so that prompt + max_new_tokens fit
-    min(data.max_seq_len, the model's context); None where even the cut prompt cannot fit.
-    think_opened: the template's generation prompt opens a `<think>` trace (data/sft.py
-    `prompt_opens_think`), so each reply starts inside it and the scorer needs its `</think>`.
-
-    num_arms = K > 0: `model_fn()` is a bank model and the result is one such list per arm, all
-    decoded in one pass (each prompt once per arm in the same batch, per-row adapter ids)."""
-
-    opened = prompt_opens_think(tok)
-
-    def run(records, suite):
-        model = model_fn()
-        context = min(sft.max_seq_len, model.config.max_position_embeddings)
-        opts = dataclasses.replace(sft, max_seq_len=context)
-        prompts = [generation_prompt_ids(tok, r, opts, suite.max_new_tokens) for r in records]
-        fits = [len(p) + suite.max_new_tokens <= context for p in prompts]
-        kept = [p for p, ok in zip(prompts, fits) if ok]
-        gen = GenerationOptions(
-            max_new_tokens=suite.max_new_tokens,
-            temperature=suite.temperature,
-            stop_ids=stop_ids(tok),
-            prefill_chunk=suite.prefill_chunk,
-        )
-        arms = max(num_arms, 1)
-        rows = [p for p in kept for _ in range(arms)]  # prompt-major: a batch holds the same prompts as alone
-        pixels = None
-        if opts.tokens_per_image:  # LLaVA: each prompt's images
-            kept_records = [r for r, ok in zip(records, fits) if ok]
-            pixels = [example_pixels(r, opts) for r in kept_records for _ in range(arms)]
-        texts = (
-            complete(
-                model,
-                rows,
-                gen,
-                tok.decode,
-                stop_strings=suite.stop,
-                batch_size=suite.batch_size * arms,
-                seed=seed,
-                mesh=mesh,
-                pad_multiple=PAD_MULTIPLE,
-                adapter_ids=[k for _ in kept for k in range(arms)] if num_arms else None,
-                pixels=pixels,
-            )
-            if kept
-            else []
-        )
-        per_arm = []
-        for k in range(arms):
-            replies = iter(texts[k::arms])
-            per_arm.append([Completion(len(p), next(replies), opened) if ok else None for p, ok in zip(prompts, fits)])
-        return per_arm if num_arms else per_arm[0]
-
-    return run
-
-
-def latency_fn(model_fn, config, context: int):
-    """() -> latency.measure's {"variants": {"base"|"unmerged"|"merged": TTFT/TPOT stats}, "device",
-    "device_count", "mesh"} of the model as it is now (eval.latency), decoded on the serving mesh
-    eval.latency.mesh picks (sharding.serving_mesh), not on the training mesh.
-    The settings are validated with the config (run_config.validate, before anything is written);
-    checked again here, against this model's context (and a LLaVA's image placeholders, which
-    latency.Requests puts before the prompt), for callers that skip validation; not at all when
-    "latency" is not in eval.evaluators (nothing will call the result)."""
-    if "latency" in config.eval.evaluators:
-        model = model_fn()
-        llava = getattr(model, "llava_config", None)
-        check_latency(config, context, llava.tokens_per_image if llava else 0)
-        check_serving_mesh(config.eval.latency.mesh, model.config.num_kv_heads)
-
-    def run():
-        s = config.eval.latency
-        return latency.measure(model_fn(), s.batch_size, s.prompt_tokens, s.new_tokens, s.requests, s.warmup, s.mesh)
-
-    return run
+from lora_jax.train.trainer import build_trainer
 
 
 def _zero_adapters(model) -> None:
@@ -182,7 +93,8 @@ def check_eval_adapter(config) -> None:
 
 def evaluate(config, workdir: str) -> dict:
     """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
-    from lora_jax.train import loss_on_test_split, metric_writer, start_run
+    from lora_jax.run.assemble import metric_writer, start_run
+    from lora_jax.run.eval_hooks import loss_on_test_split
 
     if config.eval.adapter_dir:  # an adapter that cannot be scored is refused before anything is written
         validate(config)

@@ -17,66 +17,19 @@ from etils import epath
 from flax import nnx
 
 from eval.evaluators import EvalContext, run_evaluators
-from lora_jax import accounting
-from lora_jax.assemble import (  # noqa: F401 — re-exported: train.global_batch etc. are public names
-    build_model,
-    data_iterators,
-    data_source_manifest,
-    dataset_counts,
-    global_batch,
-    image_inputs,
-    manual_dir,
-    open_checkpoint_store,
-    process_rows,
-    run_identity,
-    tokenizer_dir,
-)
-from lora_jax.checkpointing import all_finite
-from lora_jax.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
-from lora_jax.evaluate import completion_fn, latency_fn
-from lora_jax.run_config import (  # noqa: F401 — re-exported: train.lora_spec etc. are the public names
-    RESUMABLE_CHANGES,
-    check_hf_conflicts,
-    check_workdir_writable,
-    lora_spec,
-    random_model_config,
-    runtime_options,
-    validate,
-)
+from lora_jax.train import accounting
+from lora_jax.run.assemble import build_model, data_iterators, data_source_manifest, dataset_counts, image_inputs, manual_dir, open_checkpoint_store, run_identity, tokenizer_dir
+from lora_jax.sharding import global_batch, process_rows
+from lora_jax.io.checkpoints import all_finite
+from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
+from lora_jax.run.eval_hooks import completion_fn, latency_fn
+from lora_jax.run.assemble import check_workdir_writable
+from lora_jax.run.config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options, validate
 from lora_jax.sharding import make_mesh
-from lora_jax.train_step import adapter_norm
-from lora_jax.trainer import Trainer, build_trainer, export_adapter  # noqa: F401 — re-exported
+from lora_jax.train.step import adapter_norm
+from lora_jax.train.trainer import Trainer, build_trainer, export_adapter
 
 # -- the loop ------------------------------------------------------------------------------------
-
-
-def loss_on_test_split(eval_step, lora, frozen, it, config, batch_sh) -> tuple[float, int]:
-    """(mean token loss, examples whose target tail was cut) over the test split (eval.max_eval_batches).
-    With an adapter bank the loss is per arm, [K]."""
-    nll, count = 0.0, 0.0
-    for i, local in enumerate(it):
-        if config.eval.max_eval_batches and i >= config.eval.max_eval_batches:
-            break
-        out = eval_step(lora, frozen, global_batch(local, batch_sh, config.eval.batch_size))
-        nll, count = nll + np.asarray(out["nll_sum"], np.float64), count + float(out["target_tokens"])
-    return nll / max(count, 1.0), it.truncated_targets
-
-
-def metric_writer(workdir: epath.Path):
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-
-
-def start_run(config: ml_collections.ConfigDict, workdir: str):
-    """Every check that needs no data (before anything is written), then the mesh and the model:
-    (workdir, mesh, model, base fingerprint). Training and mode=eval start the same way."""
-    validate(config)  # every config check, the evaluators' included
-    workdir = epath.Path(workdir)
-    check_workdir_writable(workdir)
-    mesh = make_mesh(config.mesh.shape)
-    model, fingerprint = build_model(config, mesh)
-    return workdir, mesh, model, fingerprint
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -236,33 +189,6 @@ def stop_diverged(found, store, workdir: epath.Path, fields: dict) -> None:
     raise DivergenceError(diverged_message(found, str(workdir / "checkpoints" / str(last_step)) if last_step else None))
 
 
-def run_summary_fields(config, spec, model_cfg, history, fingerprint, start) -> dict:
-    """What every summary.json names: the run, its adapters, its base and its training losses."""
-    return {
-        "train_loss_history": history,
-        "trainable_params": sum(accounting.lora_params_per_target(model_cfg, spec).values()),
-        "arm": config.arm,
-        "dataset": config.data.name,
-        "seed": config.train.seed,
-        "targets": list(spec.targets),
-        "rank": spec.rank,
-        "base_model": fingerprint,
-        "resumed_from": start,
-    }
-
-
-def diverged_summary(found, last_checkpoint_step: int | None, fields: dict) -> dict:
-    """summary.json of a diverged run (or arm): status "diverged", where and why, what was kept; no
-    adapter was exported and no evaluation ran."""
-    return {
-        "status": "diverged",
-        "final_step": found.step,
-        "divergence": found.to_json(),
-        "last_checkpoint_step": last_checkpoint_step,
-        **fields,
-    }
-
-
 def step_events(config, done: int) -> tuple[bool, bool, bool]:
     """(log, checkpoint, intermediate evaluation) after `done` steps; the last step logs and saves."""
     total = config.train.total_steps
@@ -270,65 +196,6 @@ def step_events(config, done: int) -> tuple[bool, bool, bool]:
     is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total
     every = config.eval.eval_every_steps
     return is_log, is_ckpt, bool(every and done % every == 0 and done < total)
-
-
-def run_summary(config, spec, model_cfg, results, history, dropped, data_counts, fingerprint, start) -> dict:
-    """A finished run's summary.json: what it scored, trained and was trained on."""
-    loss = results.get("loss", {})
-    return {
-        "status": "done",
-        "final_step": config.train.total_steps,
-        "train_loss_history": history,
-        "eval_loss": loss.get("eval_loss"),
-        "eval_truncated_targets": loss.get("eval_truncated_targets"),
-        "eval": {k: v for k, v in results.items() if k != "loss"},
-        "train_dropped_examples": dropped,
-        "data_counts": data_counts,
-        "trainable_params": sum(accounting.lora_params_per_target(model_cfg, spec).values()),
-        "peft_equivalent_params": sum(accounting.peft_equivalent_params_per_target(model_cfg, spec).values()),
-        "arm": config.arm,
-        "dataset": config.data.name,
-        "seed": config.train.seed,
-        "targets": list(spec.targets),
-        "rank": spec.rank,
-        "base_model": fingerprint,
-        "resumed_from": start,
-    }
-
-
-def print_data_counts(writers: list, data_counts: dict) -> None:
-    """The dataset builder's drop/keep counts: one console line, and scalars in each writer's run."""
-    if data_counts and jax.process_index() == 0:
-        for writer in writers:
-            writer.write_scalars(0, {f"data/{k}": v for k, v in data_counts.items()})
-        print("data: " + ", ".join(f"{k} {v}" for k, v in data_counts.items()), flush=True)
-
-
-def _print_summary(workdir: epath.Path, summary: dict) -> None:
-    """The run's last lines: what it scored and where everything is."""
-    scores = "".join(
-        f", {r['suite']} {r['metric']} {r['score']:.4f} ({r['num_examples']} examples, "
-        f"{r['format_failures']} format failures)"
-        for r in summary["eval"].values()
-        if isinstance(r, dict) and "metric" in r
-    )
-    loss = summary["eval_loss"]
-    print(f"done: step {summary['final_step']}" + (f", eval loss {loss:.4f}" if loss is not None else "") + scores)
-    print(f"  adapter      {workdir / 'adapter'}  (PEFT: peft.PeftModel.from_pretrained(base, this dir))")
-    print(f"  checkpoints  {workdir / 'checkpoints'}  (the same command resumes; --config.mode=eval scores)")
-    print(f"  results      {workdir / 'summary.json'}, {workdir / 'eval'}")
-    print(f"  tensorboard  tensorboard --logdir {workdir}", flush=True)
-
-
-def _print_progress(done: int, total: int, scalars: dict) -> None:
-    """One console line per log interval (process 0)."""
-    if jax.process_index() != 0:
-        return
-    line = f"step {done}/{total}  loss {scalars['loss']:.4f}"
-    if "step_s" in scalars:
-        eta = datetime.timedelta(seconds=round(scalars["step_s"] * (total - done)))
-        line += f"  {scalars['real_tokens_per_s']:,.0f} tok/s  MFU {scalars['mfu']:.1%}  ETA {eta}"
-    print(line, flush=True)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -20,10 +20,10 @@ import optax
 from flax import nnx
 from jax.tree_util import DictKey
 
-from lora_jax.adapter_bank import AdapterBank
-from lora_jax.hf_checkpoint import init_lora_tensor
-from lora_jax.model import RuntimeOptions, Transformer
-from lora_jax.model_config import ModelConfig
+from lora_jax.lora.bank import AdapterBank
+from lora_jax.lora.delta import init_lora_tensor
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.model.config import ModelConfig
 
 
 def key_names(path) -> tuple[str, ...]:
@@ -137,30 +137,3 @@ class ArmViews:
         return nnx.merge(self.graphdefs[k], arm_lora, frozen)
 
 
-def clip_by_arm_global_norm(max_norm: float, bank: AdapterBank) -> optax.GradientTransformation:
-    """optax.clip_by_global_norm applied to each arm on its own (its gradient norm over its own
-    targets), as each arm's separate run clips."""
-
-    def update(updates, state, params=None):
-        del params
-        norms = arm_grad_norms(updates, bank)
-        factor = jnp.where(norms < max_norm, 1.0, max_norm / norms)  # [K]
-
-        def scale(path, g):
-            members = jnp.asarray(bank.members(_target_kind(path)[0]))
-            f = factor[members].reshape((1, -1) + (1,) * (g.ndim - 2))
-            return (g * f).astype(g.dtype)
-
-        return jax.tree_util.tree_map_with_path(scale, updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def arm_grad_norms(grads, bank: AdapterBank) -> jax.Array:
-    """[K]: each arm's global gradient norm over its own adapters (the slot axis is axis 1)."""
-    sq = jnp.zeros((bank.num_arms,), jnp.float32)
-    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        members = jnp.asarray(bank.members(_target_kind(path)[0]))
-        per_slot = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(i for i in range(g.ndim) if i != 1))
-        sq = sq.at[members].add(per_slot)
-    return jnp.sqrt(sq)

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lora_jax.adapter_bank import AdapterBank
-from lora_jax.arm_views import arm_grad_norms, clip_by_arm_global_norm, key_names
-from lora_jax.lora import dropout_key, row_dropout_keys
-from lora_jax.loss import chunked_cross_entropy
+from lora_jax.lora.bank import AdapterBank
+from lora_jax.model.arm_views import key_names
+from lora_jax.lora.delta import dropout_key, row_dropout_keys
+from lora_jax.train.loss import chunked_cross_entropy
 from lora_jax.sharding import under_mesh
 
 
@@ -158,3 +158,32 @@ def make_eval_step(graphdef, chunk: int, mesh=None):
         return {"nll_sum": nll, "target_tokens": n}
 
     return eval_fn if mesh is None else under_mesh(eval_fn, mesh)
+
+
+def clip_by_arm_global_norm(max_norm: float, bank: AdapterBank) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm applied to each arm on its own (its gradient norm over its own
+    targets), as each arm's separate run clips."""
+
+    def update(updates, state, params=None):
+        del params
+        norms = arm_grad_norms(updates, bank)
+        factor = jnp.where(norms < max_norm, 1.0, max_norm / norms)  # [K]
+
+        def scale(path, g):
+            members = jnp.asarray(bank.members(_target_kind(path)[0]))
+            f = factor[members].reshape((1, -1) + (1,) * (g.ndim - 2))
+            return (g * f).astype(g.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def arm_grad_norms(grads, bank: AdapterBank) -> jax.Array:
+    """[K]: each arm's global gradient norm over its own adapters (the slot axis is axis 1)."""
+    sq = jnp.zeros((bank.num_arms,), jnp.float32)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        members = jnp.asarray(bank.members(_target_kind(path)[0]))
+        per_slot = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(i for i in range(g.ndim) if i != 1))
+        sq = sq.at[members].add(per_slot)
+    return jnp.sqrt(sq)

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.adapter_bank import AdapterBank, check_adapter_ids
-from lora_jax.decode import init_cache
+from lora_jax.lora.bank import AdapterBank, check_adapter_ids
 from lora_jax.errors import ConfigError
-from lora_jax.model import Transformer
+from lora_jax.model.transformer import Transformer
 from lora_jax.sharding import constrain, partition_spec, under_mesh
 
 CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -325,3 +324,21 @@ def complete(
             cuts = [text.find(s) for s in stop_strings if s and s in text]
             texts.append(text[: min(cuts)] if cuts else text)
     return texts
+
+
+def init_cache(model: Transformer, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty cache: k/v [layers, batch, max_len, kv_heads, head_dim]; slot positions/segments [batch, max_len].
+
+    Segment 0 marks an empty slot, so it is never attended to.
+    """
+    cfg = model.config
+    model.check_length(max_len)
+    dtype = dtype or model.options.compute_dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }

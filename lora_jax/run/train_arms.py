@@ -28,42 +28,22 @@ from etils import epath
 from flax import nnx
 
 from eval.evaluators import EvalContext, run_evaluators
-from lora_jax import accounting
-from lora_jax.assemble import build_bank_model, data_iterators, global_batch, open_checkpoint_store, tokenizer_dir
-from lora_jax.checkpointing import all_finite
-from lora_jax.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
+from lora_jax.train import accounting
+from lora_jax.run.assemble import build_bank_model, data_iterators, open_checkpoint_store, tokenizer_dir
+from lora_jax.sharding import global_batch
+from lora_jax.io.checkpoints import all_finite
+from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
 from lora_jax.errors import WorkdirError
-from lora_jax.evaluate import completion_fn, latency_fn
-from lora_jax.run_config import arm_config, check_workdir_writable, lora_spec, validate
+from lora_jax.run.eval_hooks import completion_fn, latency_fn
+from lora_jax.run.assemble import check_workdir_writable
+from lora_jax.run.config import arm_config, lora_spec, validate
 from lora_jax.sharding import make_mesh
-from lora_jax.train import (
-    StepTimer,
-    dataset_counts,
-    diverged_summary,
-    flatten,
-    loss_on_test_split,
-    metric_writer,
-    print_data_counts,
-    run_summary,
-    run_summary_fields,
-    step_events,
-)
-from lora_jax.train_step import adapter_norm
-from lora_jax.trainer import build_trainer, export_adapter
-
-SHARED_DIR = "joint"  # <workdir>/joint: what the arms share (prepared data, bundled samples)
-
-
-def arm_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """One config per name in config.arms: the config as given, with that arm's targets (the arm's
-    own run: `configs/<dataset>_<arm>.py` with the same overrides)."""
-    validate(config)  # the arms' names, each arm's own config, and everything else
-    return [arm_config(config, arm) for arm in config.arms]
-
-
-def run_name(config: ml_collections.ConfigDict) -> str:
-    """The arm's workdir name, as the study sweep names its run."""
-    return f"{config.data.name}_{config.arm}_s{config.train.seed}"
+from lora_jax.run.assemble import dataset_counts, metric_writer
+from lora_jax.run.eval_hooks import loss_on_test_split
+from lora_jax.run.summary import diverged_summary, print_data_counts, run_summary, run_summary_fields
+from lora_jax.run.train_loop import StepTimer, step_events
+from lora_jax.train.step import adapter_norm
+from lora_jax.train.trainer import build_trainer, export_adapter
 
 
 def _common_step(stores) -> int:
@@ -206,7 +186,7 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 w.write_scalars(done, scalars)
                 history[k].append((done, scalars["loss"]))
             losses = ["diverged" if k in diverged else v for k, v in enumerate(last["loss"])]
-            _print_progress(done, config.train.total_steps, names, losses, step_s)
+            print_arms_progress(done, config.train.total_steps, names, losses, step_s)
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
@@ -245,7 +225,7 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         shared.mkdir(parents=True, exist_ok=True)
         joint = {"arms": names, "runs": [str(w) for w in workdirs], "diverged": [names[k] for k in sorted(diverged)]}
         (shared / "summary.json").write_text(json.dumps(joint, indent=2))
-        _print_arms_summary(root, names, workdirs, summaries)
+        print_arms_summary(root, names, workdirs, summaries)
     return summaries
 
 
@@ -272,23 +252,3 @@ def _freeze_arms(views, lora, opt_state, arms: set[int]):
     return views.stack(lora, opt_state, arms_state)
 
 
-def _print_progress(done: int, total: int, names, losses, step_s) -> None:
-    if jax.process_index() != 0:
-        return
-    arms = "  ".join(f"{n} {v}" if isinstance(v, str) else f"{n} {float(v):.4f}" for n, v in zip(names, losses))
-    print(f"step {done}/{total}  loss: {arms}" + (f"  ({step_s:.2f} s/step, all arms)" if step_s else ""), flush=True)
-
-
-def _print_arms_summary(root, names, workdirs, summaries) -> None:
-    print(f"done: {len(names)} arms trained jointly in {root}")
-    for name, w, s in zip(names, workdirs, summaries):
-        if s.get("status") == "diverged":
-            print(f"  {name:10s} diverged at step {s['final_step']}: {s['divergence']['detail']}  -> {w}")
-            continue
-        scores = "".join(
-            f", {r['metric']} {r['score']:.4f}" for r in s["eval"].values() if isinstance(r, dict) and "metric" in r
-        )
-        loss = s["eval_loss"]
-        print(f"  {name:10s} " + (f"eval loss {loss:.4f}" if loss is not None else "") + f"{scores}  -> {w}")
-    print(f"  report       python -m eval.report --root={root}")
-    print(f"  tensorboard  tensorboard --logdir {root}", flush=True)

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from lora_jax.attention import get_attention_impl
+from lora_jax.model.attention import get_attention_impl
 from lora_jax.errors import CheckpointError, ConfigError, MissingFileError, WorkdirError
-from lora_jax.lora import ARMS, LoraSpec, validate_targets
-from lora_jax.model import REMAT_POLICIES, RuntimeOptions
-from lora_jax.model_config import ModelConfig
+from lora_jax.lora.arms import ARMS, validate_targets
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import REMAT_POLICIES, RuntimeOptions
+from lora_jax.model.config import ModelConfig
 from lora_jax.multihost import decided_on_process_0
 from lora_jax.sharding import check_serving_mesh, resolve_mesh_shape
 
@@ -55,19 +56,10 @@ def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
     )
 
 
-def budget_rank(cfg: ModelConfig, targets: tuple[str, ...], budget: int, layers: tuple[int, ...] = ()) -> int:
-    """The rank r >= 1 whose adapters on `targets` train the number of parameters closest to `budget`
-    (parameters grow linearly in r, so the count is within half a rank step of the budget)."""
-    from lora_jax.accounting import lora_params_per_target
-
-    per_rank = sum(lora_params_per_target(cfg, LoraSpec(targets=targets, rank=1, alpha=1.0, layers=layers)).values())
-    return max(1, round(budget / per_rank))
-
-
 def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
     """The model's shape: config.json of model.hf_dir, else the random-init dimensions."""
     if config.model.hf_dir:
-        from lora_jax.model_config import load_hf_model_config
+        from lora_jax.io.hf_checkpoint import load_hf_model_config
 
         path = epath.Path(config.model.hf_dir) / "config.json"
         if not path.exists():
@@ -153,7 +145,6 @@ RANGES = {
     "model.max_position_embeddings": (1,),
 }
 MODES = ("train", "eval")
-IMAGE_DATASETS = ("llavacot", "invoiceocr")
 # eval.latency: each setting's minimum. warmup >= 1 so that compilation never lands in a timed request.
 LATENCY_MINIMA = {"batch_size": 1, "prompt_tokens": 1, "new_tokens": 2, "requests": 1, "warmup": 1}
 VISION_DIMS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size")
@@ -194,7 +185,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     anything is written."""
     from data.chat_template import parse_render_date
     from data.images import BAD_IMAGE_POLICIES
-    from data.prepare import DATASETS
+    from data.datasets import DATASETS
     from data.sft import TRUNCATIONS
 
     if config.mode not in MODES:
@@ -296,11 +287,11 @@ def image_tokens(config: ml_collections.ConfigDict, text: ModelConfig) -> int:
     if config.data.name not in IMAGE_DATASETS:
         return 0
     if config.model.hf_dir:
-        from lora_jax.llava import llava_config_from_hf
+        from lora_jax.model.llava import llava_config_from_hf
 
         path = epath.Path(config.model.hf_dir) / "config.json"
         return llava_config_from_hf(json.loads(path.read_text()), text, str(path)).tokens_per_image
-    from lora_jax.assemble import random_llava_config  # assemble imports this module
+    pass
 
     return random_llava_config(config).tokens_per_image
 
@@ -394,30 +385,25 @@ def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Co
     return c
 
 
-def arm_name(targets) -> str:
-    """The study's arm token of a set of targets ("oproj_fc2", "all"); targets outside the nine arms
-    join their tokens the same way (o_proj -> oproj)."""
-    targets = validate_targets(targets)
-    for name, arm_targets in ARMS.items():
-        if validate_targets(arm_targets) == targets:
-            return name
-    return "_".join(t.replace("_", "") for t in targets)
+def random_llava_config(config):
+    """The LlavaConfig of a random LLaVA (model.vision + the random decoder's dimensions)."""
+    from lora_jax.model.llava import LlavaConfig
+    from lora_jax.model.vision import VisionConfig
+
+    v = config.model.vision
+    return LlavaConfig(
+        vision=VisionConfig(
+            v.kind, v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.image_size, v.patch_size
+        ),
+        text=random_model_config(config),
+        image_token_id=v.image_token_id,
+        feature_layer=v.feature_layer,
+        select_strategy=v.select_strategy,
+    )
 
 
-def check_workdir_writable(workdir: epath.Path) -> None:
-    """Creates the workdir and writes (then removes) a probe file there, on process 0, before anything
-    heavy runs; a read-only or full disk is reported with the path now, not after model building."""
-
-    def probe() -> str:
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            probe_file = workdir / f".write_probe.{os.getpid()}"
-            probe_file.write_text("ok")
-            probe_file.unlink()
-        except OSError as e:
-            return f"--workdir {workdir} is not writable ({e.strerror or e})"
-        return ""
-
-    error = decided_on_process_0(probe)
-    if error:
-        raise WorkdirError(error)
+def arm_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """One config per name in config.arms: the config as given, with that arm's targets (the arm's
+    own run: `configs/<dataset>_<arm>.py` with the same overrides)."""
+    validate(config)  # the arms' names, each arm's own config, and everything else
+    return [arm_config(config, arm) for arm in config.arms]

@@ -14,18 +14,13 @@ import jax
 from etils import epath
 from flax import nnx
 
-from lora_jax.adapter_bank import AdapterBank
-from lora_jax.arm_views import ArmViews
-from lora_jax.hf_checkpoint import HFCheckpoint, init_adapters, load_hf_model
-from lora_jax.model import Transformer
-from lora_jax.run_config import (
-    IMAGE_DATASETS,
-    RESUMABLE_CHANGES,
-    check_hf_conflicts,
-    lora_spec,
-    random_model_config,
-    runtime_options,
-)
+from lora_jax.lora.bank import AdapterBank
+from lora_jax.model.arm_views import ArmViews
+from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.lora.delta import init_adapters
+from lora_jax.model.transformer import Transformer
+from data.datasets import IMAGE_DATASETS
+from lora_jax.run.config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options
 from lora_jax.sharding import shard_model
 
 RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
@@ -70,26 +65,10 @@ def base_fingerprint(config) -> str:
     return _random_fingerprint("random-", random_model_config(config), opts)
 
 
-def random_llava_config(config):
-    """The LlavaConfig of a random LLaVA (model.vision + the random decoder's dimensions)."""
-    from lora_jax.llava import LlavaConfig
-    from lora_jax.vision import VisionConfig
-
-    v = config.model.vision
-    return LlavaConfig(
-        vision=VisionConfig(
-            v.kind, v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.image_size, v.patch_size
-        ),
-        text=random_model_config(config),
-        image_token_id=v.image_token_id,
-        feature_layer=v.feature_layer,
-        select_strategy=v.select_strategy,
-    )
-
-
 def build_llava_model(config, spec, opts, mesh):
     """The image datasets' model: a LLaVA checkpoint (model.hf_dir), else a random tiny one (model.vision)."""
-    from lora_jax.llava import Llava, load_llava
+    from lora_jax.io.llava_checkpoint import load_llava
+    from lora_jax.model.llava import Llava
 
     if config.model.hf_dir:
         ckpt = HFCheckpoint(config.model.hf_dir)
@@ -300,28 +279,12 @@ def dataset_counts(config, workdir: epath.Path) -> dict[str, int]:
     return {k: int(v) for k, v in builder.info.metadata.items() if isinstance(v, (int, float))}
 
 
-def process_rows(sharding, global_batch_size: int) -> list[int]:
-    """The global batch rows this process's devices hold under `sharding` (all rows when replicated)."""
-    rows = set()
-    for index in sharding.addressable_devices_indices_map((global_batch_size, 1)).values():
-        rows.update(range(*index[0].indices(global_batch_size)))
-    return sorted(rows)
-
-
-def global_batch(local: dict, sharding, size: int | None = None) -> dict:
-    """Host arrays holding this process's rows of a batch of `size` rows (default: all of them, one
-    process) -> global arrays on `sharding`. The rows are those `process_rows` gives for the sharding,
-    so this is right for any mesh, also when the batch is replicated across processes."""
-    size = size or next(iter(local.values())).shape[0]
-    return {k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]) for k, v in local.items()}
-
-
 def open_checkpoint_store(config, workdir: epath.Path, fingerprint: str):
     """The workdir's CheckpointStore, refusing (WorkdirMismatchError, naming what differs) a workdir
     that holds another run's checkpoints, before anything is written; records the data source."""
     from data.prepare import describe_change, manifest_digest
-    from lora_jax.checkpointing import CheckpointStore, WorkdirMismatchError
-    from lora_jax.safetensors_io import write_text_atomic
+    from lora_jax.io.checkpoints import CheckpointStore, WorkdirMismatchError
+    from lora_jax.io.files import write_text_atomic
 
     source = data_source_manifest(config)
     identity = run_identity(config, fingerprint, manifest_digest(source) if source else f"bundled:{config.data.name}")
@@ -348,3 +311,47 @@ def open_checkpoint_store(config, workdir: epath.Path, fingerprint: str):
     if source and jax.process_index() == 0:
         write_text_atomic(workdir / "data_source.json", json.dumps(source, indent=1))
     return store
+
+
+def check_workdir_writable(workdir: epath.Path) -> None:
+    """Creates the workdir and writes (then removes) a probe file there, on process 0, before anything
+    heavy runs; a read-only or full disk is reported with the path now, not after model building."""
+
+    def probe() -> str:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            probe_file = workdir / f".write_probe.{os.getpid()}"
+            probe_file.write_text("ok")
+            probe_file.unlink()
+        except OSError as e:
+            return f"--workdir {workdir} is not writable ({e.strerror or e})"
+        return ""
+
+    error = decided_on_process_0(probe)
+    if error:
+        raise WorkdirError(error)
+
+
+def metric_writer(workdir: epath.Path):
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str):
+    """Every check that needs no data (before anything is written), then the mesh and the model:
+    (workdir, mesh, model, base fingerprint). Training and mode=eval start the same way."""
+    validate(config)  # every config check, the evaluators' included
+    workdir = epath.Path(workdir)
+    check_workdir_writable(workdir)
+    mesh = make_mesh(config.mesh.shape)
+    model, fingerprint = build_model(config, mesh)
+    return workdir, mesh, model, fingerprint
+
+
+SHARED_DIR = "joint"  # <workdir>/joint: what the arms share (prepared data, bundled samples)
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+    """The arm's workdir name, as the study sweep names its run."""
+    return f"{config.data.name}_{config.arm}_s{config.train.seed}"

@@ -12,13 +12,13 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lora_jax.adapter_bank import AdapterBank
+from lora_jax.lora.bank import AdapterBank
 from lora_jax.errors import WorkdirError
-from lora_jax.model import Transformer
-from lora_jax.peft_io import BASE_FILE, export_peft
-from lora_jax.safetensors_io import write_text_atomic
+from lora_jax.model.transformer import Transformer
+from lora_jax.io.peft_adapter import BASE_FILE, export_peft
+from lora_jax.io.files import write_text_atomic
 from lora_jax.sharding import batch_sharding
-from lora_jax.train_step import StepOptions, make_eval_step, make_optimizer, make_train_step
+from lora_jax.train.step import StepOptions, make_eval_step, make_optimizer, make_train_step
 
 
 def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str, base_fingerprint: str = "") -> None:

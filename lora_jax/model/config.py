@@ -165,21 +165,3 @@ def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Mo
     )
 
 
-def load_hf_model_config(path: str) -> ModelConfig:
-    """Reads `<hf_dir>/config.json` (or a path to the file itself)."""
-    from etils import epath
-
-    p = epath.Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.exists():
-        raise MissingFileError(f"{p}: no config.json (expected a Hugging Face checkpoint directory)")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
-    if cfg.get("model_type") == "llava":  # the language model of a LLaVA checkpoint (lora_jax/llava.py)
-        if not isinstance(cfg.get("text_config"), dict):
-            raise CheckpointError(f"{p}: a llava config needs a text_config object")
-        return model_config_from_hf(cfg["text_config"], source=f"{p} text_config")
-    return model_config_from_hf(cfg, source=str(p))

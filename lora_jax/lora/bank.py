@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import ConfigError
-from lora_jax.lora import TARGETS, LoraSpec
+from lora_jax.lora.arms import TARGETS
+from lora_jax.lora.spec import LoraSpec
 
 BASE_ROW = -1  # adapter id of a row served by the base model alone
 

@@ -22,10 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lora_jax.errors import CheckpointError, MissingFileError
-from lora_jax.lora import LoraSpec, delta_weight, init_lora_a
-from lora_jax.model import RuntimeOptions, Transformer
-from lora_jax.model_config import ModelConfig, load_hf_model_config
-from lora_jax.safetensors_io import SafetensorsFile, write_safetensors
+from lora_jax.lora.delta import delta_weight, init_lora_a
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.model.config import ModelConfig
+from lora_jax.io.safetensors_file import SafetensorsFile, write_safetensors
 from lora_jax.sharding import variable_sharding
 
 _LAYER = "model.layers.{}."
@@ -266,21 +267,6 @@ def load_hf_model(
     return abstract
 
 
-def init_adapters(model: Transformer, seed: int) -> None:
-    """Fresh adapters from `seed` (A random, B zero), whatever seed built the base: the same rule as
-    load_hf_model, so a seed sweep varies the adapters and the data order, never the base."""
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
-        value = var.get_value()
-        var.set_value(init_lora_tensor(path, value.shape, seed, value.sharding, zeros=path[-1] == "lora_b"))
-
-
-def init_lora_tensor(path, shape, seed, sharding, zeros):
-    if zeros:
-        return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
-    key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))
-    return jax.jit(lambda: init_lora_a(key, shape), out_shardings=sharding)()
-
-
 # -- merged export -------------------------------------------------------------------------------
 
 
@@ -353,3 +339,23 @@ def export_merged(model: Transformer, out_dir: str, source_dir: str) -> None:
     for fname in os.listdir(source_dir):
         if fname.endswith((".json", ".model", ".txt", ".jinja")) and fname != "model.safetensors.index.json":
             shutil.copy(os.path.join(source_dir, fname), os.path.join(out_dir, fname))
+
+
+def load_hf_model_config(path: str) -> ModelConfig:
+    """Reads `<hf_dir>/config.json` (or a path to the file itself)."""
+    from etils import epath
+
+    p = epath.Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise MissingFileError(f"{p}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+    if cfg.get("model_type") == "llava":  # the language model of a LLaVA checkpoint (lora_jax/llava.py)
+        if not isinstance(cfg.get("text_config"), dict):
+            raise CheckpointError(f"{p}: a llava config needs a text_config object")
+        return model_config_from_hf(cfg["text_config"], source=f"{p} text_config")
+    return model_config_from_hf(cfg, source=str(p))

@@ -17,9 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lora_jax.lora import LoraSpec
-from lora_jax.model import target_shapes
-from lora_jax.model_config import ModelConfig
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import target_shapes
+from lora_jax.model.config import ModelConfig
 
 
 def lora_params_per_target(cfg: ModelConfig, spec: LoraSpec | None) -> dict[str, int]:
@@ -89,3 +89,12 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5, device=None) -> float:
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, num_devices: int = 1) -> float:
     return flops_per_step / step_seconds / (peak_flops_per_device * num_devices)
+
+
+def budget_rank(cfg: ModelConfig, targets: tuple[str, ...], budget: int, layers: tuple[int, ...] = ()) -> int:
+    """The rank r >= 1 whose adapters on `targets` train the number of parameters closest to `budget`
+    (parameters grow linearly in r, so the count is within half a rank step of the budget)."""
+    pass
+
+    per_rank = sum(lora_params_per_target(cfg, LoraSpec(targets=targets, rank=1, alpha=1.0, layers=layers)).values())
+    return max(1, round(budget / per_rank))

@@ -17,79 +17,6 @@ import jax.numpy as jnp
 
 from lora_jax.errors import ConfigError
 
-TARGETS = ("qkv", "o_proj", "fc1", "fc2")
-
-# The study's nine arms, by the token used in config file names.
-ARMS: dict[str, tuple[str, ...]] = {
-    "qkv": ("qkv",),
-    "oproj": ("o_proj",),
-    "fc1": ("fc1",),
-    "fc2": ("fc2",),
-    "oproj_fc1": ("o_proj", "fc1"),
-    "qkv_fc1": ("qkv", "fc1"),
-    "oproj_fc2": ("o_proj", "fc2"),
-    "qkv_fc2": ("qkv", "fc2"),
-    "all": TARGETS,
-}
-
-
-def validate_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    """Returns the targets in canonical order; an unknown name is a ValueError naming the valid ones."""
-    targets = tuple(targets)
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ConfigError(f"unknown LoRA target(s) {unknown}; valid targets: {', '.join(TARGETS)}")
-    if len(set(targets)) != len(targets):
-        raise ConfigError(f"duplicate LoRA targets in {targets}")
-    return tuple(t for t in TARGETS if t in targets)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """Per-target rank, alpha and scaling of one adapter."""
-
-    targets: tuple[str, ...]
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    # Stored as sorted (target, value) pairs so the spec is hashable (it is static model metadata).
-    rank_overrides: Mapping[str, int] | tuple = ()
-    alpha_overrides: Mapping[str, float] | tuple = ()
-    layers: tuple[int, ...] = ()  # adapters on these decoder layers only (PEFT's layers_to_transform); () = all
-
-    def __post_init__(self):
-        object.__setattr__(self, "targets", validate_targets(self.targets))
-        layers = tuple(sorted({int(i) for i in self.layers}))
-        if any(i < 0 for i in layers):
-            raise ConfigError(f"lora.layers must be layer indices >= 0, got {self.layers}")
-        object.__setattr__(self, "layers", layers)
-        for name in ("rank_overrides", "alpha_overrides"):
-            overrides = dict(getattr(self, name))
-            bad = [k for k in overrides if k not in TARGETS]
-            if bad:
-                raise ConfigError(f"lora.{name} has unknown key(s) {bad}; valid: {', '.join(TARGETS)}")
-            object.__setattr__(self, name, tuple(sorted((k, v) for k, v in overrides.items() if v is not None)))
-        for t in self.targets:
-            if self.rank_for(t) <= 0:
-                raise ConfigError(f"LoRA rank for {t} must be positive, got {self.rank_for(t)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-    def rank_for(self, target: str) -> int:
-        return int(dict(self.rank_overrides).get(target, self.rank))
-
-    def alpha_for(self, target: str) -> float:
-        return float(dict(self.alpha_overrides).get(target, self.alpha))
-
-    def num_adapted_layers(self, num_layers: int) -> int:
-        return len(self.layers) if self.layers else num_layers
-
-    def scale_for(self, target: str) -> float:
-        """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
-        r = self.rank_for(target)
-        return self.alpha_for(target) / (math.sqrt(r) if self.use_rslora else r)
-
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Array) -> jax.Array:
     """The adapter's contribution `scale * (x @ A) @ B`.
@@ -184,3 +111,18 @@ def lora_dropout(x: jax.Array, rate: float, key: jax.Array | None, layer: jax.Ar
 
     mask = jax.vmap(lambda k: keep(k, x.shape[1:]))(key) if key.ndim == 1 else keep(key, x.shape)
     return jnp.where(mask, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def init_adapters(model: Transformer, seed: int) -> None:
+    """Fresh adapters from `seed` (A random, B zero), whatever seed built the base: the same rule as
+    load_hf_model, so a seed sweep varies the adapters and the data order, never the base."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        value = var.get_value()
+        var.set_value(init_lora_tensor(path, value.shape, seed, value.sharding, zeros=path[-1] == "lora_b"))
+
+
+def init_lora_tensor(path, shape, seed, sharding, zeros):
+    if zeros:
+        return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
+    key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))
+    return jax.jit(lambda: init_lora_a(key, shape), out_shardings=sharding)()
