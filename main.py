@@ -136,17 +136,17 @@ def main(argv):
         logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
         workdir = _WORKDIR.value or default_workdir()
         if config.mode == "eval":
-            from lora_jax import evaluate
+            from lora_jax.run.eval_mode import evaluate
 
-            evaluate.evaluate(config, workdir)
+            evaluate(config, workdir)
         elif config.arms:
-            from lora_jax import train_arms
+            from lora_jax.run.train_arms import train_arms
 
-            train_arms.train_arms(config, workdir)
+            train_arms(config, workdir)
         else:
-            from lora_jax import train
+            from lora_jax.run.train_loop import train_and_evaluate
 
-            train.train_and_evaluate(config, workdir)
+            train_and_evaluate(config, workdir)
     except (UserError, DataError) as e:
         if _VERBOSE.value:
             raise

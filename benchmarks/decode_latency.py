@@ -33,11 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lora_jax.serve import latency
-from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import RuntimeOptions, Transformer
-from lora_jax.model.config import ModelConfig
 from lora_jax.io.peft_adapter import HF_MODULES
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.config import ModelConfig
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.serve import latency
 
 BENCH = ModelConfig(
     vocab_size=32000,

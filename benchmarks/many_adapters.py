@@ -30,11 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.train_throughput import OursStep, bench_config  # noqa: E402
-from lora_jax.lora.arms import ARMS as ARM_TARGETS
 from configs.sweeps.study import STUDY_ARMS  # noqa: E402
-from lora_jax import train
+from lora_jax.lora.arms import ARMS as ARM_TARGETS
+from lora_jax.run.assemble import build_bank_model, build_model
 from lora_jax.serve import latency
-from lora_jax.run.assemble import build_bank_model
 from lora_jax.sharding import make_mesh  # noqa: E402
 
 BATCH, SEQ = 4, 512
@@ -58,7 +57,7 @@ def bench_training(arms, dtype, steps, rounds, mesh):
     bank_model, _, _ = build_bank_model(configs, list(arms), mesh)
     joint = OursStep(configs[0], mesh, model=bank_model)
     one_config = configs_for(["all"], dtype)[0]
-    one = OursStep(one_config, mesh, model=train.build_model(one_config, mesh)[0])
+    one = OursStep(one_config, mesh, model=build_model(one_config, mesh)[0])
     joint_s, one_s = [], []
     for _ in range(rounds):
         joint_s.append(joint.run(steps))

@@ -25,11 +25,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
-from lora_jax import train
-from lora_jax.train import accounting
-from lora_jax.model.transformer import Transformer
 from lora_jax.io.peft_adapter import HF_MODULES
-from lora_jax.sharding import make_mesh, shard_model  # noqa: E402
+from lora_jax.model.transformer import Transformer
+from lora_jax.run.config import lora_spec, random_model_config, runtime_options
+from lora_jax.sharding import global_batch, make_mesh, shard_model  # noqa: E402
+from lora_jax.train import accounting
+from lora_jax.train.trainer import build_trainer
 
 BENCH = dict(
     vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64
@@ -69,15 +70,15 @@ class OursStep:
         """model: the config's own random model by default (benchmarks/many_adapters.py passes a bank)."""
         if model is None:
             model = Transformer(
-                train.random_model_config(config),
-                train.lora_spec(config),
-                train.runtime_options(config),
+                random_model_config(config),
+                lora_spec(config),
+                runtime_options(config),
                 rngs=nnx.Rngs(0),
             )
             shard_model(model, mesh)
-        self.t = train.build_trainer(model, config, mesh)
+        self.t = build_trainer(model, config, mesh)
         b, s = config.train.global_batch_size, config.data.max_seq_len
-        self.batch = train.global_batch(synthetic_batch(b, s, config.model.vocab_size), self.t.batch_sharding)
+        self.batch = global_batch(synthetic_batch(b, s, config.model.vocab_size), self.t.batch_sharding)
         self.lora, self.opt, self.i = self.t.lora, self.t.opt_state, 0
         self.run(1)  # compile
 
@@ -175,7 +176,7 @@ def main():
             runner = OursStep(config, mesh)
             step_s = runner.run(args.steps)
             flops = accounting.train_flops_per_step(
-                train.random_model_config(config), train.lora_spec(config), args.batch, args.seq_len
+                random_model_config(config), lora_spec(config), args.batch, args.seq_len
             )
             tok_s = args.batch * args.seq_len / step_s
             peak = max(before, accounting.measure_matmul_peak())

@@ -9,15 +9,16 @@ from flax import nnx
 from tiny_model import sample_batches, set_keys
 
 from configs import base
-from lora_jax import train
-from lora_jax.lora.bank import AdapterBank, grouped_delta, row_delta
-from lora_jax.run.assemble import build_bank_model
 from lora_jax.errors import ConfigError
-from lora_jax.serve.generate import GenerationOptions, generate, left_pad
+from lora_jax.lora.bank import AdapterBank, grouped_delta, row_delta
 from lora_jax.lora.delta import lora_delta
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import Transformer
-from lora_jax.sharding import make_mesh
+from lora_jax.run.assemble import build_bank_model, build_model
+from lora_jax.run.config import lora_spec
+from lora_jax.serve.generate import GenerationOptions, generate, left_pad
+from lora_jax.sharding import global_batch, make_mesh
+from lora_jax.train.trainer import build_trainer
 
 ARMS = ("oproj", "qkv_fc1", "all")
 
@@ -42,20 +43,20 @@ def train_steps(trainer, batches):
     lora, opt, losses = trainer.lora, trainer.opt_state, []
     for step, batch in enumerate(batches):
         lora, opt, metrics = trainer.train_step(
-            lora, opt, trainer.frozen, train.global_batch(batch, trainer.batch_sharding), step
+            lora, opt, trainer.frozen, global_batch(batch, trainer.batch_sharding), step
         )
         losses.append(np.asarray(metrics["loss"]))
     return np.stack(losses), lora, opt
 
 
 def separate_run(config, mesh, batches):
-    model, _ = train.build_model(config, mesh)
-    return train_steps(train.build_trainer(model, config, mesh), batches)
+    model, _ = build_model(config, mesh)
+    return train_steps(build_trainer(model, config, mesh), batches)
 
 
 def joint_run(configs, arms, mesh, batches):
     model, _, views = build_bank_model(configs, list(arms), mesh)
-    losses, lora, opt = train_steps(train.build_trainer(model, configs[0], mesh), batches)
+    losses, lora, opt = train_steps(build_trainer(model, configs[0], mesh), batches)
     return losses, lora, opt, views
 
 
@@ -67,7 +68,7 @@ def joint_one_device(batches):
 
 def test_joint_training_equals_separate_runs_one_device(batches, joint_one_device):
     configs, (joint_losses, lora, opt, views) = joint_one_device
-    ranks = [train.lora_spec(c).rank for c in configs]
+    ranks = [lora_spec(c).rank for c in configs]
     assert len(set(ranks)) == len(ARMS), ranks  # the padding path is exercised
     check_equal_to_separate_runs(configs, one_device(), batches, joint_losses, views.split(lora, opt))
 

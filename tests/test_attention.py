@@ -92,10 +92,9 @@ def test_chunked_attention_with_the_kv_cache_matches_the_reference():
     sequence under the reference attention without a cache."""
     from flax import nnx
 
-    from lora_jax.serve.generate import init_cache
-    from tests.tiny_model import forward_with_cache
     from lora_jax.model.transformer import RuntimeOptions, Transformer
-    from tests.tiny_model import TINY
+    from lora_jax.serve.generate import init_cache
+    from tests.tiny_model import TINY, forward_with_cache
 
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, size=(2, 20)))
     ref = Transformer(TINY, None, RuntimeOptions(attention_impl="xla"), rngs=nnx.Rngs(0))(tokens)

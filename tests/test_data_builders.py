@@ -8,9 +8,9 @@ import pytest
 from fixtures import FIXTURES, needs_fixtures
 
 from data import samples
+from data.datasets import DATASETS
 from data.medmcqa.builder import detect_cop_base
 from data.medreason.builder import match_letter, parse_options, strip_explanation
-from data.datasets import DATASETS
 from data.prepare import data_sources
 from data.records import DataError
 

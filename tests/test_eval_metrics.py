@@ -465,14 +465,15 @@ def test_completions_say_whether_the_prompt_opened_the_trace(tmp_path, monkeypat
     from data.sft import SFTOptions
     from data.tokenizer import Tokenizer
     from eval.generation_suite import run_suite
-    from lora_jax import evaluate
+    from lora_jax.run import eval_hooks
+    from lora_jax.run.eval_hooks import completion_fn
     from tests.test_data_tokenizer_sft import REASONING_FAMILIES, make_tokenizer_dir
 
     tok = Tokenizer(str(make_tokenizer_dir(tmp_path, family, REASONING_FAMILIES)))
     assert tok.render([{"role": "user", "content": "q"}], True).endswith("<think>\n") is opens
-    monkeypatch.setattr(evaluate, "complete", lambda model, rows, *a, **k: [TRACE_REPLY] * len(rows))
+    monkeypatch.setattr(eval_hooks, "complete", lambda model, rows, *a, **k: [TRACE_REPLY] * len(rows))
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=512))
-    complete = evaluate.completion_fn(lambda: model, tok, SFTOptions(max_seq_len=512))
+    complete = completion_fn(lambda: model, tok, SFTOptions(max_seq_len=512))
     records = [{"id": "x", "instruction": "What is the net change in revenue?", "answer": "42"}]
     row = run_suite(records, _suite("finqa_accuracy"), complete)["examples"][0]
     # opened: the reply is all trace, and its "42" is no answer; not opened: the reply is the answer

@@ -18,10 +18,10 @@ from data.sft import SFTOptions
 from data.tokenizer import Tokenizer
 from eval.generation_suite import run_suite
 from eval.suites import Suite
-from lora_jax.run.eval_hooks import completion_fn
-from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.run.eval_hooks import completion_fn
+from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import make_mesh
 from tests.tiny_model import TINY
 
@@ -240,14 +240,13 @@ def test_training_and_mode_eval_give_a_checkpoint_one_arm_label():
     (`labelled_config`). For every study arm the two agree, a config.arm outside the study's arms is
     kept by both, and a study arm name on other targets is refused by validate (one line naming both keys)."""
     from configs import base
-    from lora_jax import train
     from lora_jax.errors import ConfigError
-    from lora_jax.run.eval_mode import labelled_config
     from lora_jax.lora.arms import ARMS
-    from lora_jax.run.config import validate
+    from lora_jax.run.config import lora_spec, random_model_config, runtime_options, validate
+    from lora_jax.run.eval_mode import labelled_config
 
     def model_of(config):
-        cfg, spec, opts = train.random_model_config(config), train.lora_spec(config), train.runtime_options(config)
+        cfg, spec, opts = random_model_config(config), lora_spec(config), runtime_options(config)
         return nnx.eval_shape(lambda: Transformer(cfg, spec, opts, rngs=nnx.Rngs(0)))
 
     for arm in ARMS:

@@ -167,15 +167,15 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
     from flax import nnx
     from tiny_model import TINY
 
-    from lora_jax import train
-    from lora_jax.train import trainer
     from lora_jax.errors import WorkdirError
     from lora_jax.lora.spec import LoraSpec
     from lora_jax.model.transformer import Transformer
+    from lora_jax.train import trainer
+    from lora_jax.train.trainer import export_adapter
 
     model = Transformer(TINY, LoraSpec(targets=("o_proj",), rank=2), rngs=nnx.Rngs(0))
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    train.export_adapter(graphdef, lora, frozen, tmp_path, "base")
+    export_adapter(graphdef, lora, frozen, tmp_path, "base")
     old = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
 
     def disk_full(model, out_dir, base):
@@ -186,6 +186,6 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
     monkeypatch.setattr(trainer, "export_peft", disk_full)
     lora = jax.tree.map(lambda x: x + 1, lora)
     with pytest.raises(WorkdirError, match=r"adapter.tmp: writing the adapter failed \(No space left on device\)"):
-        train.export_adapter(graphdef, lora, frozen, tmp_path, "base")
+        export_adapter(graphdef, lora, frozen, tmp_path, "base")
     assert not (tmp_path / "adapter.tmp").exists()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == old

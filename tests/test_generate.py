@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from lora_jax.errors import ConfigError
-from lora_jax.serve.generate import GenerationOptions, complete, generate, left_pad
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import RuntimeOptions, Transformer, merge_lora
+from lora_jax.serve.generate import GenerationOptions, complete, generate, left_pad
 from lora_jax.sharding import make_mesh, shard_model
 from tests.tiny_model import TINY
 

@@ -14,15 +14,18 @@ from flax import nnx
 
 from configs import base
 from eval.evaluators import EvalContext, latency_evaluator
-from lora_jax import sharding, train
-from lora_jax.serve import latency
-from lora_jax.lora.bank import AdapterBank
+from lora_jax import sharding
 from lora_jax.errors import ConfigError
-from lora_jax.run.eval_hooks import latency_fn
-from lora_jax.model.llava import Llava, LlavaConfig
+from lora_jax.lora.bank import AdapterBank
 from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.llava import Llava, LlavaConfig
 from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.model.vision import VisionConfig
+from lora_jax.run.config import lora_spec, random_model_config, runtime_options
+from lora_jax.run.eval_hooks import latency_fn
+from lora_jax.serve import latency
+from lora_jax.sharding import global_batch
+from lora_jax.train.trainer import build_trainer
 from tests.tiny_model import TINY
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, size=(2, 12)))
@@ -110,7 +113,7 @@ def fsdp_run():
         config.model[key] = getattr(TINY, key)
     config.lora.dropout, config.train.global_batch_size, config.data.max_seq_len = 0.0, 8, 16
     mesh = sharding.make_mesh((1, 8, 1))
-    cfg, spec, opts = train.random_model_config(config), train.lora_spec(config), train.runtime_options(config)
+    cfg, spec, opts = random_model_config(config), lora_spec(config), runtime_options(config)
     return config, mesh, _on_mesh(lambda: Transformer(cfg, spec, opts, rngs=nnx.Rngs(0)), mesh)
 
 
@@ -198,9 +201,9 @@ def test_the_training_step_gathers_kernels_under_fsdp(fsdp_run):
     """The same detector on the compiled training step of the same model on the 1x8x1 mesh: FSDP
     gathers each kernel's shards (so `kernel_gathers` can fail the test above)."""
     config, mesh, model = fsdp_run
-    t = train.build_trainer(model, config, mesh)
+    t = build_trainer(model, config, mesh)
     host = {k: np.zeros((8, 16), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
-    batch = train.global_batch(dict(host, loss_mask=np.ones((8, 16), np.float32)), t.batch_sharding)
+    batch = global_batch(dict(host, loss_mask=np.ones((8, 16), np.float32)), t.batch_sharding)
     hlo = t.train_step.lower(t.lora, t.opt_state, t.frozen, batch, 0).compile().as_text()
     assert len(kernel_gathers(hlo, model)) >= 4
 

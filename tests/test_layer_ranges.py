@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.train.accounting import lora_params_per_target
 from lora_jax.errors import ConfigError
 from lora_jax.io.hf_checkpoint import load_hf_model
+from lora_jax.io.peft_adapter import export_peft, read_peft_adapter, set_lora_weights
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import RuntimeOptions, merge_lora
-from lora_jax.io.peft_adapter import export_peft, read_peft_adapter, set_lora_weights
 from lora_jax.sharding import make_mesh
+from lora_jax.train.accounting import lora_params_per_target
 from tests.hf_reference import hf_logits, saved_hf_dir
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))

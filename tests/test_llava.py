@@ -153,8 +153,8 @@ def test_our_peft_export_loads_in_peft_on_transformers_llava(tmp_path):
     import peft
     import torch
 
-    from lora_jax.lora.spec import LoraSpec
     from lora_jax.io.peft_adapter import export_peft
+    from lora_jax.lora.spec import LoraSpec
 
     hf, d = tiny_llava_dir(tmp_path, "siglip")
     ours = load_llava(d, LoraSpec(("qkv", "o_proj"), rank=4, alpha=8.0), RuntimeOptions(), one_device())

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.serve.generate import init_cache
-from tests.tiny_model import forward_with_cache
 from lora_jax.io.hf_checkpoint import load_hf_model
 from lora_jax.model.transformer import RuntimeOptions
+from lora_jax.serve.generate import GenerationOptions, generate, init_cache
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
+from tests.tiny_model import forward_with_cache
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 32))
 
@@ -86,7 +86,7 @@ def test_left_padded_greedy_decode_matches_transformers(mesh):
     model = load_hf_model(d, None, RuntimeOptions(), mesh)
     prompt = np.array([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
     mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6])
-    out = np.asarray(jax.jit(greedy_generate, static_argnums=(3,))(model, jnp.asarray(prompt), jnp.asarray(mask), 4))
+    out, _ = generate(model, prompt, mask, GenerationOptions(max_new_tokens=4))  # greedy, no stop ids: 4 tokens a row
     # transformers' greedy continuation, one row at a time (no padding involved)
     for row in range(2):
         seq = list(prompt[row][mask[row] == 1])

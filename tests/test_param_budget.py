@@ -3,11 +3,11 @@
 import pytest
 
 from configs.base import arm_config
-from lora_jax.lora.arms import ARMS as ARM_TARGETS
-from lora_jax.train.accounting import lora_params_per_target
 from lora_jax.errors import ConfigError
+from lora_jax.lora.arms import ARMS as ARM_TARGETS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.run.config import lora_spec, model_config_of
+from lora_jax.train.accounting import lora_params_per_target
 
 # Qwen2.5-7B's shape
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28)

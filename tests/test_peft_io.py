@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lora_jax.io.hf_checkpoint import export_merged, load_hf_model
+from lora_jax.io.peft_adapter import export_peft, read_peft_adapter, set_lora_weights
 from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import RuntimeOptions
-from lora_jax.io.peft_adapter import export_peft, read_peft_adapter, set_lora_weights
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
 

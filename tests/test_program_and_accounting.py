@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lora_jax.train import accounting
 from lora_jax.lora.arms import ARMS, TARGETS
 from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.model.config import ModelConfig
+from lora_jax.model.transformer import RuntimeOptions, Transformer
+from lora_jax.train import accounting
 from tests.tiny_model import TINY
 
 CFG = dataclasses.replace(TINY)
@@ -136,8 +136,9 @@ def test_train_flops_definition():
 def _train_step_temp_bytes(mesh_shape, devices) -> int:
     """Per-device temporary memory of the compiled train step (bench model, batch 8 x 512)."""
     from configs import base
-    from lora_jax import train
-    from lora_jax.sharding import make_mesh, state_shardings
+    from lora_jax.run.config import lora_spec, random_model_config, runtime_options
+    from lora_jax.sharding import global_batch, make_mesh, state_shardings
+    from lora_jax.train.trainer import build_trainer
 
     config = base.get_config()
     bench = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4)
@@ -149,17 +150,15 @@ def _train_step_temp_bytes(mesh_shape, devices) -> int:
     config.train.global_batch_size, config.data.max_seq_len = 8, 512
     mesh = make_mesh(mesh_shape, devices=devices)
     model = nnx.eval_shape(
-        lambda: Transformer(
-            train.random_model_config(config), train.lora_spec(config), train.runtime_options(config), rngs=nnx.Rngs(0)
-        )
+        lambda: Transformer(random_model_config(config), lora_spec(config), runtime_options(config), rngs=nnx.Rngs(0))
     )
     state = nnx.state(model)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     zeros = lambda v, s: jax.device_put(np.zeros(v.get_value().shape, v.get_value().dtype), s)  # noqa: E731
     nnx.update(model, jax.tree.map(zeros, state, state_shardings(state, mesh), is_leaf=is_var))
-    t = train.build_trainer(model, config, mesh)
+    t = build_trainer(model, config, mesh)
     host = {k: np.zeros((8, 512), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
-    batch = train.global_batch(dict(host, loss_mask=np.zeros((8, 512), np.float32)), t.batch_sharding)
+    batch = global_batch(dict(host, loss_mask=np.zeros((8, 512), np.float32)), t.batch_sharding)
     compiled = t.train_step.lower(t.lora, t.opt_state, t.frozen, batch, 0).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -10,8 +10,8 @@ import pytest
 
 from configs import base
 from data import samples
-from lora_jax.run.assemble import open_checkpoint_store, run_identity
 from lora_jax.io.checkpoints import CheckpointStore, WorkdirMismatchError
+from lora_jax.run.assemble import open_checkpoint_store, run_identity
 
 FINGERPRINT = "0123456789abcdef"  # an HF checkpoint's fingerprint (its value is not what is tested)
 

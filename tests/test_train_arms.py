@@ -13,13 +13,13 @@ from safetensors.numpy import load_file
 
 from configs import base
 from eval import report
-from lora_jax import train
 from lora_jax.errors import ConfigError
-from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.io.peft_adapter import BASE_FILE, with_adapter
-from lora_jax.serve.bank import bank_from_adapters
-from lora_jax.sharding import make_mesh
+from lora_jax.run.assemble import build_model
 from lora_jax.run.config import arm_configs
+from lora_jax.serve.bank import bank_from_adapters
+from lora_jax.serve.generate import GenerationOptions, generate, left_pad
+from lora_jax.sharding import make_mesh
 
 JOINT = "configs/cocohd_all_arms.py:runlocal"
 ARMS = ("oproj_fc2", "oproj")
@@ -109,7 +109,7 @@ def test_trained_adapters_serve_in_one_batch(joint, tmp_path):
     root = joint[0]
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     config = base.arm_config("cocohd", "oproj_fc2", "runlocal")
-    model, fingerprint = train.build_model(config, mesh)
+    model, fingerprint = build_model(config, mesh)
     dirs = {arm: str(arm_dir(root, arm) / "adapter") for arm in ARMS}
     bank = bank_from_adapters(model, dirs, fingerprint)
     rng = np.random.default_rng(0)
@@ -118,7 +118,7 @@ def test_trained_adapters_serve_in_one_batch(joint, tmp_path):
     out, _ = generate(bank, tokens, mask, opts, adapter_ids=[1, 0, 1])
     for k, arm in enumerate(ARMS):
         alone_config = base.arm_config("cocohd", arm, "runlocal")
-        alone = with_adapter(train.build_model(alone_config, mesh)[0], dirs[arm])
+        alone = with_adapter(build_model(alone_config, mesh)[0], dirs[arm])
         want = generate(alone, tokens, mask, opts)[0]
         for row in [r for r, i in enumerate([1, 0, 1]) if i == k]:
             np.testing.assert_array_equal(out[row], want[row])

@@ -140,8 +140,8 @@ def test_real_hf_checkpoint_path_matches_peft(tmp_path):
     import jax.numpy as jnp
 
     from lora_jax.io.hf_checkpoint import load_hf_model
-    from lora_jax.model.transformer import RuntimeOptions
     from lora_jax.io.peft_adapter import read_peft_adapter, set_lora_weights
+    from lora_jax.model.transformer import RuntimeOptions
     from lora_jax.sharding import make_mesh
 
     tokens = np.random.default_rng(0).integers(0, 259, size=(2, 24))

@@ -9,10 +9,19 @@ from flax import nnx
 from tiny_model import sample_batches, set_keys
 
 from configs import base
-from lora_jax import train, train_arms
 from lora_jax.io.checkpoints import CheckpointStore
 from lora_jax.model.transformer import Transformer
-from lora_jax.sharding import make_mesh, shard_model
+from lora_jax.run.config import (
+    arm_configs,
+    check_hf_conflicts,
+    lora_spec,
+    random_model_config,
+    runtime_options,
+    validate,
+)
+from lora_jax.run.train_loop import train_and_evaluate
+from lora_jax.sharding import global_batch, make_mesh, shard_model
+from lora_jax.train.trainer import build_trainer
 
 ODD_VOCAB = 263
 
@@ -31,18 +40,16 @@ def batches(tmp_path_factory):
 
 def run_steps(config, mesh, batches, n_steps, trainer=None):
     model = Transformer(
-        train.random_model_config(config),
-        train.lora_spec(config),
-        train.runtime_options(config),
+        random_model_config(config),
+        lora_spec(config),
+        runtime_options(config),
         rngs=nnx.Rngs(config.train.seed),
     )
     shard_model(model, mesh)
-    t = trainer or train.build_trainer(model, config, mesh)
+    t = trainer or build_trainer(model, config, mesh)
     lora, opt, losses = t.lora, t.opt_state, []
     for step in range(n_steps):
-        lora, opt, metrics = t.train_step(
-            lora, opt, t.frozen, train.global_batch(batches[step], t.batch_sharding), step
-        )
+        lora, opt, metrics = t.train_step(lora, opt, t.frozen, global_batch(batches[step], t.batch_sharding), step)
         losses.append(float(metrics["loss"]))
     return losses, lora, opt, t
 
@@ -106,7 +113,7 @@ def test_meshes_agree_with_one_device_and_checkpoints_reshard(batches, tmp_path)
     lora8, opt8, data_state, meta = store.restore(2, t.lora, t.opt_state)
     assert meta["arm"] == "x" and data_state == {"cursor": 0}
     assert jax.tree.leaves(lora8)[0].sharding.mesh.devices.shape == (1, 8, 1)
-    _, _, m = t.train_step(lora8, opt8, t.frozen, train.global_batch(batches[2], t.batch_sharding), 2)
+    _, _, m = t.train_step(lora8, opt8, t.frozen, global_batch(batches[2], t.batch_sharding), 2)
     np.testing.assert_allclose(float(m["loss"]), ref[2], atol=1e-5)
 
 
@@ -114,7 +121,7 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
     config = base.arm_config("medmcqa", "oproj", "runlocal")
     config.optim.learning_rate, config.optim.warmup_steps = 1e38, 0  # the first update overflows (NaN lr is refused)
     with pytest.raises(FloatingPointError, match=r"training diverged at step \d+: (non-finite|adapter norm)"):
-        train.train_and_evaluate(config, str(tmp_path))
+        train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
     assert not (tmp_path / "adapter").exists()
 
@@ -135,17 +142,17 @@ def test_bad_config_is_refused_before_compiling(changes, message):
         section, name = key.split(".")
         config[section][name] = value
     with pytest.raises(ValueError, match=message):
-        train.validate(config)
+        validate(config)
 
 
 def test_hf_conflicts_and_unknown_keys():
     from lora_jax.model.config import ModelConfig
 
     config = make_config()
-    hf = dataclasses.replace(train.random_model_config(config), hidden_size=128)
+    hf = dataclasses.replace(random_model_config(config), hidden_size=128)
     assert isinstance(hf, ModelConfig)
     with pytest.raises(ValueError, match="model.hidden_size=64 conflicts with /ckpt/config.json \\(128\\)"):
-        train.check_hf_conflicts(config, hf, "/ckpt")
+        check_hf_conflicts(config, hf, "/ckpt")
     import main
 
     with config.unlocked():
@@ -174,8 +181,8 @@ def test_every_arm_file_loads_and_validates():
             config = module.get_config(arg)
             assert config.data.name == dataset and config.arm == arm
             assert tuple(config.lora.targets) == base.ARM_TARGETS[arm]
-            train.lora_spec(config)
-            train.runtime_options(config)
+            lora_spec(config)
+            runtime_options(config)
         assert module.get_config(None).data.max_seq_len >= (32768 if dataset in ("govreport", "cocohd") else 1024)
     from configs.sweeps.study import STUDY_ARMS
 
@@ -188,7 +195,7 @@ def test_every_arm_file_loads_and_validates():
             config = module.get_config(arg)
             assert config.data.name == dataset and tuple(config.arms) == STUDY_ARMS[dataset]
             if arg == "runlocal":  # validated as each arm's own run (the full configs need model.hf_dir)
-                assert len(train_arms.arm_configs(config)) == len(STUDY_ARMS[dataset])
+                assert len(arm_configs(config)) == len(STUDY_ARMS[dataset])
 
 
 def test_the_trainer_updates_only_lora_and_keeps_moments_only_for_lora(batches):
@@ -207,7 +214,7 @@ def test_the_trainer_updates_only_lora_and_keeps_moments_only_for_lora(batches):
     lora, opt = t.lora, t.opt_state
     after = []
     for step in range(2):
-        lora, opt, _ = t.train_step(lora, opt, t.frozen, train.global_batch(batches[step], t.batch_sharding), step)
+        lora, opt, _ = t.train_step(lora, opt, t.frozen, global_batch(batches[step], t.batch_sharding), step)
         after.append({"/".join(map(str, p)): np.array(v) for p, v in nnx.to_flat_state(lora)})
     for name, value in lora0.items():
         moved = [float(np.abs(a[name] - value).max()) > 0 for a in after]

@@ -34,3 +34,13 @@ def set_keys(config, changes: dict):
         section, name = key.split(".")
         config[section][name] = value
     return config
+
+
+def forward_with_cache(model, tokens, positions, segment_ids, cache):
+    """Runs tokens [batch, time] through the model, writing their k/v into the cache.
+
+    Returns (float32 logits [batch, time, vocab], new cache). Prefill is a call with the whole
+    (left-padded, segment 0 on padding) prompt; each decode step a call with time = 1.
+    """
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache)
+    return model.logits_from_hidden(h), cache

@@ -16,17 +16,16 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from lora_jax.errors import CheckpointError, MissingFileError
-from lora_jax.lora.delta import delta_weight, init_lora_a
-from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import RuntimeOptions, Transformer
-from lora_jax.model.config import ModelConfig
 from lora_jax.io.safetensors_file import SafetensorsFile, write_safetensors
+from lora_jax.lora.delta import delta_weight, init_lora_tensor
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.config import ModelConfig, model_config_from_hf
+from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.sharding import variable_sharding
 
 _LAYER = "model.layers.{}."

@@ -1,15 +1,15 @@
 """Loading a LLaVA checkpoint (vision tower, projector, language model) from a Hugging Face directory."""
 
 from __future__ import annotations
-import dataclasses
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from lora_jax.errors import CheckpointError
-from lora_jax.model.transformer import RuntimeOptions, Transformer
-from lora_jax.model.config import ModelConfig
-from lora_jax.model.vision import Projector, VisionConfig, VisionTower, vision_config_from_hf
+from lora_jax.model.llava import Llava, LlavaConfig, llava_config_from_hf
+from lora_jax.model.transformer import RuntimeOptions
+from lora_jax.model.vision import VisionConfig
 
 
 def _vision_tensors(cfg: VisionConfig) -> dict[str, str]:

@@ -20,12 +20,12 @@ import numpy as np
 from etils import epath
 
 from lora_jax.errors import CheckpointError, MissingFileError
-from lora_jax.lora.arms import TARGETS
-from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import Transformer, target_shapes
-from lora_jax.model.config import ModelConfig
 from lora_jax.io.files import write_text_atomic
 from lora_jax.io.safetensors_file import SafetensorsFile, write_safetensors
+from lora_jax.lora.arms import TARGETS
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.config import ModelConfig
+from lora_jax.model.transformer import Transformer, target_shapes
 
 # study target -> the Hugging Face modules it covers, with their parent block.
 HF_MODULES = {

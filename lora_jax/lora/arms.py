@@ -1,14 +1,10 @@
 """The study's LoRA targets and arms: one table, importable without jax (configs/ and launch/ read it)."""
 
 from __future__ import annotations
-import dataclasses
-import functools
-import math
-from typing import Iterable, Mapping
-import jax
-import jax.numpy as jnp
-from lora_jax.errors import ConfigError
 
+from typing import Iterable
+
+from lora_jax.errors import ConfigError
 
 TARGETS = ("qkv", "o_proj", "fc1", "fc2")
 

@@ -7,15 +7,15 @@ adapters over one frozen base (an adapter axis) are adapter_bank.py's batched fo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import hashlib
 import math
-from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from lora_jax.errors import ConfigError
+from lora_jax.lora.arms import TARGETS
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Array) -> jax.Array:
@@ -113,7 +113,7 @@ def lora_dropout(x: jax.Array, rate: float, key: jax.Array | None, layer: jax.Ar
     return jnp.where(mask, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def init_adapters(model: Transformer, seed: int) -> None:
+def init_adapters(model: nnx.Module, seed: int) -> None:
     """Fresh adapters from `seed` (A random, B zero), whatever seed built the base: the same rule as
     load_hf_model, so a seed sweep varies the adapters and the data order, never the base."""
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):

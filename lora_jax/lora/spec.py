@@ -1,13 +1,13 @@
 """LoraSpec: which targets carry adapters, their ranks, alpha, dropout and layers (no jax)."""
 
 from __future__ import annotations
+
 import dataclasses
-import functools
 import math
-from typing import Iterable, Mapping
-import jax
-import jax.numpy as jnp
+from typing import Mapping
+
 from lora_jax.errors import ConfigError
+from lora_jax.lora.arms import TARGETS, validate_targets
 
 
 @dataclasses.dataclass(frozen=True)

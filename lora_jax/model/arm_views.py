@@ -16,21 +16,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.tree_util import DictKey
 
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.lora.delta import init_lora_tensor
-from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.model.config import ModelConfig
+from lora_jax.model.transformer import RuntimeOptions, Transformer
 
 
 def key_names(path) -> tuple[str, ...]:
     return tuple(k.key for k in path if isinstance(k, DictKey))
 
 
-def _target_kind(path) -> tuple[str, str]:
+def target_kind(path) -> tuple[str, str]:
     """('o_proj', 'lora_a') from a LoRA leaf's key path."""
     names = key_names(path)
     return names[-2], names[-1]
@@ -66,7 +65,7 @@ class ArmViews:
         spec = self.bank.specs[k]
 
         def take(path, _):
-            target, kind = _target_kind(path)
+            target, kind = target_kind(path)
             slot, r = self.bank.members(target).index(k), spec.rank_for(target)
             value = leaves[key_names(path)][:, slot]
             return value[..., :r] if kind == "lora_a" else value[:, :r]
@@ -95,7 +94,7 @@ class ArmViews:
         arm_leaves = [{key_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(a)[0]} for a in arm_loras]
 
         def fill(path, leaf):
-            target, kind = _target_kind(path)
+            target, kind = target_kind(path)
             out = jnp.zeros(leaf.shape, leaf.dtype)
             for slot, k in enumerate(self.bank.members(target)):
                 value = arm_leaves[k][key_names(path)]
@@ -135,5 +134,3 @@ class ArmViews:
     def arm_model(self, k: int, arm_lora, frozen) -> Transformer:
         """Arm k as a single-adapter model over the bank's frozen base arrays (shared, not copied)."""
         return nnx.merge(self.graphdefs[k], arm_lora, frozen)
-
-

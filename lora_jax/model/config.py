@@ -7,10 +7,9 @@ Real Hub checkpoints carry the legacy `rope_theta` + `rope_scaling` (keyed `type
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
-from lora_jax.errors import CheckpointError, ConfigError, MissingFileError
+from lora_jax.errors import CheckpointError, ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -163,5 +162,3 @@ def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Mo
         sliding_windows=_sliding_windows_from_hf(cfg, num_layers, source),
         model_type=model_type,
     )
-
-

@@ -17,12 +17,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lora_jax.errors import CheckpointError
-from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.model.config import ModelConfig
+from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.model.vision import Projector, VisionConfig, VisionTower, vision_config_from_hf
 
 
@@ -139,5 +138,3 @@ class Llava(nnx.Module):
 
 
 # -- loading ------------------------------------------------------------------------------------
-
-

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.model import attention as attention_lib
-from lora_jax.lora.bank import AdapterBank, check_adapter_ids, grouped_delta, row_delta
 from lora_jax.errors import ConfigError
+from lora_jax.lora.bank import AdapterBank, check_adapter_ids, grouped_delta, row_delta
 from lora_jax.lora.delta import delta_weight, init_lora_a, lora_delta, lora_dropout, lora_matmul
 from lora_jax.lora.spec import LoraSpec
+from lora_jax.model import attention as attention_lib
 from lora_jax.model.config import ModelConfig
 from lora_jax.model.rope import apply_rope, inverse_frequencies, rope_angles
 from lora_jax.sharding import constrain

@@ -9,19 +9,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 
 import jax
+import ml_collections
 from etils import epath
 from flax import nnx
 
-from lora_jax.lora.bank import AdapterBank
-from lora_jax.model.arm_views import ArmViews
-from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
-from lora_jax.lora.delta import init_adapters
-from lora_jax.model.transformer import Transformer
 from data.datasets import IMAGE_DATASETS
-from lora_jax.run.config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options
-from lora_jax.sharding import shard_model
+from lora_jax.errors import WorkdirError
+from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.lora.bank import AdapterBank
+from lora_jax.lora.delta import init_adapters
+from lora_jax.model.arm_views import ArmViews
+from lora_jax.model.transformer import Transformer
+from lora_jax.multihost import decided_on_process_0
+from lora_jax.run.config import (
+    RESUMABLE_CHANGES,
+    check_hf_conflicts,
+    lora_spec,
+    random_llava_config,
+    random_model_config,
+    runtime_options,
+    validate,
+)
+from lora_jax.sharding import make_mesh, process_rows, shard_model
 
 RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
 

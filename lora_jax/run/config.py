@@ -7,21 +7,21 @@ and what was expected, before any file is written or any program compiled.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from lora_jax.model.attention import get_attention_impl
-from lora_jax.errors import CheckpointError, ConfigError, MissingFileError, WorkdirError
-from lora_jax.lora.arms import ARMS, validate_targets
+from data.datasets import IMAGE_DATASETS
+from lora_jax.errors import CheckpointError, ConfigError, MissingFileError
+from lora_jax.lora.arms import ARMS, arm_name, validate_targets
 from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import REMAT_POLICIES, RuntimeOptions
+from lora_jax.model.attention import get_attention_impl
 from lora_jax.model.config import ModelConfig
-from lora_jax.multihost import decided_on_process_0
+from lora_jax.model.transformer import REMAT_POLICIES, RuntimeOptions
 from lora_jax.sharding import check_serving_mesh, resolve_mesh_shape
+from lora_jax.train.accounting import budget_rank
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -184,8 +184,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data and no compilation: fails fast with one clear ConfigError, before
     anything is written."""
     from data.chat_template import parse_render_date
-    from data.images import BAD_IMAGE_POLICIES
     from data.datasets import DATASETS
+    from data.images import BAD_IMAGE_POLICIES
     from data.sft import TRUNCATIONS
 
     if config.mode not in MODES:

@@ -1,30 +1,18 @@
 """The callables eval/ receives from a run: completion over a model, the test-split loss, latency."""
 
 from __future__ import annotations
+
 import dataclasses
-import json
-import math
-import jax
-import jax.numpy as jnp
-import ml_collections
-from flax import nnx
+
+import numpy as np
+
 from data.sft import SFTOptions, example_pixels, generation_prompt_ids, prompt_opens_think
 from data.tokenizer import Tokenizer
-from eval.evaluators import EvalContext, run_evaluators
 from eval.generation_suite import Completion
+from lora_jax.run.config import check_latency
 from lora_jax.serve import latency
-from lora_jax.run.assemble import base_fingerprint, data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
-from lora_jax.errors import CheckpointError
 from lora_jax.serve.generate import GenerationOptions, complete
-from lora_jax.lora.arms import ARMS, validate_targets
-from lora_jax.multihost import decided_on_process_0
-from lora_jax.io.peft_adapter import check_adapter_base, read_peft_adapter, with_adapter
-from lora_jax.lora.arms import arm_name
-from lora_jax.run.config import check_latency, lora_spec, model_config_of, runtime_options, validate
-from lora_jax.io.files import write_text_atomic
-from lora_jax.sharding import check_serving_mesh
-from lora_jax.train.trainer import build_trainer
-
+from lora_jax.sharding import check_serving_mesh, global_batch
 
 PAD_MULTIPLE = 64  # prompt lengths are bucketed so that few shapes compile
 

@@ -1,28 +1,13 @@
 """What a run prints and writes at the end: summary.json fields, the console summary and progress lines."""
 
 from __future__ import annotations
-import contextlib
+
 import datetime
-import json
-import logging
-import time
+
 import jax
-import ml_collections
-import numpy as np
 from etils import epath
-from flax import nnx
-from eval.evaluators import EvalContext, run_evaluators
+
 from lora_jax.train import accounting
-from lora_jax.run.assemble import build_model, data_iterators, data_source_manifest, dataset_counts, image_inputs, manual_dir, open_checkpoint_store, run_identity, tokenizer_dir
-from lora_jax.sharding import global_batch, process_rows
-from lora_jax.io.checkpoints import all_finite
-from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
-from lora_jax.run.eval_hooks import completion_fn, latency_fn
-from lora_jax.run.assemble import check_workdir_writable
-from lora_jax.run.config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options, validate
-from lora_jax.sharding import make_mesh
-from lora_jax.train.step import adapter_norm
-from lora_jax.train.trainer import Trainer, build_trainer, export_adapter
 
 
 def run_summary_fields(config, spec, model_cfg, history, fingerprint, start) -> dict:
@@ -84,7 +69,7 @@ def print_data_counts(writers: list, data_counts: dict) -> None:
         print("data: " + ", ".join(f"{k} {v}" for k, v in data_counts.items()), flush=True)
 
 
-def _print_summary(workdir: epath.Path, summary: dict) -> None:
+def print_summary(workdir: epath.Path, summary: dict) -> None:
     """The run's last lines: what it scored and where everything is."""
     scores = "".join(
         f", {r['suite']} {r['metric']} {r['score']:.4f} ({r['num_examples']} examples, "
@@ -100,7 +85,7 @@ def _print_summary(workdir: epath.Path, summary: dict) -> None:
     print(f"  tensorboard  tensorboard --logdir {workdir}", flush=True)
 
 
-def _print_progress(done: int, total: int, scalars: dict) -> None:
+def print_progress(done: int, total: int, scalars: dict) -> None:
     """One console line per log interval (process 0)."""
     if jax.process_index() != 0:
         return

@@ -25,23 +25,36 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 
 from eval.evaluators import EvalContext, run_evaluators
-from lora_jax.train import accounting
-from lora_jax.run.assemble import build_bank_model, data_iterators, open_checkpoint_store, tokenizer_dir
-from lora_jax.sharding import global_batch
-from lora_jax.io.checkpoints import all_finite
-from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
 from lora_jax.errors import WorkdirError
-from lora_jax.run.eval_hooks import completion_fn, latency_fn
-from lora_jax.run.assemble import check_workdir_writable
-from lora_jax.run.config import arm_config, lora_spec, validate
-from lora_jax.sharding import make_mesh
-from lora_jax.run.assemble import dataset_counts, metric_writer
-from lora_jax.run.eval_hooks import loss_on_test_split
-from lora_jax.run.summary import diverged_summary, print_data_counts, run_summary, run_summary_fields
+from lora_jax.io.checkpoints import all_finite
+from lora_jax.run.assemble import (
+    SHARED_DIR,
+    build_bank_model,
+    check_workdir_writable,
+    data_iterators,
+    dataset_counts,
+    metric_writer,
+    open_checkpoint_store,
+    run_name,
+    tokenizer_dir,
+)
+from lora_jax.run.config import arm_configs, lora_spec
+from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
+from lora_jax.run.summary import (
+    diverged_summary,
+    print_arms_progress,
+    print_arms_summary,
+    print_data_counts,
+    run_summary,
+    run_summary_fields,
+)
 from lora_jax.run.train_loop import StepTimer, step_events
+from lora_jax.sharding import global_batch, make_mesh
+from lora_jax.train import accounting
+from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
 from lora_jax.train.step import adapter_norm
 from lora_jax.train.trainer import build_trainer, export_adapter
 
@@ -90,7 +103,7 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     n_trainable = [sum(accounting.lora_params_per_target(model.config, s).values()) for s in specs]
     if start == 0:
         for c, w in zip(configs, writers):
-            w.write_hparams({k: str(v) for k, v in flatten(c.to_dict()).items()})
+            w.write_hparams({k: str(v) for k, v in traverse_util.flatten_dict(c.to_dict(), sep=".").items()})
     data_counts = dataset_counts(config, shared)
     print_data_counts(writers, data_counts)
     b, t = config.train.global_batch_size, config.data.max_seq_len
@@ -250,5 +263,3 @@ def _freeze_arms(views, lora, opt_state, arms: set[int]):
     arms_state = views.split(lora, opt_state)
     arms_state = [jax.tree.map(zero, a) if k in arms else a for k, a in enumerate(arms_state)]
     return views.stack(lora, opt_state, arms_state)
-
-

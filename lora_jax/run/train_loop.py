@@ -5,7 +5,6 @@ steps) and eval/ (evaluators); this module only runs them in order."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import time
@@ -14,20 +13,33 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 
 from eval.evaluators import EvalContext, run_evaluators
-from lora_jax.train import accounting
-from lora_jax.run.assemble import build_model, data_iterators, data_source_manifest, dataset_counts, image_inputs, manual_dir, open_checkpoint_store, run_identity, tokenizer_dir
-from lora_jax.sharding import global_batch, process_rows
 from lora_jax.io.checkpoints import all_finite
+from lora_jax.run.assemble import (
+    data_iterators,
+    dataset_counts,
+    image_inputs,
+    metric_writer,
+    open_checkpoint_store,
+    start_run,
+    tokenizer_dir,
+)
+from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
+from lora_jax.run.summary import (
+    diverged_summary,
+    print_data_counts,
+    print_progress,
+    print_summary,
+    run_summary,
+    run_summary_fields,
+)
+from lora_jax.sharding import global_batch
+from lora_jax.train import accounting
 from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
-from lora_jax.run.eval_hooks import completion_fn, latency_fn
-from lora_jax.run.assemble import check_workdir_writable
-from lora_jax.run.config import RESUMABLE_CHANGES, check_hf_conflicts, lora_spec, random_model_config, runtime_options, validate
-from lora_jax.sharding import make_mesh
 from lora_jax.train.step import adapter_norm
-from lora_jax.train.trainer import Trainer, build_trainer, export_adapter
+from lora_jax.train.trainer import build_trainer, export_adapter
 
 # -- the loop ------------------------------------------------------------------------------------
 
@@ -55,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metric_writer(workdir)
     n_trainable = sum(accounting.lora_params_per_target(model.config, spec).values())
     if start == 0:
-        writer.write_hparams({k: str(v) for k, v in flatten(config.to_dict()).items()})
+        writer.write_hparams({k: str(v) for k, v in traverse_util.flatten_dict(config.to_dict(), sep=".").items()})
     b, t = config.train.global_batch_size, config.data.max_seq_len
     flops_per_step = accounting.train_flops_per_step(model.config, spec, b, t)
     peak = accounting.measure_matmul_peak()
@@ -111,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
             writer.write_scalars(done, scalars)
             history.append((done, last["loss"]))
-            _print_progress(done, config.train.total_steps, scalars)
+            print_progress(done, config.train.total_steps, scalars)
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
@@ -134,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _print_summary(workdir, summary)
+        print_summary(workdir, summary)
     return summary
 
 
@@ -196,13 +208,3 @@ def step_events(config, done: int) -> tuple[bool, bool, bool]:
     is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total
     every = config.eval.eval_every_steps
     return is_log, is_ckpt, bool(every and done % every == 0 and done < total)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
+from lora_jax.errors import ConfigError
+from lora_jax.io.peft_adapter import BASE_FILE, read_peft_adapter
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.model.arm_views import ArmViews, key_names
-from lora_jax.errors import ConfigError
 from lora_jax.model.transformer import Transformer
-from lora_jax.io.peft_adapter import BASE_FILE, read_peft_adapter
 
 
 def adapter_base(adapter_dir: str) -> tuple[str, str]:

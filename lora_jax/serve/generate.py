@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.lora.bank import AdapterBank, check_adapter_ids
 from lora_jax.errors import ConfigError
+from lora_jax.lora.bank import AdapterBank, check_adapter_ids
 from lora_jax.model.transformer import Transformer
 from lora_jax.sharding import constrain, partition_spec, under_mesh
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import target_shapes
 from lora_jax.model.config import ModelConfig
+from lora_jax.model.transformer import target_shapes
 
 
 def lora_params_per_target(cfg: ModelConfig, spec: LoraSpec | None) -> dict[str, int]:

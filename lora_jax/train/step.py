@@ -18,10 +18,10 @@ import optax
 from flax import nnx
 
 from lora_jax.lora.bank import AdapterBank
-from lora_jax.model.arm_views import key_names
 from lora_jax.lora.delta import dropout_key, row_dropout_keys
-from lora_jax.train.loss import chunked_cross_entropy
+from lora_jax.model.arm_views import key_names, target_kind
 from lora_jax.sharding import under_mesh
+from lora_jax.train.loss import chunked_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,7 @@ def clip_by_arm_global_norm(max_norm: float, bank: AdapterBank) -> optax.Gradien
         factor = jnp.where(norms < max_norm, 1.0, max_norm / norms)  # [K]
 
         def scale(path, g):
-            members = jnp.asarray(bank.members(_target_kind(path)[0]))
+            members = jnp.asarray(bank.members(target_kind(path)[0]))
             f = factor[members].reshape((1, -1) + (1,) * (g.ndim - 2))
             return (g * f).astype(g.dtype)
 
@@ -183,7 +183,7 @@ def arm_grad_norms(grads, bank: AdapterBank) -> jax.Array:
     """[K]: each arm's global gradient norm over its own adapters (the slot axis is axis 1)."""
     sq = jnp.zeros((bank.num_arms,), jnp.float32)
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        members = jnp.asarray(bank.members(_target_kind(path)[0]))
+        members = jnp.asarray(bank.members(target_kind(path)[0]))
         per_slot = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(i for i in range(g.ndim) if i != 1))
         sq = sq.at[members].add(per_slot)
     return jnp.sqrt(sq)

@@ -12,11 +12,11 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lora_jax.lora.bank import AdapterBank
 from lora_jax.errors import WorkdirError
-from lora_jax.model.transformer import Transformer
-from lora_jax.io.peft_adapter import BASE_FILE, export_peft
 from lora_jax.io.files import write_text_atomic
+from lora_jax.io.peft_adapter import BASE_FILE, export_peft
+from lora_jax.lora.bank import AdapterBank
+from lora_jax.model.transformer import Transformer
 from lora_jax.sharding import batch_sharding
 from lora_jax.train.step import StepOptions, make_eval_step, make_optimizer, make_train_step
 
