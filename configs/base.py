@@ -126,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.loss_chunk_tokens = 512  # sequence chunk of the cross-entropy (never the full [B, T, vocab] logits)
     t.allow_changed_on_resume = ()  # keys (e.g. "train.total_steps") a resumed run may change on purpose
     # Divergence stops the run (one error line, exit 2, no adapter; summary.json says "diverged"), checked at
-    # every log and checkpoint step; lora_jax/divergence.py explains the rules. 0 turns a rule off.
+    # every log and checkpoint step; lora_jax/train/divergence.py explains the rules. 0 turns a rule off.
     t.divergence = ml_collections.ConfigDict(
         dict(
             max_norm_growth=20.0,  # stop when ||LoRA weights|| > this x their norm at initialisation

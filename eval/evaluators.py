@@ -6,7 +6,7 @@
               study's metric; `<workdir>/eval/<suite>.json` holds the aggregate, the format
               failures and every example's prediction, reference and score;
   latency   — this run's own model decoding (`config.eval.latency`): TTFT and TPOT p50/p95 of the
-              base, the adapters unmerged and merged (lora_jax/latency.py), in `<workdir>/eval/latency.json`.
+              base, the adapters unmerged and merged (lora_jax/serve/latency.py), in `<workdir>/eval/latency.json`.
 
 An evaluator is a function (EvalContext, step) -> {result name: value}; add one with @evaluator.
 The context carries functions (test loss, completions), never the trainer or a model.

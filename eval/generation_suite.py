@@ -1,7 +1,7 @@
 """Scoring a suite: a completion function's replies, the suite's metric on every one.
 
 `eval/` never builds models: it receives `complete(records, suite) -> [Completion or None]`, built by
-the orchestrator from the generation code (lora_jax/evaluate.py, `completion_fn`), which renders
+the orchestrator from the generation code (lora_jax/run/eval_hooks.py, `completion_fn`), which renders
 prompts exactly as training renders the generation prompt. A `Completion` is the prompt's length in
 tokens, the reply, and whether the prompt itself opened a `<think>` trace (then the reply starts
 inside it; a plain `(prompt_tokens, reply)` pair means it did not). None means the prompt could not

@@ -353,7 +353,7 @@ def load_hf_model_config(path: str) -> ModelConfig:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p}: invalid JSON ({e})") from None
-    if cfg.get("model_type") == "llava":  # the language model of a LLaVA checkpoint (lora_jax/llava.py)
+    if cfg.get("model_type") == "llava":  # the language model of a LLaVA checkpoint (lora_jax/model/llava.py)
         if not isinstance(cfg.get("text_config"), dict):
             raise CheckpointError(f"{p}: a llava config needs a text_config object")
         return model_config_from_hf(cfg["text_config"], source=f"{p} text_config")

@@ -1,8 +1,8 @@
-"""LoRA targets with the study's names, their hyper-parameters, and the LoRA math as one pure function.
+"""The LoRA math as pure functions, LoRA dropout, and the adapters' initialisation.
 
-The four targets:  qkv (fused query/key/value), o_proj (attention output), fc1 (fused gate+up),
-fc2 (down). `lora_delta(x, a, b, scale)` is the whole adapter computation of one adapter; several
-adapters over one frozen base (an adapter axis) are adapter_bank.py's batched form of it.
+`lora_delta(x, a, b, scale)` is the whole adapter computation of one adapter; `lora_matmul` fuses it
+with the frozen kernel where that pays. Several adapters over one frozen base (an adapter axis) are
+bank.py's batched form of it. The targets and arms are in arms.py, LoraSpec in spec.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LLaVA: a vision tower + projector (vision.py) joined to the Llama-family decoder (model.py), as
+"""LLaVA: a vision tower + projector (vision.py) joined to the Llama-family decoder (transformer.py), as
 Hugging Face's `LlavaForConditionalGeneration` joins them.
 
 The prompt holds one image placeholder token (`image_token_id`) per image feature; the projected
@@ -6,7 +6,7 @@ features of the batch's images replace those placeholders' input embeddings in o
 and the decoder runs on the result. LoRA lives on the language model exactly as for text (the
 study adapted the LLM's sublayers); the tower and projector are frozen `nnx.Param`s.
 
-`load_llava(hf_dir, …)` reads a local Hugging Face LLaVA checkpoint (e.g. the
+`lora_jax.io.llava_checkpoint.load_llava(hf_dir, …)` reads a local Hugging Face LLaVA checkpoint (e.g. the
 llava-hf/llava-interleave-qwen-0.5b-hf layout: SigLIP + Qwen2; or CLIP + Llama), in either tensor
 layout transformers writes (language_model.model.… or model.language_model.…).
 """

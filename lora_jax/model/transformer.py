@@ -73,7 +73,7 @@ class Projection(nnx.Module):
     def __init__(
         self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs, lora_slots=0
     ):
-        """lora_slots > 0: a bank's adapters, [layers, slots, ...] (see adapter_bank.py)."""
+        """lora_slots > 0: a bank's adapters, [layers, slots, ...] (see lora/bank.py)."""
         shape = (num_layers, *in_dims, *out_dims)
         # Base and adapter draws come from one key per projection, so the base weights do not
         # depend on which targets carry adapters (every arm starts from the same base).
@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
         Without a cache the keys are the tokens themselves (training, scoring). With a cache (see
         `decode.init_cache`) the tokens' k/v are written at `cache["index"]` and queries attend to
         every filled slot. With an AdapterBank: `adapter_ids` [batch] picks each row's adapter (-1 =
-        the base); without them the rows are grouped, row b*K + k for arm k (see adapter_bank.py).
+        the base); without them the rows are grouped, row b*K + k for arm k (see lora/bank.py).
         `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
         features in the image placeholders' places, llava.py).
         """
@@ -315,7 +315,7 @@ def _layer_scale(spec: LoraSpec, target: str, layer):
 
 
 def _bank_delta(x, p, target: str, ctx: _LayerContext, layer):
-    """The bank's adapter deltas for `target` (see adapter_bank.py): grouped rows, or per-row ids."""
+    """The bank's adapter deltas for `target` (see lora/bank.py): grouped rows, or per-row ids."""
     bank = ctx.lora
     scale = jnp.asarray(bank.scale_table(target, ctx.cfg.num_layers))[layer]  # [slots]
     x = lora_dropout(x, bank.dropout, ctx.dropout_key, layer, target)
@@ -339,7 +339,7 @@ def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     no_dropout = ctx.lora is not None and (ctx.lora.dropout == 0.0 or ctx.dropout_key is None)
     scale = _layer_scale(ctx.lora, target, layer) if has_lora else None
     if has_lora and no_dropout and cdt == jnp.float32 and ctx.fused_lora_matmul and _fusing_pays(x, w, n_in):
-        # Base + adapter as one matmul with the merged weight (custom VJP, see lora.py). Only in
+        # Base + adapter as one matmul with the merged weight (custom VJP, see lora/delta.py). Only in
         # float32: a bfloat16 merged weight would round small adapter deltas away.
         b = p["lora_b"] * scale
         y = lora_matmul(x, w, p["lora_a"].astype(cdt), b.astype(cdt), n_in)

@@ -1,5 +1,5 @@
 """Building a run's parts from its config: the model, the tokenizer dir, the data iterators, the run's
-identity (what a checkpoint must agree with), and global batches from per-process rows.
+identity (what a checkpoint must agree with), its workdir, metric writers and arm run names.
 
 Used by training and by mode=eval alike, so both see the same model, data and prompts.
 """

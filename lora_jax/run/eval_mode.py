@@ -1,4 +1,4 @@
-"""mode=eval, and the completion function every generation suite uses.
+"""mode=eval: score an adapter (or the base alone) without training.
 
 What mode=eval scores, in this order:
   1. `eval.adapter_dir`: a PEFT adapter directory (ours, e.g. <workdir>/adapter, or one trained
@@ -10,8 +10,8 @@ What mode=eval scores, in this order:
 Results: `<workdir>/eval/<suite>.json` (see eval/evaluators.py), `<workdir>/eval/results.json` with
 every evaluator's aggregate, TensorBoard scalars and sample texts in --workdir.
 
-Like train.py, this is an orchestrator: it builds the model and the data and hands eval/ plain
-functions (test loss, completions).
+Like train_loop.py, this is an orchestrator: it builds the model and the data (assemble.py) and
+hands eval/ plain functions (eval_hooks.py: test loss, completions, latency).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every arm of a dataset in one training job over one copy of the frozen base (`config.arms`).
 
-The K arms are an AdapterBank (adapter_bank.py): one program trains them on the same batches, each
+The K arms are an AdapterBank (lora/bank.py): one program trains them on the same batches, each
 with its own optimizer state (AdamW is elementwise; clipping is per arm), so arm k's losses and
 adapters are those of its own run with the same config (tests/test_adapter_bank.py). Each arm
 writes what its own run writes, into its own workdir `<workdir>/<dataset>_<arm>_s<seed>/` (the

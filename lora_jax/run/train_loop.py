@@ -1,5 +1,5 @@
 """The training loop: config -> data -> model -> sharded LoRA training -> checkpoints, TensorBoard,
-evaluation suites, PEFT export. The parts live in assemble.py (building), trainer.py (state and
+evaluation suites, PEFT export. The parts live in assemble.py (building), train/trainer.py (state and
 steps) and eval/ (evaluators); this module only runs them in order."""
 
 from __future__ import annotations
