@@ -22,9 +22,7 @@ import jax
 from etils import epath
 
 from eval.generation_suite import run_suite
-from eval.suites import suite_of
-from lora_jax.errors import ConfigError
-from lora_jax.io.files import write_text_atomic
+from eval.suites import EvalConfigError, suite_of
 
 EVALUATORS: dict[str, Callable] = {}
 
@@ -37,7 +35,7 @@ def evaluator(name: str):
     return register
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class EvalContext:
     config: object
     workdir: epath.Path
@@ -47,13 +45,14 @@ class EvalContext:
     eval_loss: Callable[[], tuple[float, int]]  # -> (loss, truncated targets) on the test split
     adapter: str | None  # the adapter scored (a path), None for the base model
     adapter_source: str  # "training" | "checkpoint" | "peft" | "base"
+    write_text: Callable[[epath.Path, str], None]  # (path, text): the run's atomic text write
     latency: Callable[[], dict] | None = None  # -> {"variants": {"base"|…: {"tpot_ms_p95", …}}, "device", "mesh", …}
 
 
 def check_evaluators(config) -> None:
     unknown = [n for n in config.eval.evaluators if n not in EVALUATORS]
     if unknown:
-        raise ConfigError(f"eval.evaluators has {', '.join(unknown)}; valid: {', '.join(EVALUATORS)}")
+        raise EvalConfigError(f"eval.evaluators has {', '.join(unknown)}; valid: {', '.join(EVALUATORS)}")
     if "generate" in config.eval.evaluators:
         suite_of(config)
 
@@ -93,7 +92,7 @@ def generate_evaluator(ctx: EvalContext, step: int) -> dict:
     if jax.process_index() == 0:
         out = epath.Path(ctx.workdir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / f"{suite.name}.json", json.dumps(dict(summary, examples=examples), indent=1))
+        ctx.write_text(out / f"{suite.name}.json", json.dumps(dict(summary, examples=examples), indent=1))
         prefix = f"eval/{suite.name}"
         ctx.writer.write_scalars(
             step,
@@ -152,7 +151,7 @@ def latency_evaluator(ctx: EvalContext, step: int) -> dict:
     if jax.process_index() == 0:
         out = epath.Path(ctx.workdir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "latency.json", json.dumps(result, indent=1))
+        ctx.write_text(out / "latency.json", json.dumps(result, indent=1))
         ctx.writer.write_scalars(
             step,
             {

@@ -2,7 +2,7 @@
 
 Definitions (eval/report.py builds the per-dataset rows and resamples this reads):
 - cell: the arm's score on one (dataset, base) — its mean over seeds — with the 95% bootstrap
-  interval, marked ▼ when the arm is worse than that dataset's best arm (report.PROCEDURE).
+  interval, marked ▼ when the arm is worse than that dataset's best arm (report_rows.PROCEDURE).
 - compared arms and averaged datasets: the averaged datasets are those where every compared arm
   ran. The compared arms are given (--arms), else the largest complete block of the grid: the arm
   set whose common datasets make the most arms x datasets cells (at least two arms where any two
@@ -19,7 +19,7 @@ Definitions (eval/report.py builds the per-dataset rows and resamples this reads
   without one comes after those with one.
 - intervals: the per-dataset bootstrap (report_stats.resample_means; datasets resampled
   independently), averaged resample by resample; for the relative average the dataset's best is
-  re-picked in every resample. "Worse than the best on average" applies report.PROCEDURE to these
+  re-picked in every resample. "Worse than the best on average" applies report_rows.PROCEDURE to these
   averaged resamples over the compared arms.
 - TPOT per base model: the mean over the arm's runs on that base of TPOT p95 with adapters unmerged
   (the base model's own for the base row), on the base's most common latency device kind; beside
@@ -37,12 +37,11 @@ import dataclasses
 
 import numpy as np
 
-from eval.report import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, pareto
+from eval.report_rows import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, pareto
 from eval.report_stats import compare_with_best, interval, relative_to_best
-from lora_jax.errors import UserError
 
 
-class ArmsError(UserError, ValueError):
+class ArmsError(ValueError):
     """--arms names arms the report cannot compare."""
 
 

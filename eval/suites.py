@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from lora_jax.errors import ConfigError
-
 SPLITS = ("test", "train")
+
+
+class EvalConfigError(ValueError):
+    """An eval setting that cannot run (eval/ never imports lora_jax: lora_jax.run turns this into its
+    one-line ConfigError, with the same message)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,23 +27,25 @@ class Suite:
 
 
 def suite_of(config) -> Suite:
-    """The suite of config.data.name, checked (ConfigError naming the key)."""
+    """The suite of config.data.name, checked (EvalConfigError naming the key)."""
     from eval.metrics import METRICS
 
     name = config.data.name
     if name not in config.eval.suites:
-        raise ConfigError(f"eval.suites has no suite for data.name={name!r}; valid: {', '.join(config.eval.suites)}")
+        raise EvalConfigError(
+            f"eval.suites has no suite for data.name={name!r}; valid: {', '.join(config.eval.suites)}"
+        )
     s = config.eval.suites[name]
     key = f"eval.suites.{name}"
     if s.metric not in METRICS:
-        raise ConfigError(f"{key}.metric={s.metric!r} is unknown; valid: {', '.join(METRICS)}")
+        raise EvalConfigError(f"{key}.metric={s.metric!r} is unknown; valid: {', '.join(METRICS)}")
     if s.split not in SPLITS:
-        raise ConfigError(f"{key}.split={s.split!r} is unknown; valid: {', '.join(SPLITS)}")
+        raise EvalConfigError(f"{key}.split={s.split!r} is unknown; valid: {', '.join(SPLITS)}")
     for field, low in (("num_examples", 0), ("max_new_tokens", 1), ("batch_size", 1), ("prefill_chunk", 0)):
         if getattr(s, field) < low:
-            raise ConfigError(f"{key}.{field}={getattr(s, field)} must be >= {low}")
+            raise EvalConfigError(f"{key}.{field}={getattr(s, field)} must be >= {low}")
     if s.temperature < 0:
-        raise ConfigError(f"{key}.temperature={s.temperature} must be >= 0")
+        raise EvalConfigError(f"{key}.temperature={s.temperature} must be >= 0")
     return Suite(
         name,
         s.split,

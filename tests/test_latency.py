@@ -16,6 +16,7 @@ from configs import base
 from eval.evaluators import EvalContext, latency_evaluator
 from lora_jax import sharding
 from lora_jax.errors import ConfigError
+from lora_jax.io.files import write_text_atomic
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.llava import Llava, LlavaConfig
@@ -132,7 +133,16 @@ def measured(fsdp_run, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(latency, "prepare", lambda *args, **kw: timed.append(prepare(*args, **kw)) or timed[-1])
         ctx = EvalContext(
-            config, out, _Writer(), {}, None, None, None, "training", latency_fn(lambda: model, config, 64)
+            config=config,
+            workdir=out,
+            writer=_Writer(),
+            sources={},
+            complete=None,
+            eval_loss=None,
+            adapter=None,
+            adapter_source="training",
+            write_text=write_text_atomic,
+            latency=latency_fn(lambda: model, config, 64),
         )
         latency_evaluator(ctx, 7)
     assert len(timed) == 1

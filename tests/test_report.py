@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from eval import report
+from eval import report, report_rows
 from eval.report_stats import bootstrap_ci, paired_p_value
 
 
@@ -53,7 +53,7 @@ def test_bootstrap_hand_worked_and_against_scipy():
 
 def test_pareto_front():
     # (tpot, score): b is beaten by a (faster and better); c is slower but best
-    assert report.pareto([(1.0, 0.5), (2.0, 0.4), (3.0, 0.9)]) == [0, 2]
+    assert report_rows.pareto([(1.0, 0.5), (2.0, 0.4), (3.0, 0.9)]) == [0, 2]
 
 
 def _run(root, name, arm, seed, scores, tpot, base_model="model-a", dataset="cocohd", source="training"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs.sweeps.study import STUDY_ARMS
-from eval import metrics, report
+from eval import metrics, report, report_rows
 
 TEXT_BASE, VISION_BASE = "3f9c2a7d1b4e5f60", "random-llava-8d2e4c1a0b9f7e6d"
 IMAGE = ("llavacot", "invoiceocr")
@@ -165,7 +165,7 @@ def test_study_grid_renders_every_table(grid):
     md = (out / "report.md").read_text()
     first = md.index("## Arms x datasets")
     assert all(md.index(f"## {d}\n") > first for d in STUDY_ARMS)  # the study's table on top, then each dataset
-    assert report.PROCEDURE in md and "![average score vs TPOT p95](summary.png)" in md
+    assert report_rows.PROCEDURE in md and "![average score vs TPOT p95](summary.png)" in md
     assert md.count("— (not run)") == sum(
         1 for a in STUDY_ARMS["fincot"] for arms in STUDY_ARMS.values() if a not in arms
     )
@@ -212,7 +212,7 @@ def test_lower_is_better_ranks_everywhere(tmp_path, monkeypatch):
     assert rows["fc2"].rel_to_best == pytest.approx(1 - (means["fc2"] - means["oproj"]))
     # Pareto (lower TPOT, lower rate): fc2 is fastest, oproj best; qkv is beaten by oproj on both
     pts = [(tpot[a], means[a]) for a in rate]
-    assert [list(rate)[i] for i in report.pareto(pts, higher_is_better=False)] == ["fc2", "oproj"]
+    assert [list(rate)[i] for i in report_rows.pareto(pts, higher_is_better=False)] == ["fc2", "oproj"]
     assert built["groups"][0].higher_is_better is False
     summary = built["summary"]
     assert summary.raw_direction == "lower"
@@ -257,7 +257,7 @@ def test_comparison_with_the_best_holds_its_familywise_level(regime, n, seed_sd,
     per-arm 95% intervals cover the true mean. Where seed noise dominates, resampling each arm's two
     seed deviations (the old seed term: half the seed variance, no allowance for its 1 degree of
     freedom) flagged 24% of studies and covered 81%."""
-    arms, alpha = 8, report.SIGNIFICANCE
+    arms, alpha = 8, report_rows.SIGNIFICANCE
     p, ci = _compare(_studies(np.random.default_rng(0), studies, arms, n, seed_sd), resamples=300)
     fwer = np.mean((p < alpha).any(axis=1))
     coverage = np.mean((ci[..., 0] <= 0.5) & (0.5 <= ci[..., 1]))
@@ -270,7 +270,7 @@ def test_comparison_with_the_best_holds_its_familywise_level(regime, n, seed_sd,
 def test_comparison_with_the_best_finds_a_worse_arm(n, seed_sd, worse):
     """One arm truly worse than seven equal ones is flagged in most studies (a procedure that never
     rejects fails here), and the equal arms stay at the familywise level."""
-    studies, alpha = 60, report.SIGNIFICANCE
+    studies, alpha = 60, report_rows.SIGNIFICANCE
     runs = _studies(np.random.default_rng(1), studies, 8, n, seed_sd, worse=worse)
     p, _ = _compare(runs, resamples=300, seed=10_000)
     power, fwer = np.mean(p[:, -1] < alpha), np.mean((p[:, :-1] < alpha).any(axis=1))
@@ -305,11 +305,11 @@ def test_picking_the_best_then_testing_each_arm_flags_too_many():
         per_example = np.array([m.mean(0) for m in mats])
         best = int(np.argmax(per_example.mean(1)))
         old += sum(
-            paired_p_value(per_example[i], per_example[best], resamples=400) < report.SIGNIFICANCE
+            paired_p_value(per_example[i], per_example[best], resamples=400) < report_rows.SIGNIFICANCE
             for i in range(arms)
             if i != best
         )
-    new_rate, old_rate = np.mean(p < report.SIGNIFICANCE), old / (studies * arms)
+    new_rate, old_rate = np.mean(p < report_rows.SIGNIFICANCE), old / (studies * arms)
     print(f"flagged arms: max-T with the best re-picked {new_rate:.4f}, per-arm test vs picked best {old_rate:.4f}")
     assert new_rate <= 0.05 and old_rate > 0.05 and old_rate > 2 * new_rate
 

@@ -256,8 +256,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def check_evaluators(config: ml_collections.ConfigDict) -> None:
     """eval.evaluators names registered evaluators, and the dataset's suite is valid."""
     from eval.evaluators import check_evaluators as check
+    from eval.suites import EvalConfigError
 
-    check(config)
+    try:
+        check(config)
+    except EvalConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_latency(config: ml_collections.ConfigDict, context: int, image_tokens: int = 0) -> None:

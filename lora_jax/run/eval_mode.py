@@ -115,15 +115,20 @@ def evaluate(config, workdir: str) -> dict:
     writer = metric_writer(workdir)
     label = labelled_config(config, model)
     ctx = EvalContext(
-        label,
-        workdir,
-        writer,
-        data.sources,
-        completion_fn(lambda: nnx.merge(trainer.graphdef, lora, frozen), data.tokenizer, data.sft_options, mesh),
-        lambda: loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh),
-        adapter,
-        source,
-        latency_fn(lambda: nnx.merge(trainer.graphdef, lora, frozen), config, model.config.max_position_embeddings),
+        config=label,
+        workdir=workdir,
+        writer=writer,
+        sources=data.sources,
+        complete=completion_fn(
+            lambda: nnx.merge(trainer.graphdef, lora, frozen), data.tokenizer, data.sft_options, mesh
+        ),
+        eval_loss=lambda: loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh),
+        adapter=adapter,
+        adapter_source=source,
+        write_text=write_text_atomic,
+        latency=latency_fn(
+            lambda: nnx.merge(trainer.graphdef, lora, frozen), config, model.config.max_position_embeddings
+        ),
     )
     results = dict(run_evaluators(ctx, step), adapter=adapter, adapter_source=source, step=step)
     results.update(

@@ -30,6 +30,7 @@ from flax import nnx, traverse_util
 from eval.evaluators import EvalContext, run_evaluators
 from lora_jax.errors import WorkdirError
 from lora_jax.io.checkpoints import all_finite
+from lora_jax.io.files import write_text_atomic
 from lora_jax.run.assemble import (
     SHARED_DIR,
     build_bank_model,
@@ -142,15 +143,16 @@ def train_arms(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             adapter = str(w / "adapter") if final else str(w / "checkpoints" / str(step))
             arm_model = functools.partial(views.arm_model, k, arm_loras[k], frozen)
             ctx = EvalContext(
-                c,
-                w,
-                writers[k],
-                data.sources,
-                functools.partial(complete, k),
-                functools.partial(eval_loss, k),
-                adapter,
-                "training",
-                latency_fn(arm_model, c, model.config.max_position_embeddings),
+                config=c,
+                workdir=w,
+                writer=writers[k],
+                sources=data.sources,
+                complete=functools.partial(complete, k),
+                eval_loss=functools.partial(eval_loss, k),
+                adapter=adapter,
+                adapter_source="training",
+                write_text=write_text_atomic,
+                latency=latency_fn(arm_model, c, model.config.max_position_embeddings),
             )
             results.append(run_evaluators(ctx, step))
         return results

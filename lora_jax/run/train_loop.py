@@ -17,6 +17,7 @@ from flax import nnx, traverse_util
 
 from eval.evaluators import EvalContext, run_evaluators
 from lora_jax.io.checkpoints import all_finite
+from lora_jax.io.files import write_text_atomic
 from lora_jax.run.assemble import (
     data_iterators,
     dataset_counts,
@@ -87,7 +88,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def evaluate(step):
         final = step == config.train.total_steps
         adapter = str(workdir / "adapter") if final else str(workdir / "checkpoints" / str(step))
-        ctx = EvalContext(config, workdir, writer, data.sources, complete, eval_loss, adapter, "training", latency)
+        ctx = EvalContext(
+            config=config,
+            workdir=workdir,
+            writer=writer,
+            sources=data.sources,
+            complete=complete,
+            eval_loss=eval_loss,
+            adapter=adapter,
+            adapter_source="training",
+            write_text=write_text_atomic,
+            latency=latency,
+        )
         return run_evaluators(ctx, step)
 
     history, metrics, last = [], None, None
