@@ -41,22 +41,16 @@ statistic >= gap_i, + 1) / (resamples + 1): a single-step max-T bootstrap compar
 so picking the best and testing about eight arms together keep the familywise error at about alpha
 (the simulation above; the arms' seed terms share one sigma*, as the multivariate t does).
 
-`paired_p_value(a, b)`: two arms' per-example scores on the same examples. Null: the arms are
-exchangeable on every example, so each difference d_i = a_i - b_i is as likely to have the other
-sign. Statistic |mean(d)|; p = the share of the 2^n sign flips whose statistic is at least the
-observed one — enumerated exactly for n <= 16, else estimated from `resamples` random flips as
-(hits + 1) / (resamples + 1). It tests one pair; against a best arm picked from the same data it
-flags far more than alpha of equal arms (tests/test_report_grid.py simulates it), so the report
-uses `compare_with_best` instead.
+One pair of arms on the same examples (a per-example sign-flip test) is
+`scipy.stats.permutation_test((a, b), mean difference, permutation_type="samples")`. The report does
+not use it: against a best arm picked from the same data it flags far more than alpha of equal arms
+(tests/test_report_grid.py simulates it), so the report uses `compare_with_best` instead.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
-EXACT_UP_TO = 16
 RESAMPLES = 2000
 _CELLS_PER_CHUNK = 4_000_000  # resamples x examples held at once
 
@@ -182,17 +176,3 @@ def compare_with_best(observed, resampled, higher_is_better: bool = True) -> np.
     p = (np.sum(statistic[:, None] >= gap[None] - 1e-12, axis=0) + 1) / (len(e) + 1)
     p[gap <= 0] = 1.0
     return p
-
-
-def paired_p_value(a, b, resamples: int = 20000, seed: int = 0) -> float:
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    n = len(d)
-    if n == 0 or not np.any(d):
-        return 1.0
-    observed = abs(d.mean()) - 1e-12  # ties count as at least as extreme
-    if n <= EXACT_UP_TO:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
-        return float(np.mean(np.abs(signs @ d / n) >= observed))
-    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(resamples, n))
-    hits = int(np.sum(np.abs(signs @ d / n) >= observed))
-    return (hits + 1) / (resamples + 1)

@@ -9,28 +9,29 @@ import numpy as np
 import pytest
 
 from eval import report, report_rows
-from eval.report_stats import bootstrap_ci, paired_p_value
+from eval.report_stats import bootstrap_ci
+from tests.paired import paired_p
 
 
-def test_paired_test_hand_worked_and_against_scipy():
-    from scipy import stats
+def test_paired_test_hand_worked_and_against_enumeration():
+    """The per-pair test (scipy's, tests/paired.py) on hand-worked cases and an explicit enumeration."""
+    import itertools
 
     # d = (1, 1, 1): of the 8 sign flips only +++ and --- reach |mean| = 1 -> p = 2/8
-    assert paired_p_value([1, 1, 1], [0, 0, 0]) == pytest.approx(0.25)
+    assert paired_p([1, 1, 1], [0, 0, 0]) == pytest.approx(0.25)
     # d = (1, 0): flips give |mean| 0.5 always -> p = 1
-    assert paired_p_value([1, 0], [0, 0]) == 1.0
-    assert paired_p_value([0.3, 0.3], [0.3, 0.3]) == 1.0  # identical arms
+    assert paired_p([1, 0], [0, 0]) == 1.0
+    assert paired_p([0.3, 0.3], [0.3, 0.3]) == 1.0  # identical arms
     rng = np.random.default_rng(0)
     a, b = rng.random(12), rng.random(12) * 0.8
-    theirs = stats.permutation_test(
-        (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
-    ).pvalue
-    assert paired_p_value(a, b) == pytest.approx(theirs, abs=1e-12)  # exact enumeration both
-    a, b = rng.random(200), rng.random(200) * 0.95  # Monte Carlo beyond 16 examples
-    theirs = stats.permutation_test(
-        (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=20000, random_state=1
-    ).pvalue
-    assert paired_p_value(a, b) == pytest.approx(theirs, abs=0.01)
+    d = a - b
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    flips = np.abs(signs @ d / len(d))
+    assert paired_p(a, b) == pytest.approx(np.mean(flips >= abs(d.mean()) - 1e-12), abs=1e-12)  # exact both
+    a, b = rng.random(200), rng.random(200) * 0.95  # Monte Carlo: two seeds agree
+    assert paired_p(a, b, n_resamples=20000, seed=1) == pytest.approx(
+        paired_p(a, b, n_resamples=20000, seed=2), abs=0.01
+    )
 
 
 def test_bootstrap_hand_worked_and_against_scipy():

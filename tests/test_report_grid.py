@@ -295,7 +295,7 @@ def test_bootstrap_interval_of_one_arm_covers_with_two_seeds():
 def test_picking_the_best_then_testing_each_arm_flags_too_many():
     """Why the report does not use the paired test per arm against the best arm picked from the same
     data: with eight equal arms it flags more than 5% of them; the report's procedure far fewer."""
-    from eval.report_stats import paired_p_value
+    from tests.paired import paired_p
 
     studies, arms = 100, 8
     runs = _studies(np.random.default_rng(3), studies, arms, 60, 0.0)
@@ -305,7 +305,7 @@ def test_picking_the_best_then_testing_each_arm_flags_too_many():
         per_example = np.array([m.mean(0) for m in mats])
         best = int(np.argmax(per_example.mean(1)))
         old += sum(
-            paired_p_value(per_example[i], per_example[best], resamples=400) < report_rows.SIGNIFICANCE
+            paired_p(per_example[i], per_example[best], n_resamples=400) < report_rows.SIGNIFICANCE
             for i in range(arms)
             if i != best
         )
