@@ -4,7 +4,7 @@ The steps and their order are those of Hugging Face's image processors (SigLIP: 
 height x width; CLIP: resize the shortest edge, centre-crop): convert to RGB (transparency composited
 onto white), resize with PIL (bicubic unless `resample` says otherwise), centre-crop, rescale
 (x 1/255), normalise ((x - mean) / std). Output: float32 [height, width, 3], channels last (the
-tower's layout). tests/test_llava.py checks it against transformers' processor on a real image.
+tower's layout). tests/model/test_llava.py checks it against transformers' processor on a real image.
 """
 
 from __future__ import annotations

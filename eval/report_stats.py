@@ -20,7 +20,7 @@ be estimated and is not counted: intervals then cover only the examples' noise. 
 the report (an arm on a dataset, the averages over datasets, the relative scores) is a percentile
 interval of these resamples, or of functions of them.
 
-Simulated (tests/test_report_grid.py; 8 equal arms, 2 seeds, binary scores on shared Beta(2, 2)
+Simulated (tests/eval/test_report_grid.py; 8 equal arms, 2 seeds, binary scores on shared Beta(2, 2)
 difficulties, a normal seed shift, 1000 studies, 400 resamples): familywise error (any arm flagged)
 5.4% at n = 270 examples and seed sd 0.03, 5.7% at n = 1000 and sd 0.02, 6.0% at n = 1000 and sd
 0.03 (300 studies: 4.7% at n = 2000 and sd 0.03), each within about 1.5 Monte-Carlo errors (0.7%)
@@ -44,7 +44,7 @@ so picking the best and testing about eight arms together keep the familywise er
 One pair of arms on the same examples (a per-example sign-flip test) is
 `scipy.stats.permutation_test((a, b), mean difference, permutation_type="samples")`. The report does
 not use it: against a best arm picked from the same data it flags far more than alpha of equal arms
-(tests/test_report_grid.py simulates it), so the report uses `compare_with_best` instead.
+(tests/eval/test_report_grid.py simulates it), so the report uses `compare_with_best` instead.
 """
 
 from __future__ import annotations

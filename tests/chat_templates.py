@@ -9,6 +9,8 @@ the text after `</think>` of an assistant turn, and (since its 2025 revision) it
 opens a <think> block itself.
 """
 
+import json
+
 QWEN25_STYLE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- endif %}
@@ -118,3 +120,75 @@ def deepseek_r1_distill_style(opens_think: bool) -> str:
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{ '<\uff5cAssistant\uff5c>" + opener + "' }}{%- endif %}"
     )
+
+
+# Tokenizer directories of each template family (shared by the tokenizer and eval-metrics tests).
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+DEEPSEEK_SPECIALS = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"]
+DEEPSEEK_SPECIALS += ["<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]
+DEEPSEEK_CONFIG = {
+    "bos_token": DEEPSEEK_SPECIALS[0],
+    "eos_token": DEEPSEEK_SPECIALS[1],
+    "pad_token": DEEPSEEK_SPECIALS[1],
+}
+
+FAMILIES = {
+    "qwen2.5": dict(
+        template=QWEN25_STYLE,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        config={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None},
+        eot="<|im_end|>",
+    ),
+    "llama3.1": dict(
+        template=LLAMA31_STYLE,
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        # pad = eos = the end-of-turn token: it must still be inside the loss mask
+        config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|eot_id|>"},
+        eot="<|eot_id|>",
+    ),
+}
+# The four chat templates the study's open models ship, for the reasoning-trace and date checks.
+REASONING_FAMILIES = {
+    "qwen2.5": FAMILIES["qwen2.5"],
+    "llama3.2": dict(FAMILIES["llama3.1"], template=LLAMA32_STYLE),
+    "qwen3": dict(FAMILIES["qwen2.5"], template=QWEN3_STYLE),
+    "deepseek-r1-distill": dict(
+        template=deepseek_r1_distill_style(opens_think=True),
+        specials=DEEPSEEK_SPECIALS,
+        config=DEEPSEEK_CONFIG,
+        eot=DEEPSEEK_SPECIALS[1],
+    ),
+    "deepseek-r1-distill-2024": dict(
+        template=deepseek_r1_distill_style(opens_think=False),
+        specials=DEEPSEEK_SPECIALS,
+        config=DEEPSEEK_CONFIG,
+        eot=DEEPSEEK_SPECIALS[1],
+    ),
+}
+CORPUS = ["What is the net change in revenue?", "The answer is 42 million.", "Summarize the report below."] * 20
+
+
+def make_tokenizer_dir(tmp_path, family, families=FAMILIES):
+    """A small BPE trained on a fixed corpus (deterministic), with the family's specials and template."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    spec = families[family]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=spec["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if family.startswith("llama"):  # like the real one: the tokenizer itself prepends BOS
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+        )
+    d = tmp_path / family
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    config = dict(spec["config"], tokenizer_class="PreTrainedTokenizerFast", chat_template=spec["template"])
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """The runlocal arm trained once (20 steps) by main.py, shared by the end-to-end and CLI tests."""
-    from cli import run_main
+    from tests.cli import run_main
 
     workdir = tmp_path_factory.mktemp("runlocal")
     return workdir, run_main(workdir)

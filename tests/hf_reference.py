@@ -96,3 +96,24 @@ def hf_logits(hf_dir: str, tokens, attention_mask=None, adapter_dir: str | None 
 
 def list_dir(d: str) -> list[str]:
     return sorted(os.listdir(d))
+
+
+def peft_fc2_adapter(d, rank=4):
+    """A PEFT adapter on down_proj only (the fc2 arm), as PEFT writes one for the 2-layer model above."""
+    import json
+
+    import numpy as np
+
+    from lora_jax.io.safetensors_file import write_safetensors
+
+    d.mkdir()
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["down_proj"], "bias": "none"}
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(1)
+    key = "base_model.model.model.layers.{}.mlp.down_proj.lora_{}.weight"
+    arrays = {key.format(n, "A"): rng.normal(size=(rank, 128)).astype(np.float32) for n in range(2)}
+    arrays.update({key.format(n, "B"): rng.normal(size=(64, rank)).astype(np.float32) for n in range(2)})
+    write_safetensors(
+        str(d / "adapter_model.safetensors"), [(k, a.shape, np.float32) for k, a in arrays.items()], arrays.get
+    )
+    return d

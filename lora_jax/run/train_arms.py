@@ -2,7 +2,7 @@
 
 The K arms are an AdapterBank (lora/bank.py): one program trains them on the same batches, each
 with its own optimizer state (AdamW is elementwise; clipping is per arm), so arm k's losses and
-adapters are those of its own run with the same config (tests/test_adapter_bank.py). Each arm
+adapters are those of its own run with the same config (tests/lora/test_adapter_bank.py). Each arm
 writes what its own run writes, into its own workdir `<workdir>/<dataset>_<arm>_s<seed>/` (the
 sweep's run names): checkpoints (with the arm's own run identity — a separate run of that arm
 could resume them), TensorBoard events, the PEFT adapter, eval/<suite>.json, eval/latency.json and

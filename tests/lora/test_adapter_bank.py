@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_model import sample_batches, set_keys
+from tests.tiny_model import sample_batches, set_keys
 
 from configs import base
 from lora_jax.errors import ConfigError

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_model import sample_batches, set_keys
+from tests.tiny_model import sample_batches, set_keys
 
 from configs import base
 from lora_jax.io.checkpoints import CheckpointStore
@@ -169,7 +169,7 @@ def test_every_arm_file_loads_and_validates():
 
     assert base.ARM_TARGETS == ARMS  # configs hold plain values, so the table is written twice: keep them equal
     files = sorted(pathlib.Path(base.__file__).parent.glob("[a-z]*_*.py"))
-    joint = [p for p in files if p.stem.endswith("_all_arms")]  # every arm in one job (test_train_arms.py)
+    joint = [p for p in files if p.stem.endswith("_all_arms")]  # every arm in one job (tests/run/test_train_arms.py)
     files = [p for p in files if p not in joint]
     assert len(files) == 55 and len(joint) == 5  # 40 text arms + LLaVA-CoT 9 + Invoice OCR 6
     for path in files:

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from fixtures import FIXTURES, needs_fixtures
+from tests.fixtures import FIXTURES, needs_fixtures
 
 from data.image_processing import ImageProcessor
 from data.records import DataError
@@ -201,7 +201,7 @@ def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
     the images, scores the suite by generating from image + prompt, exports a LLaVA-named adapter."""
     import subprocess
 
-    from cli import ENV, ROOT, main_cmd, run_main
+    from tests.cli import ENV, ROOT, main_cmd, run_main
     from safetensors.numpy import load_file
 
     summary = run_main(tmp_path, config="configs/llavacot_oproj.py:runlocal")
@@ -234,7 +234,7 @@ def test_runlocal_arm_on_a_transformers_llava_exports_what_peft_loads(tmp_path):
 
     import peft
     import torch
-    from cli import ENV, ROOT, main_cmd
+    from tests.cli import ENV, ROOT, main_cmd
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     from data import samples

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from fixtures import FIXTURES, needs_fixtures
+from tests.fixtures import FIXTURES, needs_fixtures
 
 from data import samples
 from data.llavacot.builder import Builder

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from cli import ENV, ROOT, main_cmd, run_main
+from tests.cli import ENV, ROOT, main_cmd, run_main
 
 
 def read_adapter(workdir):

@@ -8,7 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from cli import main_cmd
+from tests.cli import main_cmd
 from safetensors.numpy import load_file
 
 from configs import base
@@ -29,7 +29,7 @@ OVERRIDES = ("--config.arms=('oproj_fc2','oproj')", "--config.eval.evaluators=('
 def run_joint(root):
     import subprocess
 
-    from cli import ENV, ROOT
+    from tests.cli import ENV, ROOT
 
     proc = subprocess.run(
         main_cmd(root, *OVERRIDES, config=JOINT), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
@@ -155,7 +155,7 @@ def test_bad_joint_configs_are_refused(change, message):
 def test_a_bad_arm_is_one_error_line(tmp_path):
     import subprocess
 
-    from cli import ENV, ROOT
+    from tests.cli import ENV, ROOT
 
     proc = subprocess.run(
         main_cmd(tmp_path, "--config.arms=('oproj','nope')", config=JOINT),

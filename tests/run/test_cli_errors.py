@@ -12,12 +12,12 @@ import sys
 
 import numpy as np
 import pytest
-from cli import ARM, ENV, ROOT, file_hashes
+from tests.cli import ARM, ENV, ROOT, file_hashes
 
 from data import samples
 from lora_jax.io.peft_adapter import BASE_FILE
 from lora_jax.io.safetensors_file import write_safetensors
-from tests.test_eval_mode import _peft_fc2_adapter
+from tests.hf_reference import peft_fc2_adapter
 
 
 def _tiny_hf_dir(d, truncate=False):
@@ -211,7 +211,7 @@ CASES = [
     ),
     (
         "adapter of another arm on a random base",
-        lambda t, W: ["--config.mode=eval", f"--config.eval.adapter_dir={_peft_fc2_adapter(t / 'fc2')}", _fresh(t)],
+        lambda t, W: ["--config.mode=eval", f"--config.eval.adapter_dir={peft_fc2_adapter(t / 'fc2')}", _fresh(t)],
         "adapter on ('fc2',) does not fit the model",
     ),
     (

@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-from fixtures import FIXTURES, needs_fixtures
+from tests.fixtures import FIXTURES, needs_fixtures
 
 from data import samples
 from data.datasets import DATASETS

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from cli import ENV, ROOT, main_cmd, run_main
+from tests.cli import ENV, ROOT, main_cmd, run_main
 
 from data import samples
 from data.prepare import data_sources, prepare
@@ -165,7 +165,7 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
     """A full disk during export: the error names the path, adapter.tmp is gone, adapter/ is the old one."""
     import jax
     from flax import nnx
-    from tiny_model import TINY
+    from tests.tiny_model import TINY
 
     from lora_jax.errors import WorkdirError
     from lora_jax.lora.spec import LoraSpec

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import ENV, ROOT, main_cmd
+from tests.cli import ENV, ROOT, main_cmd
 from flax import nnx
 
 from data import samples
@@ -23,6 +23,7 @@ from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.run.eval_hooks import completion_fn
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import make_mesh
+from tests.hf_reference import peft_fc2_adapter
 from tests.tiny_model import TINY
 
 
@@ -197,30 +198,13 @@ def _runlocal_llama_dir(d):
     return d
 
 
-def _peft_fc2_adapter(d, rank=4):
-    """A PEFT adapter on down_proj only (the fc2 arm), as PEFT writes one for the 2-layer model above."""
-    from lora_jax.io.safetensors_file import write_safetensors
-
-    d.mkdir()
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["down_proj"], "bias": "none"}
-    (d / "adapter_config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(1)
-    key = "base_model.model.model.layers.{}.mlp.down_proj.lora_{}.weight"
-    arrays = {key.format(n, "A"): rng.normal(size=(rank, 128)).astype(np.float32) for n in range(2)}
-    arrays.update({key.format(n, "B"): rng.normal(size=(64, rank)).astype(np.float32) for n in range(2)})
-    write_safetensors(
-        str(d / "adapter_model.safetensors"), [(k, a.shape, np.float32) for k, a in arrays.items()], arrays.get
-    )
-    return d
-
-
 def test_an_adapter_on_other_targets_is_filed_under_its_own_arm(tmp_path):
     """mode=eval of an fc2 adapter with the oproj_fc2 arm's config: results.json, the suite file and the
     report say fc2 (the adapter's targets), not config.arm."""
     from eval.report import read_run
 
     hf = _runlocal_llama_dir(tmp_path / "hf")
-    adapter = _peft_fc2_adapter(tmp_path / "adapter")
+    adapter = peft_fc2_adapter(tmp_path / "adapter")
     workdir = tmp_path / "run"
     _, results = _eval(
         workdir,

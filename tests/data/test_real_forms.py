@@ -7,7 +7,7 @@ import shutil
 import tracemalloc
 
 import pytest
-from fixtures import FIXTURES, needs_fixtures
+from tests.fixtures import FIXTURES, needs_fixtures
 
 from data import images, samples
 from data.prepare import data_sources, prepare

@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from fixtures import FIXTURES, needs_fixtures
+from tests.fixtures import FIXTURES, needs_fixtures
 
 from eval import exact_match, field_accuracy, finqa_accuracy, json_match, mcq_accuracy, rouge_lsum
 from eval.metrics import METRICS, aggregate
@@ -459,7 +459,7 @@ def test_suite_fails_an_unclosed_trace_when_the_prompt_opened_it():
 def test_completions_say_whether_the_prompt_opened_the_trace(tmp_path, monkeypatch, family, opens):
     """completion_fn marks each completion with whether the template's generation prompt opened <think>
     (DeepSeek-R1-Distill 2025 does, its 2024 revision does not); decoding is replaced by a fixed reply
-    (generation itself is tested in test_generate.py)."""
+    (generation itself is tested in tests/serve/test_generate.py)."""
     import types
 
     from data.sft import SFTOptions
@@ -467,7 +467,7 @@ def test_completions_say_whether_the_prompt_opened_the_trace(tmp_path, monkeypat
     from eval.generation_suite import run_suite
     from lora_jax.run import eval_hooks
     from lora_jax.run.eval_hooks import completion_fn
-    from tests.test_data_tokenizer_sft import REASONING_FAMILIES, make_tokenizer_dir
+    from tests.chat_templates import REASONING_FAMILIES, make_tokenizer_dir
 
     tok = Tokenizer(str(make_tokenizer_dir(tmp_path, family, REASONING_FAMILIES)))
     assert tok.render([{"role": "user", "content": "q"}], True).endswith("<think>\n") is opens

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from cli import ENV, ROOT, main_cmd
+from tests.cli import ENV, ROOT, main_cmd
 
 
 def _tmpfs_reason(probe_dir) -> str:

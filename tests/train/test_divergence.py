@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from cli import ENV, ROOT, main_cmd
+from tests.cli import ENV, ROOT, main_cmd
 
 from lora_jax.run.train_loop import StepTimer
 from lora_jax.train.divergence import DivergenceDetector, DivergenceLimits

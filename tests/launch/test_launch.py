@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from cli import ENV, ROOT
+from tests.cli import ENV, ROOT
 
 from launch import sweep
 
