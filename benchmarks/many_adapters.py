@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.train_throughput import OursStep, bench_config  # noqa: E402
 from configs.sweeps.study import STUDY_ARMS  # noqa: E402
-from lora_jax.lora.arms import ARMS as ARM_TARGETS
+from lora_jax.lora.arms import ARMS
 from lora_jax.run.assemble import build_bank_model, build_model
 from lora_jax.serve import latency
 from lora_jax.sharding import make_mesh  # noqa: E402
@@ -46,7 +46,7 @@ def nbytes(tree) -> int:
 def configs_for(arms, dtype):
     out = []
     for arm in arms:
-        c = bench_config(ARM_TARGETS[arm], dtype, "chunked", "none", BATCH, SEQ)
+        c = bench_config(ARMS[arm], dtype, "chunked", "none", BATCH, SEQ)
         c.arm = arm
         out.append(c)
     return out

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-from tests.fixtures import FIXTURES, needs_fixtures
 
 from data import samples
 from data.datasets import DATASETS
@@ -13,6 +12,7 @@ from data.medmcqa.builder import detect_cop_base
 from data.medreason.builder import match_letter, parse_options, strip_explanation
 from data.prepare import data_sources
 from data.records import DataError
+from tests.fixtures import FIXTURES, needs_fixtures
 
 
 def _text(record, key):

@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-from tests.fixtures import FIXTURES, needs_fixtures
 
 from data import samples
 from data.llavacot.builder import Builder
 from data.prepare import prepare
 from data.records import DataError
+from tests.fixtures import FIXTURES, needs_fixtures
 
 # (image, rows of it): upstream asks several questions about one picture; a few have one question
 GROUPS = [(f"images/{i}.png", [3, 1, 2, 4, 1, 2, 5, 1, 3, 2][i % 10]) for i in range(20)]

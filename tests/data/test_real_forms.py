@@ -7,13 +7,13 @@ import shutil
 import tracemalloc
 
 import pytest
-from tests.fixtures import FIXTURES, needs_fixtures
 
 from data import images, samples
 from data.prepare import data_sources, prepare
 from data.records import DataError, MissingDataError
 from data.sft import SFTOptions, tokenize_example
 from data.tokenizer import Tokenizer
+from tests.fixtures import FIXTURES, needs_fixtures
 
 
 def _text(record, key):

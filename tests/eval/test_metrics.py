@@ -6,10 +6,10 @@ import os
 import re
 
 import pytest
-from tests.fixtures import FIXTURES, needs_fixtures
 
 from eval import exact_match, field_accuracy, finqa_accuracy, json_match, mcq_accuracy, rouge_lsum
 from eval.metrics import METRICS, aggregate
+from tests.fixtures import FIXTURES, needs_fixtures
 
 # --- FinQA accuracy -------------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ import textwrap
 import time
 
 import pytest
-from tests.cli import ENV, ROOT
 
 from launch import sweep
+from tests.cli import ENV, ROOT
 
 PY = sys.executable
 

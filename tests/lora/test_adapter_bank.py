@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tests.tiny_model import sample_batches, set_keys
 
 from configs import base
 from lora_jax.errors import ConfigError
@@ -19,6 +18,7 @@ from lora_jax.run.config import lora_spec
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import global_batch, make_mesh
 from lora_jax.train.trainer import build_trainer
+from tests.tiny_model import sample_batches, set_keys
 
 ARMS = ("oproj", "qkv_fc1", "all")
 

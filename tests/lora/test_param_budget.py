@@ -4,7 +4,7 @@ import pytest
 
 from configs.base import arm_config
 from lora_jax.errors import ConfigError
-from lora_jax.lora.arms import ARMS as ARM_TARGETS
+from lora_jax.lora.arms import ARMS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.run.config import lora_spec, model_config_of
 from lora_jax.train.accounting import lora_params_per_target
@@ -14,7 +14,7 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 QWEN25_7B.update(num_heads=28, num_kv_heads=4, head_dim=128)
 
 
-@pytest.mark.parametrize("arm", list(ARM_TARGETS))
+@pytest.mark.parametrize("arm", list(ARMS))
 def test_every_arm_is_within_one_rank_step_of_the_budget(arm):
     config = arm_config("cocohd", arm)
     for k, v in QWEN25_7B.items():

@@ -8,7 +8,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from tests.fixtures import FIXTURES, needs_fixtures
 
 from data.image_processing import ImageProcessor
 from data.records import DataError
@@ -16,6 +15,7 @@ from lora_jax.errors import CheckpointError
 from lora_jax.io.llava_checkpoint import load_llava
 from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.sharding import make_mesh
+from tests.fixtures import FIXTURES, needs_fixtures
 
 IMAGE_TOKEN = 299
 
@@ -201,8 +201,9 @@ def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
     the images, scores the suite by generating from image + prompt, exports a LLaVA-named adapter."""
     import subprocess
 
-    from tests.cli import ENV, ROOT, main_cmd, run_main
     from safetensors.numpy import load_file
+
+    from tests.cli import ENV, ROOT, main_cmd, run_main
 
     summary = run_main(tmp_path, config="configs/llavacot_oproj.py:runlocal")
     assert summary["final_step"] == 20 and summary["dataset"] == "llavacot" and summary["targets"] == ["o_proj"]
@@ -234,11 +235,11 @@ def test_runlocal_arm_on_a_transformers_llava_exports_what_peft_loads(tmp_path):
 
     import peft
     import torch
-    from tests.cli import ENV, ROOT, main_cmd
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     from data import samples
     from lora_jax.io.peft_adapter import with_adapter
+    from tests.cli import ENV, ROOT, main_cmd
 
     torch.manual_seed(0)
     config = LlavaConfig(  # the runlocal decoder's shape (configs/base.py), a SigLIP tower of 32x32 pixels

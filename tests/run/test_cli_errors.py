@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-from tests.cli import ARM, ENV, ROOT, file_hashes
 
 from data import samples
 from lora_jax.io.peft_adapter import BASE_FILE
 from lora_jax.io.safetensors_file import write_safetensors
+from tests.cli import ARM, ENV, ROOT, file_hashes
 from tests.hf_reference import peft_fc2_adapter
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from tests.cli import ENV, ROOT, main_cmd
 
 

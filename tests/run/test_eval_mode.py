@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.cli import ENV, ROOT, main_cmd
 from flax import nnx
 
 from data import samples
@@ -23,6 +22,7 @@ from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.run.eval_hooks import completion_fn
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import make_mesh
+from tests.cli import ENV, ROOT, main_cmd
 from tests.hf_reference import peft_fc2_adapter
 from tests.tiny_model import TINY
 

@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 import pytest
-from tests.cli import ENV, ROOT, main_cmd, run_main
 
 from data import samples
 from data.prepare import data_sources, prepare
 from data.records import DataError
+from tests.cli import ENV, ROOT, main_cmd, run_main
 
 # 2 steps with a checkpoint after each: the start-up barriers and orbax's collective saves, quickly.
 SHORT = ("--config.train.total_steps=2", "--config.train.checkpoint_every_steps=1", "--config.eval.max_eval_batches=1")
@@ -165,13 +165,13 @@ def test_failed_adapter_write_removes_the_temporary_and_keeps_the_old_adapter(tm
     """A full disk during export: the error names the path, adapter.tmp is gone, adapter/ is the old one."""
     import jax
     from flax import nnx
-    from tests.tiny_model import TINY
 
     from lora_jax.errors import WorkdirError
     from lora_jax.lora.spec import LoraSpec
     from lora_jax.model.transformer import Transformer
     from lora_jax.train import trainer
     from lora_jax.train.trainer import export_adapter
+    from tests.tiny_model import TINY
 
     model = Transformer(TINY, LoraSpec(targets=("o_proj",), rank=2), rngs=nnx.Rngs(0))
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)

@@ -8,7 +8,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from tests.cli import main_cmd
 from safetensors.numpy import load_file
 
 from configs import base
@@ -20,6 +19,7 @@ from lora_jax.run.config import arm_configs
 from lora_jax.serve.bank import bank_from_adapters
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import make_mesh
+from tests.cli import main_cmd
 
 JOINT = "configs/cocohd_all_arms.py:runlocal"
 ARMS = ("oproj_fc2", "oproj")

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+
 from tests.cli import ENV, ROOT, main_cmd, run_main
 
 

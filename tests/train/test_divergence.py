@@ -8,10 +8,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.cli import ENV, ROOT, main_cmd
 
 from lora_jax.run.train_loop import StepTimer
 from lora_jax.train.divergence import DivergenceDetector, DivergenceLimits
+from tests.cli import ENV, ROOT, main_cmd
 
 DEFAULT = DivergenceLimits()  # the defaults of configs/base.py (checked below)
 # Measured (tests' runlocal arm, one check per step): (loss, adapter norm / initial norm).

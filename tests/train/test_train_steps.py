@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tests.tiny_model import sample_batches, set_keys
 
 from configs import base
 from lora_jax.io.checkpoints import CheckpointStore
@@ -22,6 +21,7 @@ from lora_jax.run.config import (
 from lora_jax.run.train_loop import train_and_evaluate
 from lora_jax.sharding import global_batch, make_mesh, shard_model
 from lora_jax.train.trainer import build_trainer
+from tests.tiny_model import sample_batches, set_keys
 
 ODD_VOCAB = 263
 
@@ -167,7 +167,6 @@ def test_every_arm_file_loads_and_validates():
 
     from lora_jax.lora.arms import ARMS
 
-    assert base.ARM_TARGETS == ARMS  # configs hold plain values, so the table is written twice: keep them equal
     files = sorted(pathlib.Path(base.__file__).parent.glob("[a-z]*_*.py"))
     joint = [p for p in files if p.stem.endswith("_all_arms")]  # every arm in one job (tests/run/test_train_arms.py)
     files = [p for p in files if p not in joint]
@@ -180,7 +179,7 @@ def test_every_arm_file_loads_and_validates():
         for arg in (None, "runlocal"):
             config = module.get_config(arg)
             assert config.data.name == dataset and config.arm == arm
-            assert tuple(config.lora.targets) == base.ARM_TARGETS[arm]
+            assert tuple(config.lora.targets) == ARMS[arm]
             lora_spec(config)
             runtime_options(config)
         assert module.get_config(None).data.max_seq_len >= (32768 if dataset in ("govreport", "cocohd") else 1024)
