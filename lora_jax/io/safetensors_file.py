@@ -10,16 +10,15 @@ so a kill never leaves half a file.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
-from etils import epath
 from safetensors import SafetensorError, safe_open
 
 from lora_jax.errors import CheckpointError
+from lora_jax.io.files import atomic_path
 
 _NAMES = {
     np.dtype(np.float64): "F64",
@@ -83,18 +82,11 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)  # alignment, as the reference writer does
-    path = epath.Path(path)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    try:
-        with tmp.open("wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, shape, dtype in specs:
-                arr = np.ascontiguousarray(produce(name), dtype=np.dtype(dtype))
-                if arr.shape != tuple(shape):
-                    raise ValueError(f"{path}: tensor {name} has shape {arr.shape}, declared {tuple(shape)}")
-                f.write(arr.tobytes())
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in specs:
+            arr = np.ascontiguousarray(produce(name), dtype=np.dtype(dtype))
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{path}: tensor {name} has shape {arr.shape}, declared {tuple(shape)}")
+            f.write(arr.tobytes())
