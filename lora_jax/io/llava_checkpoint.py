@@ -7,6 +7,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.errors import CheckpointError
+from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
 from lora_jax.model.llava import Llava, LlavaConfig, llava_config_from_hf
 from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.model.vision import VisionConfig
@@ -78,7 +79,6 @@ def _tower_arrays(ckpt, cfg: LlavaConfig) -> dict[str, np.ndarray]:
 def load_llava(hf_dir: str, lora, options: RuntimeOptions, mesh, seed: int = 0, ckpt=None) -> Llava:
     """A LLaVA checkpoint directory -> our Llava (the decoder sharded as load_hf_model shards it, the
     small tower and projector replicated), with fresh adapters on the decoder."""
-    from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
 
     ckpt = ckpt or HFCheckpoint(hf_dir)
     if not ckpt.is_llava:

@@ -21,6 +21,8 @@ from etils import epath
 
 from lora_jax.errors import CheckpointError, MissingFileError
 from lora_jax.io.files import write_text_atomic
+from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.io.llava_checkpoint import load_llava
 from lora_jax.io.safetensors_file import SafetensorsFile, write_safetensors
 from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
@@ -347,12 +349,8 @@ def with_adapter(model: Transformer, adapter_dir: str, hf_dir: str | None = None
                 "initialised base can only take an adapter of the config's own arm"
             )
         if hasattr(model, "llava_config"):
-            from lora_jax.io.llava_checkpoint import load_llava
-
             model = load_llava(hf_dir, spec, options, mesh)
         else:
-            from lora_jax.io.hf_checkpoint import load_hf_model
-
             model = load_hf_model(hf_dir, spec, options, mesh)
     set_lora_weights(getattr(model, "language", model), weights)  # a Llava's adapters are on its decoder
     return model
@@ -360,8 +358,6 @@ def with_adapter(model: Transformer, adapter_dir: str, hf_dir: str | None = None
 
 def load_hf_model_with_adapter(hf_dir: str, adapter_dir: str, options, mesh) -> Transformer:
     """A Hugging Face checkpoint with a PEFT adapter on it, in one call."""
-    from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
-
     spec, weights = read_peft_adapter(adapter_dir, HFCheckpoint(hf_dir).config)
     model = load_hf_model(hf_dir, spec, options, mesh)
     set_lora_weights(model, weights)
