@@ -295,8 +295,6 @@ def image_tokens(config: ml_collections.ConfigDict, text: ModelConfig) -> int:
 
         path = epath.Path(config.model.hf_dir) / "config.json"
         return llava_config_from_hf(json.loads(path.read_text()), text, str(path)).tokens_per_image
-    pass
-
     return random_llava_config(config).tokens_per_image
 
 

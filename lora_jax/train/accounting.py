@@ -94,7 +94,5 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float
 def budget_rank(cfg: ModelConfig, targets: tuple[str, ...], budget: int, layers: tuple[int, ...] = ()) -> int:
     """The rank r >= 1 whose adapters on `targets` train the number of parameters closest to `budget`
     (parameters grow linearly in r, so the count is within half a rank step of the budget)."""
-    pass
-
     per_rank = sum(lora_params_per_target(cfg, LoraSpec(targets=targets, rank=1, alpha=1.0, layers=layers)).values())
     return max(1, round(budget / per_rank))
