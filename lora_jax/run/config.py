@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from data.datasets import IMAGE_DATASETS
+from data.datasets import DATASETS, IMAGE_DATASETS
 from lora_jax.errors import CheckpointError, ConfigError, MissingFileError
 from lora_jax.lora.arms import ARMS, arm_name, validate_targets
 from lora_jax.lora.spec import LoraSpec
@@ -184,7 +184,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data and no compilation: fails fast with one clear ConfigError, before
     anything is written."""
     from data.chat_template import parse_render_date
-    from data.datasets import DATASETS
     from data.images import BAD_IMAGE_POLICIES
     from data.sft import TRUNCATIONS
 

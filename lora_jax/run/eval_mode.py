@@ -30,9 +30,17 @@ from lora_jax.io.files import write_text_atomic
 from lora_jax.io.peft_adapter import check_adapter_base, read_peft_adapter, with_adapter
 from lora_jax.lora.arms import ARMS, arm_name, validate_targets
 from lora_jax.multihost import decided_on_process_0
-from lora_jax.run.assemble import base_fingerprint, data_iterators, image_inputs, open_checkpoint_store, tokenizer_dir
+from lora_jax.run.assemble import (
+    base_fingerprint,
+    data_iterators,
+    image_inputs,
+    metric_writer,
+    open_checkpoint_store,
+    start_run,
+    tokenizer_dir,
+)
 from lora_jax.run.config import lora_spec, model_config_of, runtime_options, validate
-from lora_jax.run.eval_hooks import completion_fn, latency_fn
+from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
 from lora_jax.train.trainer import build_trainer
 
 
@@ -86,8 +94,6 @@ def check_eval_adapter(config) -> None:
 
 def evaluate(config, workdir: str) -> dict:
     """Loads what mode=eval scores (see the module docstring) and runs the evaluators once."""
-    from lora_jax.run.assemble import metric_writer, start_run
-    from lora_jax.run.eval_hooks import loss_on_test_split
 
     if config.eval.adapter_dir:  # an adapter that cannot be scored is refused before anything is written
         validate(config)
