@@ -204,7 +204,7 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
     and the dtypes it is loaded and computed in), the tokenizer and chat template, a LLaVA checkpoint's
     image processor, the data and the schedule (a resumed run must see the batches and learning rates
     an uninterrupted one would). Keys added later are absent from older checkpoints, which still match
-    (checkpointing.CheckpointStore)."""
+    (io.checkpoints.CheckpointStore)."""
     spec = lora_spec(config)
     identity = {
         "arm": config.arm,

@@ -88,7 +88,7 @@ def latency_fn(model_fn, config, context: int):
     """() -> latency.measure's {"variants": {"base"|"unmerged"|"merged": TTFT/TPOT stats}, "device",
     "device_count", "mesh"} of the model as it is now (eval.latency), decoded on the serving mesh
     eval.latency.mesh picks (sharding.serving_mesh), not on the training mesh.
-    The settings are validated with the config (run_config.validate, before anything is written);
+    The settings are validated with the config (run.config.validate, before anything is written);
     checked again here, against this model's context (and a LLaVA's image placeholders, which
     latency.Requests puts before the prompt), for callers that skip validation; not at all when
     "latency" is not in eval.evaluators (nothing will call the result)."""

@@ -24,7 +24,7 @@ from lora_jax.train.step import StepOptions, make_eval_step, make_optimizer, mak
 def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str, base_fingerprint: str = "") -> None:
     """PEFT adapter to <workdir>/adapter, written to a temporary dir and renamed. With base_fingerprint,
     also `lora_jax_base.json` (PEFT ignores it): the exact base it was trained on, which serving
-    several adapters in one batch checks (serve_bank.py).
+    several adapters in one batch checks (lora_jax/serve/bank.py).
 
     Every process joins the all-gather of the (possibly sharded over hosts) LoRA arrays; process 0
     alone writes."""
