@@ -1,7 +1,6 @@
 """The latency suite: its model variants (base, unmerged, merged), its measurement, and where it decodes
 (a serving mesh, never the training mesh's FSDP: read from the HLO of the executables it times)."""
 
-import concurrent.futures
 import json
 import math
 import re
@@ -166,9 +165,9 @@ def test_the_timed_decode_gathers_no_kernel_on_its_serving_mesh(fsdp_run, measur
             serve, runners = measured[2]
         else:  # run as `measure` runs them: a warm-up request (compiles the two functions), a timed one
             serve, runners = latency.prepare(model, 1, 8, 4, mesh=kind)
-            # the variants side by side: each compiles its own two functions, on a core of its own
-            with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
-                list(pool.map(lambda runner: (runner.request(), runner.request()), runners.values()))
+            for runner in runners.values():
+                runner.request()
+                runner.request()
         assert sharding.mesh_sizes(serve) == {"data": 1, "fsdp": 1, "tensor": tensor}
         assert set(runners) == {"base", "unmerged", "merged"}
         for variant, runner in runners.items():
