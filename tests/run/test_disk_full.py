@@ -39,12 +39,15 @@ def test_full_disk_during_a_checkpoint_is_one_error_line(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     out.mkdir()
-    cmd = main_cmd(
+    cmd = main_cmd(  # the medmcqa arm on 256-token rows: a step costs a quarter of the default arm's
         work,
+        "--config.data.max_seq_len=256",
+        "--config.data.max_target_tokens=64",
         "--config.train.total_steps=4",
         "--config.train.checkpoint_every_steps=1",
         "--config.train.log_every_steps=1",
         "--config.eval.evaluators=('loss',)",
+        config="configs/medmcqa_oproj_fc2.py:runlocal",
     )
     # Inside the namespace: mount, start the filler (waits for a finished checkpoint 1, then fills the
     # disk), run main.py, then copy what is left out of the tmpfs before the namespace goes away.

@@ -214,7 +214,10 @@ def test_the_training_step_gathers_kernels_under_fsdp(fsdp_run):
     t = build_trainer(model, config, mesh)
     host = {k: np.zeros((8, 16), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     batch = global_batch(dict(host, loss_mask=np.ones((8, 16), np.float32)), t.batch_sharding)
-    hlo = t.train_step.lower(t.lora, t.opt_state, t.frozen, batch, 0).compile().as_text()
+    # The optimized HLO (all-gathers included) is the same at every backend optimization level; level 0
+    # only skips LLVM's optimization of machine code that nothing here runs (half the compile time).
+    lowered = t.train_step.lower(t.lora, t.opt_state, t.frozen, batch, 0)
+    hlo = lowered.compile(compiler_options={"xla_backend_optimization_level": 0}).as_text()
     assert len(kernel_gathers(hlo, model)) >= 4
 
 

@@ -78,56 +78,92 @@ def test_step_timer_leaves_out_paused_time():
     assert timer.step_s() is None
 
 
-def _run(workdir, *overrides, config="configs/cocohd_oproj_fc2.py:runlocal"):
-    return subprocess.run(
-        main_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
-    )
+# The runs below train the medmcqa arms on rows of 256 tokens (one bundled example each): a step costs a
+# quarter of the default runlocal arm's 1024-token rows, and divergence does not depend on the data.
+SHORT_ROWS = ("--config.data.max_seq_len=256", "--config.data.max_target_tokens=64")
+# learning rate 1.0 without clipping (valid: only > 0 is required; 1e30 was the issue's case).
+IN_RANGE_LR = ("--config.optim.learning_rate=1.0", "--config.optim.grad_clip_norm=0")
+RUNS = {
+    "single": (
+        "configs/medmcqa_oproj_fc2.py:runlocal",
+        (*IN_RANGE_LR, "--config.train.checkpoint_every_steps=2", "--config.eval.evaluators=('loss',)"),
+    ),
+    "joint": (
+        "configs/medmcqa_all_arms.py:runlocal",
+        (
+            "--config.arms=('oproj','fc2')",
+            *IN_RANGE_LR,
+            "--config.lora.alpha_overrides.o_proj=1e-12",
+            "--config.train.total_steps=6",
+            "--config.train.checkpoint_every_steps=2",
+            "--config.eval.evaluators=('loss',)",
+            "--config.eval.max_eval_batches=1",
+        ),
+    ),
+}
 
 
-def test_run_with_a_learning_rate_in_range_that_diverges_stops_keeping_the_last_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The module's main.py runs (RUNS), started together: each is mostly a one-core start-up (imports,
+    data preparation) that would leave the other core idle. Returns wait(name) -> (CompletedProcess,
+    its workdir)."""
+    started = {}
+    for name, (config, overrides) in RUNS.items():
+        out = tmp_path_factory.mktemp(name)
+        streams = open(out / "stdout", "w"), open(out / "stderr", "w")  # files: a full pipe would block a run
+        cmd = main_cmd(out / "workdir", *SHORT_ROWS, *overrides, config=config)
+        started[name] = (
+            cmd,
+            out,
+            streams,
+            subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=streams[0], stderr=streams[1]),
+        )
+
+    def wait(name):
+        cmd, out, streams, proc = started[name]
+        returncode = proc.wait(timeout=600)
+        for stream in streams:
+            stream.close()
+        stdout, stderr = ((out / f).read_text() for f in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(cmd, returncode, stdout, stderr), out / "workdir"
+
+    yield wait
+    for _, _, streams, proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in streams:
+            stream.close()
+
+
+def test_run_with_a_learning_rate_in_range_that_diverges_stops_keeping_the_last_checkpoint(runs):
     """learning rate 1.0 without clipping (valid: only > 0 is required; 1e30 was the issue's case): the
-    adapters grow 30x in 4 steps (the healthy runlocal arm: 2.2x in 20). Checked at each log step (2)."""
-    proc = _run(
-        tmp_path,
-        "--config.optim.learning_rate=1.0",
-        "--config.optim.grad_clip_norm=0",
-        "--config.train.checkpoint_every_steps=2",
-        "--config.eval.evaluators=('loss',)",
-    )
+    adapters grow about 29x in 4 steps (the healthy runlocal arm: 2.2x in 20). Checked at each log step (2)."""
+    proc, workdir = runs("single")
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["divergence"]["rule"] == "norm_growth"
     step, last = summary["divergence"]["step"], summary["last_checkpoint_step"]
     assert errors[0].startswith(f"error: training diverged at step {step}: adapter norm ")
     assert errors[0].endswith(
-        f"stopped without exporting an adapter, the last checkpoint is {tmp_path / 'checkpoints' / str(last)}"
+        f"stopped without exporting an adapter, the last checkpoint is {workdir / 'checkpoints' / str(last)}"
     )
-    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert steps == list(range(2, step, 2)) and last == steps[-1]  # every save before the detection is kept
-    assert not (tmp_path / "adapter").exists() and not (tmp_path / "eval").exists()
+    assert not (workdir / "adapter").exists() and not (workdir / "eval").exists()
     assert summary["divergence"]["value"] > summary["divergence"]["limit"] > 0
 
 
-def test_joint_run_one_arm_diverges_alone(tmp_path):
+def test_joint_run_one_arm_diverges_alone(runs):
     """learning rate 1.0 without clipping: arm fc2's adapters grow past 20x (as in the run above) and it
     stops at a check; arm oproj, whose tiny alpha (1e-12) leaves its gradients far below Adam's epsilon
     so that it barely moves, trains on to the end, is evaluated and exported."""
-    proc = _run(
-        tmp_path,
-        "--config.arms=('oproj','fc2')",
-        "--config.optim.learning_rate=1.0",
-        "--config.optim.grad_clip_norm=0",
-        "--config.lora.alpha_overrides.o_proj=1e-12",
-        "--config.train.total_steps=6",
-        "--config.train.checkpoint_every_steps=2",
-        "--config.eval.evaluators=('loss',)",
-        "--config.eval.max_eval_batches=1",
-        config="configs/cocohd_all_arms.py:runlocal",
-    )
+    proc, workdir = runs("joint")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fc2, oproj = tmp_path / "cocohd_fc2_s0", tmp_path / "cocohd_oproj_s0"
+    fc2, oproj = workdir / "medmcqa_fc2_s0", workdir / "medmcqa_oproj_s0"
     bad = json.loads((fc2 / "summary.json").read_text())
     assert bad["status"] == "diverged" and bad["divergence"]["rule"] == "norm_growth", bad
     step = bad["divergence"]["step"]
@@ -142,4 +178,4 @@ def test_joint_run_one_arm_diverges_alone(tmp_path):
 
     weights = load_file(str(oproj / "adapter" / "adapter_model.safetensors"))
     assert weights and all(np.isfinite(w).all() for w in weights.values())
-    assert json.loads((tmp_path / "joint" / "summary.json").read_text())["diverged"] == ["fc2"]
+    assert json.loads((workdir / "joint" / "summary.json").read_text())["diverged"] == ["fc2"]
