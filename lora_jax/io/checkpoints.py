@@ -7,6 +7,7 @@ target shardings of the *current* mesh, so a checkpoint restores onto a differen
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src import asyncio_utils as _orbax_asyncio
 
 from lora_jax.errors import WorkdirError
 from lora_jax.multihost import decided_on_process_0
@@ -55,6 +57,38 @@ class _OrbaxThreadErrors(logging.Filter):
 
 for _name in ("absl", "asyncio"):  # asyncio: "Future exception was never retrieved" of an orbax write
     logging.getLogger(_name).addFilter(_OrbaxThreadErrors())
+
+
+def _run_sync_draining(coro):
+    """orbax's `asyncio_utils._run_sync_via_new_loop` (runs `coro` in a fresh event loop, then closes
+    it), except that when `coro` fails, the loop's other tasks are first run to their end.
+
+    Why: orbax gathers a save's tensorstore writes as tasks of that loop; when one write fails (a full
+    disk), `coro` raises at once and orbax closed the loop while the sibling writes were still in
+    flight. Each of them then finished on tensorstore's thread and either called
+    `loop.call_soon_threadsafe` on the closed loop ("RuntimeError: Event loop is closed", a traceback
+    printed by sys.unraisablehook) or left a "Future exception was never retrieved" -- after our
+    one-line error, or interleaved with it. Waiting here (their failures, the same full disk, are
+    collected and dropped; the first one is raised) means nothing of the failed save still runs once
+    the error reaches `CheckpointStore`."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(coro)
+        except Exception:
+            pending = asyncio.all_tasks(loop)
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            raise
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+# `run_sync` looks the helper up in its module at each call, so every orbax save, commit and
+# finalize (the background commit threads included) runs through the draining version.
+_orbax_asyncio._run_sync_via_new_loop = _run_sync_draining
 
 # A tensorstore write error: `... No space left on device [os_error_code='28']`.
 _TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
@@ -180,8 +214,19 @@ class _WriteErrors:
         if os_error is None:
             return False
         store = self.store
-        store._remove_partial_steps()
+        # Every other operation of the manager (the rest of this save, its finalize) ends before the
+        # partial step is removed and the error is raised: their errors are the same full disk, and
+        # nothing of orbax's may run or print after the one error line.
+        try:
+            store.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001, S110 — the failure being reported, seen again
+            pass
         finished = [s for s in store.manager.all_steps() if s != store._pending]
+        try:
+            store.manager.close()
+        except Exception:  # noqa: BLE001, S110 — closing after a failed write may fail the same way
+            pass
+        store._remove_partial_steps()
         kept = f"the last finished checkpoint is step {max(finished)}" if finished else "no checkpoint was finished"
         reason = os_error.strerror or errno.errorcode.get(os_error.errno, str(os_error))
         raise WorkdirError(

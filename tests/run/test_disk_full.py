@@ -76,3 +76,44 @@ ls -A {work} >{out}/workdir
     assert "1" in steps and all(int(s) < failed for s in steps), (steps, failed)
     assert {"commit_success.txt", "manifest.ocdbt"} <= set((out / "step1").read_text().split())
     assert "adapter" not in (out / "workdir").read_text().split()
+
+
+def test_a_failed_orbax_write_ends_its_sibling_writes_before_raising(monkeypatch):
+    """The mechanism behind a traceback after the error line, without a tmpfs: orbax runs a save's
+    writes as tasks of one event loop (`asyncio_utils.run_sync`); one write fails while a sibling
+    tensorstore write is still in flight. The failure must reach the caller only after the sibling has
+    ended, so that the sibling's completion never calls into a closed loop ("RuntimeError: Event loop
+    is closed" through sys.unraisablehook)."""
+    import asyncio
+    import sys
+    import threading
+    import time
+
+    import tensorstore as ts
+    from orbax.checkpoint._src import asyncio_utils
+
+    import lora_jax.checkpointing  # noqa: F401 — installs the draining event-loop runner
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
+    promise, write = ts.Promise.new()  # a tensorstore write that finishes 0.2 s later, on another thread
+    threading.Timer(0.2, promise.set_result, (None,)).start()
+    sibling_done = []
+
+    async def sibling():
+        await write
+        sibling_done.append(True)
+
+    async def failing():
+        await asyncio.sleep(0.01)
+        raise ValueError("No space left on device [os_error_code='28']")
+
+    async def save():
+        await asyncio.gather(failing(), sibling())
+
+    with pytest.raises(ValueError, match="No space left"):
+        asyncio_utils.run_sync(save())
+    raised_with_sibling_done = bool(sibling_done)
+    time.sleep(0.4)  # past the sibling's completion
+    assert not unraisable, unraisable
+    assert raised_with_sibling_done
