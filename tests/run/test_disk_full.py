@@ -92,7 +92,7 @@ def test_a_failed_orbax_write_ends_its_sibling_writes_before_raising(monkeypatch
     import tensorstore as ts
     from orbax.checkpoint._src import asyncio_utils
 
-    import lora_jax.checkpointing  # noqa: F401 — installs the draining event-loop runner
+    import lora_jax.io.checkpoints  # noqa: F401 — installs the draining event-loop runner
 
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
