@@ -117,3 +117,53 @@ def peft_fc2_adapter(d, rank=4):
         str(d / "adapter_model.safetensors"), [(k, a.shape, np.float32) for k, a in arrays.items()], arrays.get
     )
     return d
+
+
+def write_llama_dir(d, *, vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, seed=None, truncate=False):
+    """A Llama checkpoint written without transformers (fast): config.json, model.safetensors (zeros, or
+    N(0, 0.05) weights when `seed` is given; cut in half with `truncate`) and the tiny tokenizer."""
+    import json
+
+    import numpy as np
+
+    from data import samples
+    from lora_jax.io.safetensors_file import write_safetensors
+
+    d.mkdir()
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update({p + f"self_attn.{m}_proj.weight": (o, hidden) for m, o in (("q", q), ("k", kv), ("v", kv))})
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, q)
+        shapes.update(
+            {p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden)}
+        )
+        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+    rng = np.random.default_rng(seed)
+    values = (lambda n: np.zeros(shapes[n])) if seed is None else (lambda n: rng.normal(size=shapes[n]) * 0.05)
+    arrays = {n: values(n).astype(np.float32) for n in shapes}
+    path = d / "model.safetensors"
+    write_safetensors(str(path), [(n, s, np.float32) for n, s in shapes.items()], arrays.get)
+    if truncate:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    samples.write_tiny_tokenizer(d)
+    return d

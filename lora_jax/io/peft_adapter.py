@@ -330,18 +330,23 @@ def set_lora_weights(model: Transformer, weights: dict[str, tuple[np.ndarray, np
             var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
 
 
+def adapter_fits(spec: LoraSpec, slots: LoraSpec | None) -> bool:
+    """Whether an adapter of `spec` can be written into a model's adapter slots `slots` as they are:
+    the same targets, rsLoRA, layers, and per-target ranks and scales."""
+    if slots is None or (spec.targets, spec.use_rslora, spec.layers) != (slots.targets, slots.use_rslora, slots.layers):
+        return False
+    return all(
+        spec.rank_for(t) == slots.rank_for(t) and math.isclose(spec.alpha_for(t), slots.alpha_for(t))
+        for t in spec.targets
+    )
+
+
 def with_adapter(model: Transformer, adapter_dir: str, hf_dir: str | None = None, options=None, mesh=None):
     """`model`'s base with the PEFT adapter in adapter_dir: its weights set in place when the adapter
     fits the model's adapter slots (same targets, ranks and scales), else (given the base's hf_dir) the base
     loaded again with adapters shaped like the file's. One call: base + adapter, scored as PEFT would."""
     spec, weights = read_peft_adapter(adapter_dir, model.config, model.lora)
-    fits = model.lora is not None and spec.targets == model.lora.targets
-    fits = fits and spec.use_rslora == model.lora.use_rslora and spec.layers == model.lora.layers
-    fits = fits and all(
-        spec.rank_for(t) == model.lora.rank_for(t) and math.isclose(spec.alpha_for(t), model.lora.alpha_for(t))
-        for t in spec.targets
-    )
-    if not fits:
+    if not adapter_fits(spec, model.lora):
         if hf_dir is None:
             have = "no adapters" if model.lora is None else f"targets {model.lora.targets}"
             raise CheckpointError(

@@ -17,7 +17,6 @@ hands eval/ plain functions (eval_hooks.py: test loss, completions, latency).
 from __future__ import annotations
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from flax import nnx
 from eval.evaluators import EvalContext, run_evaluators
 from lora_jax.errors import CheckpointError
 from lora_jax.io.files import write_text_atomic
-from lora_jax.io.peft_adapter import check_adapter_base, read_peft_adapter, with_adapter
+from lora_jax.io.peft_adapter import adapter_fits, check_adapter_base, read_peft_adapter, with_adapter
 from lora_jax.lora.arms import ARMS, arm_name, validate_targets
 from lora_jax.multihost import decided_on_process_0
 from lora_jax.run.assemble import (
@@ -80,11 +79,7 @@ def check_eval_adapter(config) -> None:
     spec, _ = read_peft_adapter(adapter_dir, model_config_of(config), own)
     if config.model.hf_dir:
         return
-    fits = spec.targets == own.targets and spec.use_rslora == own.use_rslora and spec.layers == own.layers
-    fits = fits and all(
-        spec.rank_for(t) == own.rank_for(t) and math.isclose(spec.alpha_for(t), own.alpha_for(t)) for t in spec.targets
-    )
-    if not fits:
+    if not adapter_fits(spec, own):
         raise CheckpointError(
             f"{adapter_dir}: adapter on {spec.targets} does not fit the model (targets {own.targets}, "
             f"lora.rank={own.rank}, lora.alpha={own.alpha}); a randomly initialised base can only take an adapter "

@@ -43,21 +43,13 @@ def run_summary(config, spec, model_cfg, results, history, dropped, data_counts,
     return {
         "status": "done",
         "final_step": config.train.total_steps,
-        "train_loss_history": history,
         "eval_loss": loss.get("eval_loss"),
         "eval_truncated_targets": loss.get("eval_truncated_targets"),
         "eval": {k: v for k, v in results.items() if k != "loss"},
         "train_dropped_examples": dropped,
         "data_counts": data_counts,
-        "trainable_params": sum(accounting.lora_params_per_target(model_cfg, spec).values()),
         "peft_equivalent_params": sum(accounting.peft_equivalent_params_per_target(model_cfg, spec).values()),
-        "arm": config.arm,
-        "dataset": config.data.name,
-        "seed": config.train.seed,
-        "targets": list(spec.targets),
-        "rank": spec.rank,
-        "base_model": fingerprint,
-        "resumed_from": start,
+        **run_summary_fields(config, spec, model_cfg, history, fingerprint, start),
     }
 
 

@@ -10,55 +10,18 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from data import samples
 from lora_jax.io.peft_adapter import BASE_FILE
-from lora_jax.io.safetensors_file import write_safetensors
 from tests.cli import ARM, ENV, ROOT, file_hashes
-from tests.hf_reference import peft_fc2_adapter
+from tests.hf_reference import peft_fc2_adapter, write_llama_dir
 
 
 def _tiny_hf_dir(d, truncate=False):
-    """A Llama config.json + model.safetensors written without transformers (fast); optionally truncated."""
-    d.mkdir()
-    cfg = {
-        "model_type": "llama",
-        "vocab_size": 259,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 8,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "tie_word_embeddings": True,
-    }
-    (d / "config.json").write_text(json.dumps(cfg))
-    shapes = {
-        "model.embed_tokens.weight": (259, 16),
-        "model.norm.weight": (16,),
-        "model.layers.0.input_layernorm.weight": (16,),
-        "model.layers.0.post_attention_layernorm.weight": (16,),
-        "model.layers.0.self_attn.q_proj.weight": (16, 16),
-        "model.layers.0.self_attn.k_proj.weight": (8, 16),
-        "model.layers.0.self_attn.v_proj.weight": (8, 16),
-        "model.layers.0.self_attn.o_proj.weight": (16, 16),
-        "model.layers.0.mlp.gate_proj.weight": (32, 16),
-        "model.layers.0.mlp.up_proj.weight": (32, 16),
-        "model.layers.0.mlp.down_proj.weight": (16, 32),
-    }
-    path = d / "model.safetensors"
-    write_safetensors(str(path), [(n, s, np.float32) for n, s in shapes.items()], lambda n: np.zeros(shapes[n]))
-    if truncate:
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-    samples.write_tiny_tokenizer(d)
-    return d
+    """A 1-layer Llama checkpoint of zeros (the dimensions in TINY_HF_DIMS); optionally truncated."""
+    return write_llama_dir(
+        d, vocab=259, hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1, head_dim=8, truncate=truncate
+    )
 
 
 def _cocohd_dir(d, lines):

@@ -23,7 +23,7 @@ from lora_jax.run.eval_hooks import completion_fn
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import make_mesh
 from tests.cli import ENV, ROOT, main_cmd
-from tests.hf_reference import peft_fc2_adapter
+from tests.hf_reference import peft_fc2_adapter, write_llama_dir
 from tests.tiny_model import TINY
 
 
@@ -161,41 +161,10 @@ def test_suite_counts_bad_input_and_never_crashes(tmp_path):
 
 
 def _runlocal_llama_dir(d):
-    """A Llama checkpoint with the runlocal model's shapes (random weights, written without transformers)
-    and the tiny tokenizer."""
-    from lora_jax.io.safetensors_file import write_safetensors
-
-    d.mkdir()
-    h, i, kv, hd, v = 64, 128, 2, 16, 259
-    cfg = {
-        "model_type": "llama",
-        "vocab_size": v,
-        "hidden_size": h,
-        "intermediate_size": i,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": kv,
-        "head_dim": hd,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "tie_word_embeddings": True,
-    }
-    (d / "config.json").write_text(json.dumps(cfg))
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    for n in range(2):
-        p = f"model.layers.{n}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
-        shapes.update({p + f"self_attn.{m}_proj.weight": (o, h) for m, o in (("q", 64), ("k", 32), ("v", 32))})
-        shapes[p + "self_attn.o_proj.weight"] = (h, 64)
-        shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h)})
-        shapes[p + "mlp.down_proj.weight"] = (h, i)
-    rng = np.random.default_rng(0)
-    arrays = {n: (rng.normal(size=s) * 0.05).astype(np.float32) for n, s in shapes.items()}
-    write_safetensors(str(d / "model.safetensors"), [(n, s, np.float32) for n, s in shapes.items()], arrays.get)
-    samples.write_tiny_tokenizer(d)
-    return d
+    """A Llama checkpoint with the runlocal model's shapes (random weights) and the tiny tokenizer."""
+    return write_llama_dir(
+        d, vocab=259, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, seed=0
+    )
 
 
 def test_an_adapter_on_other_targets_is_filed_under_its_own_arm(tmp_path):
