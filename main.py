@@ -4,13 +4,27 @@ A mistake in what the user gave (config, data, checkpoint, workdir) is one line 
 key, file or value and what was expected, and exit status 2; a traceback means a bug (or --verbose).
 """
 
+import difflib
 import logging as py_logging
 import os
 import re
 import sys
+import traceback
 
-from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+
+def quiet_native_logs(argv: list[str]) -> None:
+    """The C++ logs of TensorFlow (imported by clu's metric writer) and XLA (their CPU-feature, oneDNN
+    and CUDA start-up notes, and absl's "All log messages before absl::InitializeLog()" warning) are
+    not ours: off unless --verbose. Both read TF_CPP_MIN_LOG_LEVEL when their library loads, so this
+    runs before anything imports them; a value the user set is kept."""
+    if not any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv[1:]):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # 3: INFO, WARNING and ERROR lines off
+
+
+quiet_native_logs(sys.argv)
+
+from absl import app, flags, logging  # noqa: E402 — after the native logs are quieted
+from ml_collections import config_dict, config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file of one ablation arm.")
 _WORKDIR = flags.DEFINE_string(
@@ -39,10 +53,46 @@ def _flag_error_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _unknown_key_line(text: str, argv: list[str]) -> str:
-    key = re.search(r"'(\w+)", text)
-    given = [a.split("=")[0] for a in argv[1:] if key and a.startswith("--config.") and key.group(1) in a]
-    where = given[0] if given else (key.group(1) if key else text)
+def _library_frame(frame) -> bool:
+    """A frame of this file, of the flag and config libraries, or of Python's import machinery."""
+    module = str(frame.f_globals.get("__name__", "")).split(".")[0]
+    ours = frame.f_code.co_filename == __file__
+    return ours or module in ("absl", "ml_collections", "importlib") or frame.f_code.co_filename.startswith("<")
+
+
+def _config_file_frame(error: Exception) -> tuple[traceback.FrameSummary, object] | None:
+    """Where a config file (configs/base.py's locked config) set a key the schema lacks: the innermost
+    frame of the traceback outside the libraries and this file, with the ConfigDict that refused it."""
+    where, holder = None, None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, config_dict.ConfigDict):
+            holder = owner
+        elif not _library_frame(frame):
+            where = traceback.FrameSummary(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+    return (where, holder) if where else None
+
+
+def _unknown_key_line(error: Exception, argv: list[str]) -> str:
+    """An unknown key as one line: the --config.<key>= flag that names it, or the config file's line
+    that sets it (the config is locked: the assignment itself fails). Another AttributeError or
+    KeyError raised by a config file is that file's line and the error."""
+    text = str(error)
+    key = re.search(r'Key "([^"]+)"', text) or re.search(r"'(\w+)", text)
+    name = key.group(1) if key else text
+    in_file = _config_file_frame(error)
+    if in_file:
+        frame, holder = in_file
+        path = os.path.relpath(frame.filename)
+        path = frame.filename if path.startswith("..") else path  # configs/x.py, or a file elsewhere in full
+        where = f"{path}:{frame.lineno}: {frame.line}"
+        if holder is None:  # not a ConfigDict's refusal: e.g. a misspelt function of configs/base.py
+            return f"--config: {where}: {type(error).__name__}: {text}"
+        meant = difflib.get_close_matches(name, list(holder.keys()), n=1)
+        hint = f"; did you mean {meant[0]}?" if meant else ""
+        return f"{where}: unknown config key {name}{hint} (configs/base.py lists every config key)"
+    given = [a.split("=")[0] for a in argv[1:] if key and a.startswith("--config.") and name in a]
+    where = given[0] if given else name
     meant = re.search(r'Did you mean "(\w+)"', text)
     hint = f"; did you mean {meant.group(1)}?" if meant else ""
     return f"unknown config key {where}{hint} (configs/base.py lists every config key)"
@@ -56,8 +106,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         fail(_flag_error_line(e))
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
-        fail(_unknown_key_line(str(e), argv))
+    except (AttributeError, KeyError) as e:  # ml_collections: a key the locked config lacks (file or flag)
+        fail(_unknown_key_line(e, argv))
     config = _CONFIG.value
     if not isinstance(config, config_dict.ConfigDict):
         path = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -71,21 +121,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def check_schema(config) -> None:
-    """An arm file may only set keys that configs/base.py defines."""
+def check_schema(config: config_dict.ConfigDict) -> None:
+    """The config has exactly configs/base.py's keys (ConfigError naming the others). A config built by
+    base.get_config / base.arm_config is locked, so an unknown key already failed where it was set;
+    this refuses a config file that builds its own ConfigDict, or unlocks base's to add a key."""
+    from flax import traverse_util
+
     from configs import base
     from lora_jax.errors import ConfigError
 
-    def keys(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict) and k not in ("rank_overrides", "alpha_overrides"):
-                yield from keys(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}"
+    def keys(c: config_dict.ConfigDict) -> set[str]:
+        return set(traverse_util.flatten_dict(c.to_dict(), sep="."))
 
-    unknown = sorted(set(keys(config.to_dict())) - set(keys(base.get_config().to_dict())))
+    ours, schema = keys(config), keys(base.get_config())
+    unknown, missing = sorted(ours - schema), sorted(schema - ours)
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (see configs/base.py)")
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (configs/base.py lists every config key)")
+    if missing:
+        few = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(
+            f"the config lacks {few}: build it with configs/base.py's get_config() or arm_config() "
+            "(configs/base.py lists every config key)"
+        )
 
 
 def default_workdir() -> str:

@@ -48,6 +48,8 @@ SUITES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The schema with its defaults, locked (an unknown key fails at assignment); `arg` "runlocal"
+    shrinks it (apply_runlocal)."""
     config = ml_collections.ConfigDict()
     config.arm = ""  # arm token of the config file name, e.g. "oproj_fc2" (recorded in checkpoints)
     config.mode = "train"  # "train" | "eval" (score --workdir's latest checkpoint, eval.adapter_dir, or the base)
@@ -174,7 +176,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         apply_runlocal(config)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
-    return config
+    # Locked: the keys above are the schema. Setting any other key (in an arm file, or by a
+    # --config.<key>= flag) fails at the assignment, naming the key.
+    return config.lock()
 
 
 def apply_runlocal_vision(config: ml_collections.ConfigDict) -> None:
@@ -209,7 +213,8 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
 
 
 def arm_config(dataset: str, arm: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of one study arm: dataset defaults + the arm's targets (+ runlocal)."""
+    """The config of one study arm: dataset defaults + the arm's targets (+ runlocal); locked, as
+    get_config's."""
     config = get_config(None)
     config.arm = arm
     config.lora.targets = ARMS[arm]

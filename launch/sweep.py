@@ -13,6 +13,9 @@ import importlib.util
 import os
 import shlex
 import sys
+from typing import Iterable
+
+import ml_collections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,18 +53,29 @@ def _flag_value(value) -> str:
     return str(value)
 
 
-def schema_keys() -> set[str]:
-    """Every key of configs/base.py (plain values: importing it imports no lora_jax)."""
+def base_config():
+    """configs/base.py's config: every key, locked (plain values: importing it imports no jax)."""
     sys.path.insert(0, ROOT)
     from configs import base
 
-    def keys(d, prefix=""):
-        for k, v in d.items():
-            if hasattr(v, "items"):
-                yield from keys(v, f"{prefix}{k}.")
-            yield f"{prefix}{k}"
+    return base.get_config()
 
-    return set(keys(base.get_config().to_dict()))
+
+def unknown_config_keys(keys: Iterable[str]) -> list[str]:
+    """The dotted keys (as `--config.<key>=` names them, e.g. "eval.latency.warmup") that configs/base.py's
+    config lacks, sorted. A key names a field or a section; each part must be a key of the ConfigDict
+    above it (ConfigDict's own `in`, so a method name such as "train.items" is no key)."""
+    schema = base_config()
+
+    def known(key: str) -> bool:
+        node = schema
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return sorted(k for k in set(keys) if not known(k))
 
 
 def load(spec: str) -> list[Run]:
@@ -77,14 +91,14 @@ def load(spec: str) -> list[Run]:
         raw = module.get_sweep(arg or None)
     except Exception as e:  # noqa: BLE001 — whatever the sweep file raised, as one line
         raise SweepError(f"--sweep={spec}: {type(e).__name__}: {e}") from None
-    schema, runs, seen = schema_keys(), [], {}
+    runs, seen = [], {}
     for i, r in enumerate(raw):
         where = f"--sweep={spec}: run {i} ({r.get('name', '?')})"
         if not r.get("name") or "/" in r["name"]:
             raise SweepError(f"{where}: needs a workdir name without '/'")
         if not os.path.isfile(os.path.join(ROOT, r["config"])):
             raise SweepError(f"{where}: no such config file: {r['config']}")
-        unknown = sorted(set(r.get("overrides", {})) - schema)
+        unknown = unknown_config_keys(r.get("overrides", {}))
         if unknown:
             raise SweepError(f"{where}: unknown config key(s) {', '.join(unknown)} (configs/base.py lists every key)")
         if r["name"] in seen:

@@ -32,7 +32,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.sweep import ROOT, SweepError, schema_keys  # noqa: E402
+from launch.sweep import ROOT, SweepError, unknown_config_keys  # noqa: E402
 
 INSTALL = 'cd lora_jax && python3 -m venv .venv && .venv/bin/pip install -q -e ".[tf]" "jax[tpu]"'
 
@@ -88,10 +88,9 @@ def check_inputs(a) -> None:
         raise LaunchError(f"--config: no such config file: {config_file}")
     if not a.workdir.startswith("gs://"):
         raise LaunchError(f"--workdir={a.workdir}: every worker must see the same workdir; use a gs:// path")
-    schema = schema_keys()
     for flag in a.main_flags:
         key = flag.removeprefix("--").partition("=")[0]
-        if key.startswith("config.") and key.removeprefix("config.") not in schema:
+        if key.startswith("config.") and unknown_config_keys([key.removeprefix("config.")]):
             raise LaunchError(f"{flag}: unknown config key {key} (configs/base.py lists every key)")
 
 

@@ -142,6 +142,7 @@ RANGES = {
     "eval.eval_every_steps": (0,),
     "eval.max_eval_batches": (0,),
     "eval.batch_size": (1,),
+    "eval.samples_to_log": (0,),
     "model.max_position_embeddings": (1,),
 }
 MODES = ("train", "eval")
@@ -239,6 +240,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     text = model_config_of(config)
     if config.model.hf_dir:  # before anything is written (build_model checks it again, on the loaded checkpoint)
         check_hf_conflicts(config, text, config.model.hf_dir)
+    check_model_fits(config, text)
     if "latency" in config.eval.evaluators:  # settings of an evaluator that does not run are not checked
         check_latency(config, text.max_position_embeddings, image_tokens(config, text))
         check_serving_mesh(config.eval.latency.mesh, text.num_kv_heads)
@@ -250,6 +252,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_arms(config)
         for arm in config.arms:
             validate(arm_config(config, arm))
+
+
+def check_model_fits(config: ml_collections.ConfigDict, text: ModelConfig) -> None:
+    """What the model (its config.json, or the random-init dimensions) bounds: lora.layers within its
+    layers, and a training row (data.max_seq_len tokens) within its context. The model refuses both
+    too, but only once it is built or run: after the workdir and the prepared data are written."""
+    layers = tuple(config.lora.layers)
+    if layers and max(layers) >= text.num_layers:
+        raise ConfigError(f"lora.layers={layers}: the model has layers 0..{text.num_layers - 1}")
+    if config.data.max_seq_len > text.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_seq_len={config.data.max_seq_len} passes the model's context "
+            f"(max_position_embeddings={text.max_position_embeddings})"
+        )
 
 
 def check_evaluators(config: ml_collections.ConfigDict) -> None:
@@ -381,7 +397,7 @@ def check_arms(config: ml_collections.ConfigDict) -> None:
 def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.ConfigDict:
     """The config of one arm of a joint run: the config as given, with that arm's targets (the arm's own
     run: `configs/<dataset>_<arm>.py` with the same overrides)."""
-    c = ml_collections.ConfigDict(config.to_dict())
+    c = config.copy_and_resolve_references()  # a copy as locked and typed as the config
     c.arm, c.arms, c.lora.targets = arm, (), ARMS[arm]
     return c
 

@@ -43,6 +43,22 @@ def _sweep_file(tmp_path, runs):
     return str(path)
 
 
+def test_sweep_overrides_name_keys_of_the_locked_base_config(tmp_path):
+    """Overrides may name any field of configs/base.py's config, nested ones included (a section is a
+    key too); the runs' commands carry them as --config.<key>= flags."""
+    overrides = {"eval.latency.warmup": 3, "lora.rank_overrides.qkv": 4, "model.vision.kind": "clip"}
+    runs = sweep.load(_sweep_file(tmp_path, [{"name": "a", "config": "configs/cocohd_qkv.py", "overrides": overrides}]))
+    assert runs[0].args("/w")[2:] == [
+        "--config.eval.latency.warmup=3",
+        "--config.lora.rank_overrides.qkv=4",
+        "--config.model.vision.kind=clip",
+    ]
+    assert sweep.unknown_config_keys(["train", "eval.suites.cocohd.metric", "eval.suites.squad", "lock"]) == [
+        "eval.suites.squad",
+        "lock",
+    ]
+
+
 @pytest.mark.parametrize(
     "runs, message",
     [
@@ -53,6 +69,16 @@ def _sweep_file(tmp_path, runs):
         (
             [{"name": "a", "config": "configs/cocohd_qkv.py", "overrides": {"train.stepz": 3}}],
             "run 0 (a): unknown config key(s) train.stepz",
+        ),
+        (
+            [
+                {
+                    "name": "a",
+                    "config": "configs/cocohd_qkv.py",
+                    "overrides": {"eval.latency.warmpu": 1, "train.items": 1},
+                }
+            ],
+            "run 0 (a): unknown config key(s) eval.latency.warmpu, train.items",
         ),
         (
             [{"name": "a", "config": "configs/cocohd_qkv.py"}, {"name": "a", "config": "configs/cocohd_fc2.py"}],

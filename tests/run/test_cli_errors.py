@@ -6,6 +6,7 @@ The cases run as real subprocesses, three at a time (most fail within a few seco
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,28 @@ TINY_HF_DIMS = [
 ]
 
 
+def _config_file(d, body):
+    """A config file in `d` whose get_config() runs `body` (lines, indented by 4)."""
+    d.mkdir(exist_ok=True)
+    path = d / "my_arm.py"
+    path.write_text(
+        "import ml_collections\n\nfrom configs import base\n\n\ndef get_config(arg=None):\n"
+        + "".join(f"    {line}\n" for line in body)
+    )
+    return path
+
+
+def _arm_with_unknown_key(d):
+    """An arm file built on configs/base.py that sets a key the schema lacks (line 8 of the file)."""
+    lines = ['config = base.arm_config("cocohd", "oproj_fc2", arg)', "config.optim.learning_rat = 0.1", "return config"]
+    return _config_file(d, lines)
+
+
+def _config_not_from_base(d):
+    """A config file that builds its own ConfigDict with a few of the schema's keys."""
+    return _config_file(d, ["return ml_collections.ConfigDict(dict(mode='train', arms=()))"])
+
+
 def _parquet_govreport(d):
     d.mkdir()
     (d / "train.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -68,6 +91,18 @@ CASES = [
     ("bad config argument", lambda t, W: ["--config=configs/cocohd_oproj_fc2.py:runloca"], "runloca"),
     ("unknown key", lambda t, W: ["--config.optim.learning_rat=1"], "did you mean learning_rate"),
     ("unknown section", lambda t, W: ["--config.bogus=1"], "--config.bogus"),
+    (
+        "unknown key in an arm file",
+        lambda t, W: [f"--config={_arm_with_unknown_key(t)}:runlocal", _fresh(t)],
+        "my_arm.py:8: config.optim.learning_rat = 0.1: unknown config key learning_rat; did you mean learning_rate? "
+        "(configs/base.py lists every config key)",
+    ),
+    (
+        "config not built on configs/base.py",
+        lambda t, W: [f"--config={_config_not_from_base(t)}", _fresh(t)],
+        "the config lacks arm, data.bad_images",
+    ),
+    ("lora layer past the model", lambda t, W: ["--config.lora.layers=(5,)", _fresh(t)], "lora.layers=(5,): the model"),
     ("not an int", lambda t, W: ["--config.train.total_steps=abc"], "total_steps"),
     ("positional argument", lambda t, W: ["extra"], "unexpected arguments extra"),
     ("unknown target", lambda t, W: ["--config.lora.targets=('o_proj','mlp')"], "unknown LoRA target"),
@@ -221,6 +256,9 @@ NOTHING_WRITTEN = (
     "arms in mode=eval",
     "image dataset on a text config",
     "adapter of another base",
+    "unknown key in an arm file",
+    "config not built on configs/base.py",
+    "lora layer past the model",
 )
 
 
@@ -284,3 +322,57 @@ def test_a_config_check_refuses_before_the_workdir_is_written(results, name):
     assert procs[name].returncode == 2, procs[name].stderr[-2000:]
     fresh = case_dirs[name] / "fresh"
     assert not fresh.exists(), sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*"))[:20]
+
+
+# Lines that TensorFlow, XLA, absl's C++ logging or CUDA print, which a user must never see from main.py.
+LIBRARY_LINE = re.compile(r"oneDNN|absl::InitializeLog|cuda|TF_ENABLE|^[IWE]0000|cpu_feature_guard|rebuild TensorFlow")
+
+
+def test_every_case_prints_only_our_lines(results):
+    """Every case's stdout and stderr (start-up, config loading, data preparation, restore) hold none
+    of the libraries' native start-up or log lines."""
+    procs = results[0]
+    leaked = {
+        n: line for n, p in procs.items() for line in (p.stdout + p.stderr).splitlines() if LIBRARY_LINE.search(line)
+    }
+    assert not leaked, leaked
+
+
+def test_main_quiets_native_logs_before_tensorflow_loads():
+    """Importing main.py sets TF_CPP_MIN_LOG_LEVEL=3 (read by TensorFlow and XLA when they load) before
+    anything has imported TensorFlow or jax; --verbose leaves it unset, and a user's own value is kept."""
+    code = (
+        "import os, sys; os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None); sys.argv = ['main.py'];"
+        "import main; quiet = os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None);"
+        "loaded = [m for m in ('tensorflow', 'jax', 'clu') if m in sys.modules];"
+        "main.quiet_native_logs(['main.py', '--verbose']); verbose = os.environ.get('TF_CPP_MIN_LOG_LEVEL');"
+        "os.environ['TF_CPP_MIN_LOG_LEVEL'] = '1'; main.quiet_native_logs(['main.py']);"
+        "print(quiet, loaded, verbose, os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["3", "[]", "None", "1"], proc.stdout
+
+
+def test_model_bounds_are_checked_with_the_config():
+    """lora.layers past the model's layers, a training row past its context, and a negative
+    eval.samples_to_log are refused by validate (before anything is written), naming the key."""
+    from configs import base
+    from lora_jax.errors import ConfigError
+    from lora_jax.run.config import validate
+
+    for key, value, message in [
+        ("lora.layers", (2,), r"lora\.layers=\(2,\): the model has layers 0\.\.1"),
+        (
+            "data.max_seq_len",
+            4096,
+            r"data\.max_seq_len=4096 passes the model's context \(max_position_embeddings=2048\)",
+        ),
+        ("eval.samples_to_log", -1, r"eval\.samples_to_log=-1 must be >= 0"),
+    ]:
+        config = base.arm_config("cocohd", "oproj_fc2", "runlocal")
+        section, name = key.split(".")
+        config[section][name] = value
+        with pytest.raises(ConfigError, match=message):
+            validate(config)
+    validate(base.arm_config("cocohd", "oproj_fc2", "runlocal"))  # the runlocal arm as shipped passes
