@@ -196,11 +196,7 @@ def main(argv):
             from lora_jax.run.eval_mode import evaluate
 
             evaluate(config, workdir)
-        elif config.arms:
-            from lora_jax.run.train_arms import train_arms
-
-            train_arms(config, workdir)
-        else:
+        else:  # one arm, or every arm of config.arms in one job
             from lora_jax.run.train_loop import train_and_evaluate
 
             train_and_evaluate(config, workdir)

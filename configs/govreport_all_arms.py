@@ -1,6 +1,6 @@
 """govreport: every study arm of the dataset trained jointly over one base (one job, one copy of the base).
 
-Each arm writes its own run into <workdir>/govreport_<arm>_s<seed>/ (see lora_jax/run/train_arms.py).
+Each arm writes its own run into <workdir>/govreport_<arm>_s<seed>/ (see lora_jax/run/train_loop.py).
 """
 
 from configs import base

@@ -1,10 +1,31 @@
-"""The training loop: config -> data -> model -> sharded LoRA training -> checkpoints, TensorBoard,
-evaluation suites, PEFT export. The parts live in assemble.py (building), train/trainer.py (state and
-steps) and eval/ (evaluators); this module only runs them in order."""
+"""The training loop, for one arm and for every arm of a dataset in one job (`config.arms`):
+config -> data -> model -> sharded LoRA training -> checkpoints, TensorBoard, evaluation suites, PEFT
+export. The parts live in assemble.py (building), train/trainer.py (state and steps, and what differs
+between one arm and K) and eval/ (evaluators); this module only runs them in order, arm by arm.
+
+A joint run's K arms are an AdapterBank (lora/bank.py): one program trains them on the same batches,
+each with its own optimizer state (AdamW is elementwise; clipping is per arm), so arm k's losses and
+adapters are those of its own run with the same config (tests/lora/test_adapter_bank.py). Each arm
+writes what its own run writes, into its own workdir `<workdir>/<dataset>_<arm>_s<seed>/` (the
+sweep's run names): checkpoints (with the arm's own run identity — a separate run of that arm could
+resume them), TensorBoard events, the PEFT adapter, eval/<suite>.json, eval/latency.json and
+summary.json — so the local runner and eval.report read them like any other runs. What the arms share
+(the prepared dataset, the bundled samples) goes to `<workdir>/joint/`.
+
+Resuming restores every arm from the newest step all arms have finished (a kill between two arms'
+saves leaves the others one checkpoint ahead; train.max_to_keep >= 2 keeps the step they share). A
+diverged arm stops alone: its checkpoints are kept, its summary.json says why, nothing is exported,
+and its adapters are frozen at zero while the others go on; when no arm is left (a single arm: at
+once) the run ends with a DivergenceError. Evaluation decodes every arm in one pass (per-row adapter
+ids) and scores the test loss of all arms in one pass; latency is measured per arm on its own view
+(base, unmerged, merged).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -13,153 +34,346 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx, traverse_util
+from flax import traverse_util
 
 from eval.evaluators import EvalContext, run_evaluators
+from lora_jax.errors import WorkdirError
 from lora_jax.io.checkpoints import all_finite
 from lora_jax.io.files import write_text_atomic
 from lora_jax.run.assemble import (
+    SHARED_DIR,
+    build_bank_model,
+    check_workdir_writable,
     data_iterators,
     dataset_counts,
     image_inputs,
     metric_writer,
     open_checkpoint_store,
+    run_name,
     start_run,
     tokenizer_dir,
 )
+from lora_jax.run.config import arm_configs, lora_spec
 from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
 from lora_jax.run.summary import (
     diverged_summary,
+    print_arms_progress,
+    print_arms_summary,
     print_data_counts,
     print_progress,
     print_summary,
     run_summary,
     run_summary_fields,
 )
-from lora_jax.sharding import global_batch
+from lora_jax.sharding import global_batch, make_mesh
 from lora_jax.train import accounting
 from lora_jax.train.divergence import DivergenceDetector, DivergenceError, DivergenceLimits, diverged_message
-from lora_jax.train.step import adapter_norm
 from lora_jax.train.trainer import build_trainer, export_adapter
+
+# -- the arms and where they write -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Arm:
+    """One arm's bookkeeping (a single-arm run has one): what its own run would hold."""
+
+    config: ml_collections.ConfigDict  # the arm's own run's config
+    workdir: epath.Path
+    store: object  # io.checkpoints.CheckpointStore
+    spec: object  # lora.spec.LoraSpec
+    writer: object = None  # clu metric writer of its workdir
+    detector: DivergenceDetector | None = None
+    history: list = dataclasses.field(default_factory=list)  # (step, train loss) at each log step
+    divergence: object = None  # train.divergence.Divergence once it diverged: it stopped alone
+    summary: dict | None = None  # its summary.json, once written
+
+    @property
+    def name(self) -> str:
+        return self.config.arm
+
+    def stop_message(self) -> str:
+        """The line a diverged arm stops with, naming its last checkpoint (train.divergence)."""
+        last = self.summary["last_checkpoint_step"]
+        return diverged_message(self.divergence, str(self.workdir / "checkpoints" / str(last)) if last else None)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where a run writes and how it reports: `root` is --workdir; `shared` holds what its arms share
+    (prepared data, bundled samples): the root itself for one arm, <root>/joint for a joint run;
+    `joint` is a joint run's summary.json field {"arms", "workdir"} (None: one arm)."""
+
+    root: epath.Path
+    shared: epath.Path
+    joint: dict | None = None
+
+    @property
+    def speed_prefix(self) -> str:
+        """A joint step trains every arm: its speeds are "joint_step_s", ..., never a single run's."""
+        return "joint_" if self.joint else ""
+
+    def summary_fields(self) -> dict:
+        return {"joint": self.joint} if self.joint else {}
+
+    def print_progress(self, done: int, total: int, arms: list[Arm], scalars: list[dict], step_s) -> None:
+        if not self.joint:
+            return print_progress(done, total, scalars[0])
+        losses = ["diverged" if a.divergence else s["loss"] for a, s in zip(arms, scalars)]
+        print_arms_progress(done, total, [a.name for a in arms], losses, step_s)
+
+    def print_evaluating(self, arm: Arm) -> None:
+        if self.joint and jax.process_index() == 0:
+            print(f"arm {arm.name}:", flush=True)
+
+    def finish(self, arms: list[Arm]) -> None:
+        """The run's last lines (process 0); a joint run also writes <root>/joint/summary.json."""
+        if jax.process_index() != 0:
+            return
+        if not self.joint:
+            return print_summary(arms[0].workdir, arms[0].summary)
+        self.shared.mkdir(parents=True, exist_ok=True)
+        runs = [str(a.workdir) for a in arms]
+        joint = {"arms": self.joint["arms"], "runs": runs, "diverged": [a.name for a in arms if a.divergence]}
+        (self.shared / "summary.json").write_text(json.dumps(joint, indent=2))
+        print_arms_summary(self.root, [a.name for a in arms], [a.workdir for a in arms], [a.summary for a in arms])
+
+
+def start_arms(config: ml_collections.ConfigDict, workdir: str):
+    """Every check before anything is written, then the mesh and the model: (layout, [(config, workdir)]
+    per arm, mesh, model, base fingerprint, ArmViews or None). One arm: the config itself in workdir;
+    config.arms: each arm's own config in <workdir>/<its run name>/, over one AdapterBank model."""
+    if not config.arms:
+        root, mesh, model, fingerprint = start_run(config, workdir)
+        return Layout(root, root), [(config, root)], mesh, model, fingerprint, None
+    configs = arm_configs(config)  # every config check, each arm's included
+    root = epath.Path(workdir)
+    check_workdir_writable(root)
+    mesh = make_mesh(config.mesh.shape)
+    names = [c.arm for c in configs]
+    model, fingerprint, views = build_bank_model(configs, names, mesh)
+    layout = Layout(root, root / SHARED_DIR, {"arms": names, "workdir": str(root)})
+    return layout, [(c, root / run_name(c)) for c in configs], mesh, model, fingerprint, views
+
+
+def common_step(stores) -> int:
+    """The newest step every arm has finished (0: start fresh); one arm: its latest step."""
+    steps = [set(s.manager.all_steps()) for s in stores]
+    if not any(steps):
+        return 0
+    common = set.intersection(*steps)
+    if not common:
+        have = ", ".join(f"{s.dir}: {sorted(x) or 'none'}" for s, x in zip(stores, steps))
+        raise WorkdirError(f"the arms' checkpoints share no step ({have}); resume each arm on its own or start afresh")
+    return max(common)
+
 
 # -- the loop ------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from the latest checkpoint in workdir), evaluates, exports the adapter."""
-    workdir, mesh, model, fingerprint = start_run(config, workdir)
-    spec = model.lora
-    store = open_checkpoint_store(config, workdir, fingerprint)  # refuses a foreign workdir before any write
-    tok_dir = tokenizer_dir(config, workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains one arm, or config.arms jointly (resuming from the workdir's checkpoints), evaluates and
+    exports each arm; returns their summaries (summary.json), one per arm."""
+    layout, arm_dirs, mesh, model, fingerprint, views = start_arms(config, workdir)
+    # each store refuses a foreign workdir before any write
+    arms = [Arm(c, w, open_checkpoint_store(c, w, fingerprint), lora_spec(c)) for c, w in arm_dirs]
+    tok_dir = tokenizer_dir(config, layout.shared)
+    trainer = build_trainer(model, config, mesh, views)
+    lora, frozen, opt_state, batch_sh = trainer.lora, trainer.frozen, trainer.opt_state, trainer.batch_sharding
+    images = image_inputs(model, config)
+    data = data_iterators(config, layout.shared, tok_dir, model.config.vocab_size, batch_sh, images)
 
-    trainer = build_trainer(model, config, mesh)
-    graphdef, lora, frozen, opt_state = trainer.graphdef, trainer.lora, trainer.frozen, trainer.opt_state
-    train_step, batch_sh = trainer.train_step, trainer.batch_sharding
-    data = data_iterators(config, workdir, tok_dir, model.config.vocab_size, batch_sh, image_inputs(model, config))
-    train_iter = data.train
-
-    detector = DivergenceDetector(DivergenceLimits.from_config(config), float(jax.jit(adapter_norm)(lora)))
-    start = store.latest_step() or 0
+    limits = DivergenceLimits.from_config(config)
+    for arm, norm in zip(arms, trainer.adapter_norms(lora)):  # the fresh adapters' norms
+        arm.detector = DivergenceDetector(limits, norm)
+    start = common_step([a.store for a in arms])
     if start:
-        lora, opt_state, data_state, _ = store.restore(start, lora, opt_state)
-        train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
+        targets = trainer.split(lora, opt_state)  # the arms' fresh states give the layout to restore onto
+        restored = [a.store.restore(start, *targets[k]) for k, a in enumerate(arms)]
+        lora, opt_state = trainer.stack(lora, opt_state, [r[:2] for r in restored])
+        data.train.set_state(restored[0][2])
+        logging.info("resumed %d arm(s) from step %d", len(arms), start)
 
-    writer = metric_writer(workdir)
-    n_trainable = sum(accounting.lora_params_per_target(model.config, spec).values())
-    if start == 0:
-        writer.write_hparams({k: str(v) for k, v in traverse_util.flatten_dict(config.to_dict(), sep=".").items()})
-    b, t = config.train.global_batch_size, config.data.max_seq_len
-    flops_per_step = accounting.train_flops_per_step(model.config, spec, b, t)
+    n_trainable = [sum(accounting.lora_params_per_target(model.config, a.spec).values()) for a in arms]
+    for arm in arms:
+        arm.writer = metric_writer(arm.workdir)
+        if start == 0:
+            hparams = traverse_util.flatten_dict(arm.config.to_dict(), sep=".")
+            arm.writer.write_hparams({k: str(v) for k, v in hparams.items()})
+    data_counts = dataset_counts(config, layout.shared)
+    print_data_counts([a.writer for a in arms], data_counts)
+    total, b, t = config.train.total_steps, config.train.global_batch_size, config.data.max_seq_len
+    flops_per_step = sum(accounting.train_flops_per_step(model.config, a.spec, b, t) for a in arms)
     peak = accounting.measure_matmul_peak()
-    from clu import periodic_actions
 
-    progress = periodic_actions.ReportProgress(num_train_steps=config.train.total_steps, writer=writer)
+    context = model.config.max_position_embeddings
+    evaluate = functools.partial(evaluate_arms, arms, layout, trainer, data, config, mesh, context)
 
-    data_counts = dataset_counts(config, workdir)
-    print_data_counts([writer], data_counts)
-
-    def eval_loss():
-        return loss_on_test_split(trainer.eval_step, lora, frozen, data.eval_iterator(), config, batch_sh)
-
-    complete = completion_fn(lambda: nnx.merge(graphdef, lora, frozen), data.tokenizer, data.sft_options, mesh)
-    latency = latency_fn(lambda: nnx.merge(graphdef, lora, frozen), config, model.config.max_position_embeddings)
-
-    def evaluate(step):
-        final = step == config.train.total_steps
-        adapter = str(workdir / "adapter") if final else str(workdir / "checkpoints" / str(step))
-        ctx = EvalContext(
-            config=config,
-            workdir=workdir,
-            writer=writer,
-            sources=data.sources,
-            complete=complete,
-            eval_loss=eval_loss,
-            adapter=adapter,
-            adapter_source="training",
-            write_text=write_text_atomic,
-            latency=latency,
-        )
-        return run_evaluators(ctx, step)
-
-    history, metrics, last = [], None, None
     timer = StepTimer()
     counts = []  # (target, real) token counts of the steps since the last log, on device until then
-    for step in range(start, config.train.total_steps):
-        batch = global_batch(next(train_iter), batch_sh, b)
-        lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step)
+    for step in range(start, total):
+        batch = global_batch(next(data.train), batch_sh, b)
+        lora, opt_state, metrics = trainer.train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
         timer.tick(metrics)
         counts.append((metrics["target_tokens"], metrics["real_tokens"]))
-        progress(done)
         is_log, is_ckpt, is_eval = step_events(config, done)
         if is_log or is_ckpt:
-            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            found = detector.check(done, last["loss"], last["adapter_norm"])
-            if found:  # before this step's checkpoint: every saved step passed the check
-                history.append((done, last["loss"]))
-                fields = run_summary_fields(config, spec, model.config, history, fingerprint, start)
-                stop_diverged(found, store, workdir, fields)
+            host = jax.device_get(metrics)
+            last = [trainer.arm_metrics(host, k) for k in range(len(arms))]
+            newly = set()
+            for k, arm in enumerate(arms):
+                found = None if arm.divergence else arm.detector.check(done, last[k]["loss"], last[k]["adapter_norm"])
+                if found:  # before this step's checkpoint: every saved step passed the check
+                    arm.history.append((done, last[k]["loss"]))
+                    fields = run_summary_fields(arm.config, arm.spec, model.config, arm.history, fingerprint, start)
+                    stop_arm(arm, found, fields | layout.summary_fields())
+                    newly.add(k)
+            if newly:
+                go_on_without(arms, newly)  # raises when no arm is left
+                lora, opt_state = trainer.freeze_arms(lora, opt_state, newly)
         if is_log:
-            scalars = dict(last, trainable_params=n_trainable, train_dropped_examples=train_iter.dropped)
             targets, real = np.mean(jax.device_get(counts), axis=0)
             counts = []
             step_s = timer.step_s()
-            if step_s:
-                scalars.update(
-                    tokens_per_s=b * t / step_s,  # padded rows x length: what the hardware processed
-                    real_tokens_per_s=real / step_s,  # without padding
-                    target_tokens_per_s=targets / step_s,  # tokens in the loss
-                    step_s=step_s,
-                    mfu=accounting.mfu(flops_per_step, step_s, peak, jax.device_count()),
-                )
-            writer.write_scalars(done, scalars)
-            history.append((done, last["loss"]))
-            print_progress(done, config.train.total_steps, scalars)
+            speeds = speed_scalars(step_s, real, targets, b * t, flops_per_step, peak, layout.speed_prefix)
+            common = {"train_dropped_examples": data.train.dropped, **speeds}
+            scalars = [m | {"trainable_params": n} | common for m, n in zip(last, n_trainable)]
+            for arm, arm_scalars in zip(arms, scalars):
+                if not arm.divergence:
+                    arm.writer.write_scalars(done, arm_scalars)
+                    arm.history.append((done, arm_scalars["loss"]))
+            layout.print_progress(done, total, arms, scalars, step_s)
         if is_ckpt:
             if not all_finite(lora):
                 raise FloatingPointError(f"non-finite LoRA weights at step {done}; not saving")
+            data_state = data.train.get_state()
             with timer.paused(metrics):  # the blocking part of an orbax save is not training time
-                store.save(
-                    done, lora, opt_state, train_iter.get_state(), {"loss": last["loss"], "config": config.to_json()}
-                )
+                for k, (arm, (arm_lora, arm_opt)) in enumerate(zip(arms, trainer.split(lora, opt_state))):
+                    # a resumed joint run repeats a step some arm had saved before the kill: exactly
+                    if arm.divergence or done in arm.store.manager.all_steps():
+                        continue
+                    meta = {"loss": last[k]["loss"], "config": arm.config.to_json()}
+                    arm.store.save(done, arm_lora, arm_opt, data_state, meta)
         if is_eval:
-            with timer.paused(metrics), progress.timed("eval"):
-                evaluate(done)
-    store.wait()
-    final_step = config.train.total_steps
-    export_adapter(
-        graphdef, lora, frozen, workdir, config.model.hf_dir or "", fingerprint
-    )  # before evaluation: never lost to it
-    results = evaluate(final_step)
-    writer.flush()
-    summary = run_summary(
-        config, spec, model.config, results, history, train_iter.dropped, data_counts, fingerprint, start
+            with timer.paused(metrics):
+                evaluate(lora, done)
+    for arm in arms:
+        arm.store.wait()
+    for k, (arm, (arm_lora, _)) in enumerate(zip(arms, trainer.split(lora))):  # before evaluation: never lost to it
+        if not arm.divergence:
+            base_name = config.model.hf_dir or ""
+            export_adapter(trainer.arm_graphdef(k), arm_lora, frozen, arm.workdir, base_name, fingerprint)
+    results = evaluate(lora, total)
+    for arm, result in zip(arms, results):
+        arm.writer.flush()
+        if arm.divergence:
+            continue
+        dropped = data.train.dropped
+        summary = run_summary(
+            arm.config, arm.spec, model.config, result, arm.history, dropped, data_counts, fingerprint, start
+        )
+        arm.summary = summary | layout.summary_fields()
+        if jax.process_index() == 0:
+            (arm.workdir / "summary.json").write_text(json.dumps(arm.summary, indent=2))
+    layout.finish(arms)
+    return [a.summary for a in arms]
+
+
+# -- evaluation and speed -------------------------------------------------------------------------
+
+
+def evaluate_arms(arms, layout, trainer, data, config, mesh, context: int, lora, step: int) -> list[dict | None]:
+    """Every live arm's evaluators at `step` (None for a diverged arm), arm k through its own view;
+    the test loss and the completions of all arms in one pass each. context: the model's positions."""
+    arm_loras = [x[0] for x in trainer.split(lora)]
+    complete_all = completion_fn(
+        lambda: trainer.model(lora), data.tokenizer, data.sft_options, mesh, num_arms=trainer.bank_arms
     )
+    losses, completions = [], {}
+
+    def eval_loss(k):
+        if not losses:
+            it = data.eval_iterator()
+            losses.append(
+                loss_on_test_split(trainer.eval_step, lora, trainer.frozen, it, config, trainer.batch_sharding)
+            )
+        loss, truncated = losses[0]
+        return float(np.atleast_1d(loss)[k]), truncated
+
+    def complete(k, records, suite):
+        key = (suite.name, len(records))
+        if key not in completions:
+            out = complete_all(records, suite)
+            completions[key] = out if trainer.bank_arms else [out]
+        return completions[key][k]
+
+    results = []
+    for k, arm in enumerate(arms):
+        if arm.divergence:
+            results.append(None)
+            continue
+        layout.print_evaluating(arm)
+        final = step == config.train.total_steps
+        adapter = arm.workdir / "adapter" if final else arm.workdir / "checkpoints" / str(step)
+        ctx = EvalContext(
+            config=arm.config,
+            workdir=arm.workdir,
+            writer=arm.writer,
+            sources=data.sources,
+            complete=functools.partial(complete, k),
+            eval_loss=functools.partial(eval_loss, k),
+            adapter=str(adapter),
+            adapter_source="training",
+            write_text=write_text_atomic,
+            latency=latency_fn(functools.partial(trainer.arm_model, k, arm_loras[k]), arm.config, context),
+        )
+        results.append(run_evaluators(ctx, step))
+    return results
+
+
+def speed_scalars(step_s, real, targets, tokens_per_step: int, flops_per_step, peak, prefix: str = "") -> dict:
+    """The training speed since the last log ({} before two steps ran): tokens_per_s (padded rows x
+    length: what the hardware processed), real_tokens_per_s (without padding), target_tokens_per_s
+    (tokens in the loss), step_s and mfu; real, targets: mean token counts per step. prefix: "joint_"
+    for the step that trains every arm of a joint run."""
+    if not step_s:
+        return {}
+    speeds = {
+        "tokens_per_s": tokens_per_step / step_s,
+        "real_tokens_per_s": real / step_s,
+        "target_tokens_per_s": targets / step_s,
+        "step_s": step_s,
+        "mfu": accounting.mfu(flops_per_step, step_s, peak, jax.device_count()),
+    }
+    return {prefix + name: v for name, v in speeds.items()}
+
+
+# -- divergence ------------------------------------------------------------------------------------
+
+
+def stop_arm(arm: Arm, found, fields: dict) -> None:
+    """A diverged arm stops: waits for its checkpoints being written (the last one passed the check and
+    is kept), records the divergence in its summary.json; nothing is exported."""
+    arm.store.wait()
+    arm.divergence = found
+    arm.summary = diverged_summary(found, arm.store.latest_step(), fields)
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(workdir, summary)
-    return summary
+        (arm.workdir / "summary.json").write_text(json.dumps(arm.summary, indent=2))
+
+
+def go_on_without(arms: list[Arm], newly: set[int]) -> None:
+    """After arms `newly` diverged: a DivergenceError when no arm is left (a single arm's names its last
+    checkpoint), else one line per stopped arm."""
+    if all(a.divergence for a in arms):
+        if len(arms) == 1:
+            raise DivergenceError(arms[0].stop_message())
+        raise DivergenceError("every arm diverged: " + "; ".join(f"{a.name}: {a.divergence.detail}" for a in arms))
+    if jax.process_index() == 0:
+        for k in sorted(newly):
+            print(f"arm {arms[k].name}: {arms[k].stop_message()}; the other arms go on", flush=True)
+
+
+# -- timing and events -----------------------------------------------------------------------------
 
 
 class StepTimer:
@@ -201,16 +415,6 @@ class StepTimer:
         seconds = (now - self.start - self.paused_s) / self.steps
         self.start, self.steps, self.paused_s = now, 0, 0.0
         return seconds
-
-
-def stop_diverged(found, store, workdir: epath.Path, fields: dict) -> None:
-    """Ends a diverged run: waits for the checkpoints already being written (the last one before the
-    divergence is kept), records the divergence in summary.json, exports nothing, raises DivergenceError."""
-    store.wait()
-    last_step = store.latest_step()
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(diverged_summary(found, last_step, fields), indent=2))
-    raise DivergenceError(diverged_message(found, str(workdir / "checkpoints" / str(last_step)) if last_step else None))
 
 
 def step_events(config, done: int) -> tuple[bool, bool, bool]:

@@ -4,6 +4,7 @@ in one decoding batch equal each adapter decoding alone; bad ids and mixed bases
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -96,6 +97,39 @@ def test_stack_of_split_is_identity(joint_one_device):
     back_lora, back_opt = views.stack(lora, opt, views.split(lora, opt))
     for x, y in zip(jax.tree.leaves((lora, opt)), jax.tree.leaves((back_lora, back_opt))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_trainer_views_one_arm_and_k_arms(joint_one_device):
+    """The training loop's one interface: a bank trainer gives arm k's state, metrics and model (its
+    own run's); a plain trainer is the K = 1 case; freezing an arm zeroes it and leaves the others."""
+    from lora_jax.train.trainer import Trainer
+
+    configs, (_, lora, opt, views) = joint_one_device
+    model, _, _ = build_bank_model(configs, list(ARMS), one_device())
+    graphdef, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    bank = Trainer(graphdef, lora, frozen, opt, None, None, None, views)
+    assert (bank.num_arms, bank.bank_arms) == (3, 3)
+    arms = bank.split(lora, opt)
+    metrics = {"loss": np.array([1.0, 2.0, 3.0]), "learning_rate": np.float32(0.5)}
+    assert bank.arm_metrics(metrics, 1) == {"loss": 2.0, "learning_rate": 0.5}
+    assert bank.adapter_norms(lora) == pytest.approx([float(optax.global_norm(a)) for a, _ in arms], rel=1e-5)
+    assert bank.arm_model(2, arms[2][0]).lora.targets == lora_spec(configs[2]).targets
+    frozen_lora, frozen_opt = bank.freeze_arms(lora, opt, {1})
+    for k, (x, y) in enumerate(zip(arms, bank.split(frozen_lora, frozen_opt))):
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+            want = np.zeros_like(a) if k == 1 and jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a)
+            np.testing.assert_array_equal(np.asarray(b), want)
+
+    single_lora, single_opt = arms[0]
+    single = Trainer(views.graphdefs[0], single_lora, frozen, single_opt, None, None, None)
+    assert (single.num_arms, single.bank_arms) == (1, 0)
+    [(split_lora, split_opt)] = single.split(single_lora, single_opt)
+    assert split_lora is single_lora and split_opt is single_opt
+    stacked_lora, stacked_opt = single.stack(lora, opt, [(single_lora, single_opt)])
+    assert stacked_lora is single_lora and stacked_opt is single_opt
+    assert single.arm_metrics({"loss": np.float32(2.5)}, 0) == {"loss": 2.5}
+    assert single.adapter_norms(single_lora) == pytest.approx([float(optax.global_norm(single_lora))], rel=1e-5)
+    assert single.arm_graphdef(0) is views.graphdefs[0]
 
 
 def test_bank_deltas_equal_single_adapter_math():

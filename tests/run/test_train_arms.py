@@ -83,6 +83,44 @@ def test_each_arm_writes_what_its_own_run_writes(joint, reference_run):
     assert "loss: oproj_fc2" in stdout and "report       python -m eval.report" in stdout
 
 
+def event_scalars(workdir, tags) -> dict[str, dict[int, float]]:
+    """The named TensorBoard scalars a workdir's events hold: tag -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    ea = EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    ea.Reload()
+    return {
+        tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in ea.Tensors(tag)}
+        for tag in set(tags) & set(ea.Tags()["tensors"])
+    }
+
+
+def test_each_arm_logs_what_its_own_run_logs_and_the_joint_speed(joint, reference_run):
+    """One loop for one arm and K arms: arm oproj_fc2's events carry its own run's per-step scalars
+    (adapter_norm, the batch's token counts, ...) with its own run's values; the speed of the step
+    that trains every arm is named joint_*, never a single run's step_s / mfu / tokens_per_s."""
+    root, _ = joint
+    ref_dir, _ = reference_run
+    per_step = ("loss", "grad_norm", "learning_rate", "adapter_norm", "target_tokens", "real_tokens")
+    per_run = ("trainable_params", "train_dropped_examples")
+    speeds = ("step_s", "mfu", "tokens_per_s", "real_tokens_per_s", "target_tokens_per_s")
+    tags = per_step + per_run + speeds + tuple(f"joint_{s}" for s in speeds)
+    ours, ref = event_scalars(arm_dir(root, "oproj_fc2"), tags), event_scalars(ref_dir, tags)
+    for tag in per_step + per_run:
+        assert ours[tag].keys() == ref[tag].keys() and len(ref[tag]) >= 2, tag
+        for step, value in ref[tag].items():
+            assert ours[tag][step] == pytest.approx(value, rel=1e-5), (tag, step)
+    assert {f"joint_{s}" for s in speeds} <= ours.keys() and not set(speeds) & ours.keys()
+    assert set(speeds) <= ref.keys() and not {f"joint_{s}" for s in speeds} & ref.keys()
+    config = base.arm_config("cocohd", "oproj_fc2", "runlocal")
+    tokens_per_step = config.train.global_batch_size * config.data.max_seq_len
+    for step, s in ours["joint_step_s"].items():  # a joint step processes the batch once, for every arm
+        assert ours["joint_tokens_per_s"][step] == pytest.approx(tokens_per_step / s, rel=1e-6)
+        assert 0 < ours["joint_target_tokens_per_s"][step] < ours["joint_real_tokens_per_s"][step]
+        assert 0 < ours["joint_mfu"][step] <= 1
+
+
 def test_resume_after_a_kill_between_two_arms_saves(joint, tmp_path):
     """As if killed after arm oproj_fc2 saved step 20 and before arm oproj did: both resume from 10."""
     root = tmp_path / "joint"
