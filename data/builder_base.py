@@ -87,6 +87,14 @@ class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.bad_images = bad_images
         self.counts: dict[str, int] = {}
 
+    # tfds prints these two lines on stdout at every log level; a run prints its own data lines, so
+    # here they go to the log (main.py --verbose shows it).
+    def _log_download_bytes(self) -> None:
+        logging.info("preparing %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("prepared %s in %s", self.name, self.data_dir)
+
     def read_image(self, folder, name, where: str) -> bytes | None:
         """The decode-checked image bytes, or None when it is bad and bad_images="drop" (counted)."""
         return self._checked(lambda: images.read_image(folder, name, where))

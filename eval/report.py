@@ -450,6 +450,7 @@ def plot(group: Group, path: str) -> None:
 
 def write_hparams(results: list[RunResult], out_dir: str) -> None:
     """One TensorBoard run per (dataset, base, arm, seed) with its hparams and scores (HParams tab)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up lines are not the report's
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
 

@@ -5,16 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device, as on a laptop; the session's compilation cache (JAX_COMPILATION_CACHE_DIR, set by
+# tests/conftest.py) is inherited, so every subprocess compiles the same tiny programs once.
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-# Every subprocess compiles the same tiny programs: JAX's persistent cache compiles them once per machine.
-ENV.update(
-    JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "lora_jax_tests_compilation_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-)
 ARM = "configs/cocohd_oproj_fc2.py:runlocal"
 
 

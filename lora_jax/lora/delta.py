@@ -48,9 +48,15 @@ def delta_weight(a: jax.Array, b: jax.Array) -> jax.Array:
     return delta.reshape(a.shape[:-1] + b.shape[1:])
 
 
+def lora_a_bound(shape: tuple[int, ...]) -> float:
+    """A of shape [layers, *in, r] is drawn as PEFT draws it: kaiming-uniform(a=sqrt(5)) = U(±bound),
+    bound = 1/sqrt(fan_in)."""
+    return 1.0 / math.sqrt(math.prod(shape[1:-1]))
+
+
 def init_lora_a(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """A of shape [layers, *in, r] as PEFT draws it: kaiming-uniform(a=sqrt(5)) = U(±1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+    """A of shape [layers, *in, r]: U(±lora_a_bound(shape)), float32."""
+    bound = lora_a_bound(shape)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
@@ -122,7 +128,20 @@ def init_adapters(model: nnx.Module, seed: int) -> None:
 
 
 def init_lora_tensor(path, shape, seed, sharding, zeros):
+    """The fresh value of the adapter tensor at `path`: zeros (B), or A from a key of (seed, path)."""
     if zeros:
-        return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
+        return _zeros_program(shape, sharding)()
     key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))
-    return jax.jit(lambda: init_lora_a(key, shape), out_shardings=sharding)()
+    return _lora_a_program(shape, sharding)(key)
+
+
+# One compiled program per (shape, sharding), the key an argument: every model built in a process
+# (each arm, seed and test) reuses it, where a program per call compiled for seconds on CPU.
+@functools.cache
+def _zeros_program(shape, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
+
+
+@functools.cache
+def _lora_a_program(shape, sharding):
+    return jax.jit(lambda key: init_lora_a(key, shape), out_shardings=sharding)

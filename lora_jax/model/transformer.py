@@ -25,9 +25,10 @@ from flax import nnx
 
 from lora_jax.errors import ConfigError
 from lora_jax.lora.bank import AdapterBank, check_adapter_ids, grouped_delta, row_delta
-from lora_jax.lora.delta import delta_weight, init_lora_a, lora_delta, lora_dropout, lora_matmul
+from lora_jax.lora.delta import delta_weight, lora_a_bound, lora_delta, lora_dropout, lora_matmul
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model import attention as attention_lib
+from lora_jax.model import init as initial
 from lora_jax.model.config import ModelConfig
 from lora_jax.model.rope import apply_rope, inverse_frequencies, rope_angles
 from lora_jax.sharding import constrain
@@ -78,17 +79,18 @@ class Projection(nnx.Module):
         # Base and adapter draws come from one key per projection, so the base weights do not
         # depend on which targets carry adapters (every arm starts from the same base).
         key = rngs.params()
-        init = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32) * 0.02
-        self.kernel = nnx.Param(init.astype(param_dtype), logical_axes=("layers", *in_axes, *out_axes))
-        zeros = jnp.zeros((num_layers, *out_dims), param_dtype)
+        init = initial.normal(jax.random.fold_in(key, 0), shape, param_dtype)
+        self.kernel = nnx.Param(init, logical_axes=("layers", *in_axes, *out_axes))
+        zeros = initial.constant(0.0, (num_layers, *out_dims), param_dtype)
         self.bias = nnx.Param(zeros, logical_axes=("layers", *out_axes)) if bias else None
         # As PEFT: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (step 0 equals the base model).
         self.lora_a = self.lora_b = None
         if lora_rank:
             slots = (lora_slots,) if lora_slots else ()
             slot_axes = ("adapters",) if lora_slots else ()
-            a = init_lora_a(jax.random.fold_in(key, 1), (num_layers, *slots, *in_dims, lora_rank))
-            b = jnp.zeros((num_layers, *slots, lora_rank, *out_dims), jnp.float32)
+            a_shape = (num_layers, *slots, *in_dims, lora_rank)
+            a = initial.uniform(jax.random.fold_in(key, 1), a_shape, lora_a_bound(a_shape))
+            b = initial.constant(0.0, (num_layers, *slots, lora_rank, *out_dims), jnp.float32)
             self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=("layers", *slot_axes, *in_axes, "lora_rank")))
             self.lora_b = nnx.data(nnx.LoRAParam(b, logical_axes=("layers", *slot_axes, "lora_rank", *out_axes)))
 
@@ -105,7 +107,7 @@ class DecoderLayers(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoraSpec | AdapterBank | None, param_dtype, rngs: nnx.Rngs):
         n = cfg.num_layers
-        ones = jnp.ones((n, cfg.hidden_size), param_dtype)
+        ones = initial.constant(1.0, (n, cfg.hidden_size), param_dtype)
         self.attn_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
         self.mlp_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
         for name, (in_dims, out_dims, in_axes, out_axes) in target_shapes(cfg).items():
@@ -160,14 +162,14 @@ class Transformer(nnx.Module):
         elif lora is not None and lora.layers and lora.layers[-1] >= cfg.num_layers:
             raise ConfigError(f"lora.layers={lora.layers}: the model has layers 0..{cfg.num_layers - 1}")
         pdt = options.param_dtype
-        emb = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02
-        self.embed = nnx.Param(emb.astype(pdt), logical_axes=("vocab", "embed"))
+        emb = initial.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt)
+        self.embed = nnx.Param(emb, logical_axes=("vocab", "embed"))
         self.layers = DecoderLayers(cfg, lora, pdt, rngs)
-        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pdt), logical_axes=("norm",))
+        self.final_norm = nnx.Param(initial.constant(1.0, (cfg.hidden_size,), pdt), logical_axes=("norm",))
         self.lm_head = None  # tied: the transposed embedding
         if not cfg.tie_word_embeddings:
-            head = jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
-            self.lm_head = nnx.data(nnx.Param(head.astype(pdt), logical_axes=("embed", "vocab")))
+            head = initial.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt)
+            self.lm_head = nnx.data(nnx.Param(head, logical_axes=("embed", "vocab")))
 
     # -- pieces -----------------------------------------------------------------------------
 

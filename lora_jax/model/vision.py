@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax.errors import CheckpointError
+from lora_jax.model import init as initial
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -91,15 +92,15 @@ def vision_config_from_hf(d: dict, source: str) -> VisionConfig:
 
 
 def _param(shape, rngs, dtype, scale=0.02):
-    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype))
+    return nnx.Param(initial.normal(rngs.params(), shape, dtype, scale))
 
 
 def _ones(shape, dtype):
-    return nnx.Param(jnp.ones(shape, dtype))
+    return nnx.Param(initial.constant(1.0, shape, dtype))
 
 
 def _zeros(shape, dtype):
-    return nnx.Param(jnp.zeros(shape, dtype))
+    return nnx.Param(initial.constant(0.0, shape, dtype))
 
 
 class VisionTower(nnx.Module):
