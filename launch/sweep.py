@@ -55,7 +55,8 @@ def _flag_value(value) -> str:
 
 def base_config():
     """configs/base.py's config: every key, locked (plain values: importing it imports no jax)."""
-    sys.path.insert(0, ROOT)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
     from configs import base
 
     return base.get_config()

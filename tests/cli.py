@@ -13,12 +13,21 @@ ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 ARM = "configs/cocohd_oproj_fc2.py:runlocal"
 
 
+# Runs measure latency only where a test reads it (the local runner's study table): compiling the base,
+# unmerged and merged decode programs is most of an evaluation's cost. tests/serve/test_latency.py
+# checks the measurement itself.
+NO_LATENCY = "--config.eval.evaluators=('loss','generate')"
+
+
 def main_cmd(workdir, *overrides, config=ARM):
+    """main.py's command line; without an eval.evaluators override the run skips latency."""
+    chosen = any(o.startswith("--config.eval.evaluators=") for o in overrides)
     return [
         sys.executable,
         os.path.join(ROOT, "main.py"),
         f"--config={os.path.join(ROOT, config)}",
         f"--workdir={workdir}",
+        *(() if chosen else (NO_LATENCY,)),
         *overrides,
     ]
 

@@ -1,15 +1,19 @@
 """The values a freshly built model's parameters start from, drawn on the host with numpy.
 
 An eager `jax.random.normal` or `jnp.ones` compiles one XLA program per shape: about a second
-each on XLA:CPU, tens of seconds for one model with its norms, biases and kernels. numpy draws the
-same tensors in microseconds and `jnp.asarray` only copies them. So a random base (`:runlocal`, the
-tests, the benchmarks) is drawn here: `normal(key, ...)` seeds numpy's PCG64 from the jax key's
-data, so `nnx.Rngs(seed)` still decides every weight, the same on every backend.
+each on XLA:CPU, tens of seconds for one model with its norms, biases and kernels. numpy draws
+tensors of the same distribution (not the same values as jax.random) in microseconds and
+`jnp.asarray` only copies them. So a random base (`:runlocal`, the tests, the benchmarks) is drawn
+here: `normal(key, ...)` seeds numpy's PCG64 from the jax key's data, so `nnx.Rngs(seed)` still
+decides every weight, the same on every backend. DRAW_RULE names this rule in the fingerprint of a
+random base (run/assemble.py): a workdir or adapter made on a base drawn otherwise is refused.
 
-Under a trace (`nnx.eval_shape`, `jax.jit`) the key is abstract and only shapes matter: the draw
-stays in jax there, and nothing is computed. A checkpoint's weights (io/) replace these values;
-the adapters' fresh values (lora/delta.py) are drawn by jax, as before, so a run on a checkpoint
-starts from the same adapters on every version of this file.
+Under a trace (`nnx.eval_shape`) the key is abstract and only shapes matter: the draw stays in jax
+there and nothing is computed. Building a model with real values under `jax.jit` would draw other
+weights than an eager build: nothing does (models are built eagerly or abstractly). A checkpoint's
+weights (io/) replace these values, and `lora.delta.init_adapters` redraws the adapters with jax
+(the values PEFT-format runs have always started from); only a `Transformer(...)` built directly
+keeps the host-drawn A of its adapters.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+DRAW_RULE = "host-numpy-pcg64-v1"
 
 
 def _host_rng(key: jax.Array) -> np.random.Generator:

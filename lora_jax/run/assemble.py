@@ -21,6 +21,7 @@ from lora_jax.errors import WorkdirError
 from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.lora.delta import init_adapters
+from lora_jax.model import init as initial
 from lora_jax.model.arm_views import ArmViews
 from lora_jax.model.transformer import Transformer
 from lora_jax.multihost import decided_on_process_0
@@ -61,8 +62,10 @@ def build_model(config, mesh, lora=None) -> tuple[Transformer, str]:
 
 
 def _random_fingerprint(prefix: str, cfg, opts) -> str:
-    """A random base is decided by its shape, RANDOM_BASE_SEED and the dtype its weights are drawn in."""
-    return prefix + hashlib.sha256(f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}".encode()).hexdigest()[:16]
+    """A random base is decided by its shape, RANDOM_BASE_SEED, the dtype its weights are drawn in and
+    how they are drawn (model/init.py's DRAW_RULE: a workdir or adapter of an earlier rule is refused)."""
+    decided_by = f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}{initial.DRAW_RULE}"
+    return prefix + hashlib.sha256(decided_by.encode()).hexdigest()[:16]
 
 
 def base_fingerprint(config) -> str:

@@ -93,3 +93,15 @@ def test_a_checkpoint_without_the_new_keys_resumes_and_the_next_save_records_the
     store.wait()
     _, _, _, meta = store.restore(2, {"a": jnp.zeros(2)}, {"m": jnp.zeros(2)})
     assert {k: meta[k] for k in new_keys} == {k: identity[k] for k in new_keys}
+
+
+def test_a_random_base_fingerprint_names_how_its_weights_are_drawn(monkeypatch):
+    """Workdirs and adapters of a random base drawn by another rule (e.g. before model/init.py drew
+    on the host) must not resume or load silently on this one."""
+    from lora_jax.model import init as initial
+    from lora_jax.run.assemble import base_fingerprint
+
+    config = base.arm_config("cocohd", "oproj", "runlocal")
+    before = base_fingerprint(config)
+    monkeypatch.setattr(initial, "DRAW_RULE", "jax-random-on-device")
+    assert base_fingerprint(config) != before

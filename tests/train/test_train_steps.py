@@ -232,7 +232,8 @@ def test_a_real_arms_defaults_train(batches):
     bf16_dots, lora_dots, _, _ = run_steps(make_config(**{**real, "model.remat": "dots"}), one_device(), batches, 3)
     bf16_none, lora_none, _, _ = run_steps(make_config(**{**real, "model.remat": "none"}), one_device(), batches, 3)
     np.testing.assert_allclose(bf16_dots, f32_none, rtol=2e-2)
-    np.testing.assert_allclose(f32_dots, f32_none, atol=1e-6)
+    # A few float32 ulps (losses ~5.5): recomputation may fuse differently, a wrong remat moves far more.
+    np.testing.assert_allclose(f32_dots, f32_none, rtol=1e-6)
     assert max_diff(f32_lora_dots, f32_lora_none) <= 1e-6
-    np.testing.assert_allclose(bf16_dots, bf16_none, atol=1e-6)
+    np.testing.assert_allclose(bf16_dots, bf16_none, rtol=1e-6)
     assert max_diff(lora_dots, lora_none) <= 1e-3
