@@ -11,6 +11,7 @@ import pytest
 from eval import report, report_rows
 from eval.report_stats import bootstrap_ci
 from tests.paired import paired_p
+from tests.report_runs import write_run
 
 
 def test_paired_test_hand_worked_and_against_enumeration():
@@ -58,22 +59,8 @@ def test_pareto_front():
 
 
 def _run(root, name, arm, seed, scores, tpot, base_model="model-a", dataset="cocohd", source="training"):
-    d = root / name
-    (d / "eval").mkdir(parents=True)
-    examples = [{"id": f"ex{i}", "prediction": "p", "reference": "r", "score": s} for i, s in enumerate(scores)]
-    suite = {"suite": dataset, "dataset": dataset, "metric": "json_key_value_match", "score": float(np.mean(scores))}
-    suite.update(num_examples=len(scores), format_failures=1, adapter_source=source, examples=examples)
-    (d / "eval" / f"{dataset}.json").write_text(json.dumps(suite))
     variants = {v: {"tpot_ms_p95": tpot * f} for v, f in (("base", 1.0), ("unmerged", 1.0), ("merged", 0.9))}
-    (d / "eval" / "latency.json").write_text(json.dumps({"variants": variants}))
-    meta = {
-        "arm": arm,
-        "seed": seed,
-        "base_model": base_model,
-        "trainable_params": 1000,
-        "peft_equivalent_params": 1200,
-    }
-    (d / "eval" / "results.json" if source == "base" else d / "summary.json").write_text(json.dumps(meta))
+    write_run(root, name, dataset, arm, seed, scores, {"variants": variants}, base_model, source, format_failures=1)
 
 
 def test_report_over_run_directories(tmp_path):

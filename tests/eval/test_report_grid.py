@@ -11,18 +11,10 @@ import pytest
 
 from configs.sweeps.study import STUDY_ARMS
 from eval import metrics, report, report_rows
+from tests.report_runs import METRIC, write_run
 
 TEXT_BASE, VISION_BASE = "3f9c2a7d1b4e5f60", "random-llava-8d2e4c1a0b9f7e6d"
 IMAGE = ("llavacot", "invoiceocr")
-METRIC = {  # configs/base.py SUITES
-    "fincot": "finqa_accuracy",
-    "govreport": "rouge_lsum",
-    "medmcqa": "mcq_accuracy",
-    "medreason": "mcq_accuracy",
-    "cocohd": "json_key_value_match",
-    "llavacot": "exact_match",
-    "invoiceocr": "field_accuracy",
-}
 BINARY = {"finqa_accuracy", "mcq_accuracy", "exact_match"}
 # the arm's skill added to each example's difficulty, and its decode cost over the base model
 SKILL = {"qkv": -0.04, "oproj": 0.0, "fc1": -0.02, "fc2": -0.05, "oproj_fc1": 0.01}
@@ -30,25 +22,6 @@ SKILL.update(qkv_fc1=0.0, oproj_fc2=0.02, qkv_fc2=-0.01, all=0.015)
 COST = {"qkv": 0.18, "oproj": 0.05, "fc1": 0.20, "fc2": 0.12, "oproj_fc1": 0.25, "qkv_fc1": 0.38}
 COST.update(oproj_fc2=0.29, qkv_fc2=0.30, all=0.45)
 N = 40  # examples per dataset
-
-
-def write_run(root, name, dataset, arm, seed, scores, latency, base_model, source="training"):
-    d = root / name
-    (d / "eval").mkdir(parents=True)
-    examples = [{"id": f"{dataset}-{i}", "prediction": "p", "reference": "r", "score": s} for i, s in enumerate(scores)]
-    suite = {"suite": dataset, "dataset": dataset, "split": "test", "metric": METRIC.get(dataset, "planted_rate")}
-    suite.update(score=float(np.mean(scores)), num_examples=len(scores), format_failures=0, adapter_source=source)
-    (d / "eval" / f"{dataset}.json").write_text(json.dumps(dict(suite, examples=examples)))
-    if latency is not None:
-        (d / "eval" / "latency.json").write_text(json.dumps(latency))
-    meta = {
-        "arm": arm,
-        "seed": seed,
-        "base_model": base_model,
-        "trainable_params": 1000,
-        "peft_equivalent_params": 1200,
-    }
-    (d / "eval" / "results.json" if source == "base" else d / "summary.json").write_text(json.dumps(meta))
 
 
 def latency_json(base_ms, unmerged_ms, device, count=1, tensor=1):
