@@ -26,7 +26,7 @@ run: install
 	$(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install-test
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --durations=15 tests
 
 lint: install-test
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .

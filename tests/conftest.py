@@ -38,16 +38,3 @@ def pytest_unconfigure(config):
     cache = os.environ["LORA_JAX_TEST_JIT_CACHE"]
     if not hasattr(config, "workerinput") and cache.startswith(_CACHE_PREFIX):  # not an xdist worker
         shutil.rmtree(cache, ignore_errors=True)
-
-
-# The end-to-end files share one main.py run (reference_run): under pytest-xdist (make test runs
-# `--dist loadgroup`) they go to one worker together, and every other file goes whole to one worker,
-# so no module or session fixture is built twice.
-SHARE_REFERENCE_RUN = ("test_cli_errors.py", "test_eval_mode.py", "test_train_arms.py", "test_train_end_to_end.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        group = "reference_run" if name in SHARE_REFERENCE_RUN else str(item.path.relative_to(config.rootpath))
-        item.add_marker(pytest.mark.xdist_group(group))

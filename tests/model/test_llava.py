@@ -205,9 +205,12 @@ def test_runlocal_llavacot_oproj_trains_and_evaluates_end_to_end(tmp_path):
 
     from tests.cli import ENV, ROOT, main_cmd, run_main
 
-    summary = run_main(tmp_path, config="configs/llavacot_oproj.py:runlocal")
+    every = "--config.eval.evaluators=('loss','generate','latency')"  # an image request's TTFT/TPOT too
+    summary = run_main(tmp_path, every, config="configs/llavacot_oproj.py:runlocal")
     assert summary["final_step"] == 20 and summary["dataset"] == "llavacot" and summary["targets"] == ["o_proj"]
     assert np.isfinite(summary["eval_loss"])
+    latency = json.loads((tmp_path / "eval" / "latency.json").read_text())
+    assert all(latency["variants"][v]["tpot_ms_p95"] > 0 for v in ("base", "unmerged", "merged"))
     suite = json.loads((tmp_path / "eval" / "llavacot.json").read_text())
     assert suite["metric"] == "exact_match" and suite["num_examples"] >= 1
     keys = list(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
