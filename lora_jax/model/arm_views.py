@@ -13,6 +13,7 @@ in an optimizer state the parameter-shaped subtrees (Adam's moments) are `nnx.St
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,12 @@ class ArmViews:
 
     def split(self, bank_lora, bank_opt_state=None) -> list[tuple]:
         """[(lora_k, opt_state_k)] for every arm, in one jitted program."""
+        return self._split_program(bank_lora, bank_opt_state)
+
+    @functools.cached_property
+    def _split_program(self):
+        """Jitted once per views: a joint run splits at every checkpoint, evaluation and export, and a
+        new jax.jit of a new closure would compile each time."""
 
         def views(lora, opt):
             return [
@@ -85,7 +92,7 @@ class ArmViews:
                 for k in range(self.bank.num_arms)
             ]
 
-        return jax.jit(views)(bank_lora, bank_opt_state)
+        return jax.jit(views)
 
     # -- arm -> bank ---------------------------------------------------------------------------
 
