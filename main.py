@@ -13,8 +13,8 @@ import traceback
 
 
 def quiet_native_logs(argv: list[str]) -> None:
-    """The C++ logs of TensorFlow (imported by clu's metric writer) and XLA (their CPU-feature, oneDNN
-    and CUDA start-up notes, and absl's "All log messages before absl::InitializeLog()" warning) are
+    """The C++ logs of XLA (and of TensorFlow, should a library import it): their CPU-feature, oneDNN
+    and CUDA start-up notes, and absl's "All log messages before absl::InitializeLog()" warning, are
     not ours: off unless --verbose. Both read TF_CPP_MIN_LOG_LEVEL when their library loads, so this
     runs before anything imports them; a value the user set is kept."""
     if not any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv[1:]):
@@ -177,6 +177,17 @@ def initialize_distributed(jax) -> None:
         jax.distributed.initialize()
 
 
+def announce_to_xmanager(jax, workdir: str) -> None:
+    """Under XManager, the work unit shows each process's place and links the workdir (TensorBoard,
+    checkpoints) as an artifact; elsewhere clu's platform only logs these at INFO."""
+    from clu import platform
+
+    work_unit = platform.work_unit()
+    work_unit.set_task_status(f"process {jax.process_index()}/{jax.process_count()}")
+    if jax.process_index() == 0:
+        work_unit.create_artifact(platform.ArtifactType.DIRECTORY, workdir, "workdir")
+
+
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {' '.join(argv[1:])} (flags are --config, --config.<key>=, --workdir, --verbose)")
@@ -192,6 +203,7 @@ def main(argv):
         check_schema(config)
         logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
         workdir = _WORKDIR.value or default_workdir()
+        announce_to_xmanager(jax, workdir)
         if config.mode == "eval":
             from lora_jax.run.eval_mode import evaluate
 

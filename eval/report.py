@@ -40,6 +40,7 @@ import sys
 import numpy as np
 
 from eval import metrics
+from eval.events import EventWriter
 from eval.report_rows import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, pareto
 from eval.report_stats import (
     RESAMPLES,
@@ -450,22 +451,20 @@ def plot(group: Group, path: str) -> None:
 
 def write_hparams(results: list[RunResult], out_dir: str) -> None:
     """One TensorBoard run per (dataset, base, arm, seed) with its hparams and scores (HParams tab)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up lines are not the report's
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hp
-
     bases_of = collections.defaultdict(set)
     for r in results:
         bases_of[r.dataset].add(r.base_model)
     for r in results:
         run = f"{r.dataset}_{r.arm}_s{r.seed}" + (f"_{r.base_model}" if len(bases_of[r.dataset]) > 1 else "")
-        with tf.summary.create_file_writer(os.path.join(out_dir, run)).as_default():
-            hp.hparams(
-                {"dataset": r.dataset, "arm": r.arm, "seed": r.seed, "base_model": r.base_model}, trial_id=r.name
-            )
-            tf.summary.scalar(f"score/{r.metric}", float(np.mean(list(r.scores.values()))) if r.scores else 0.0, step=0)
-            if r.tpot_unmerged is not None:
-                tf.summary.scalar("latency/tpot_ms_p95_unmerged", r.tpot_unmerged, step=0)
+        writer = EventWriter(os.path.join(out_dir, run), log_scalars=False)
+        writer.write_hparams(
+            {"dataset": r.dataset, "arm": r.arm, "seed": r.seed, "base_model": r.base_model}, trial_id=r.name
+        )
+        scores = {f"score/{r.metric}": float(np.mean(list(r.scores.values()))) if r.scores else 0.0}
+        if r.tpot_unmerged is not None:
+            scores["latency/tpot_ms_p95_unmerged"] = r.tpot_unmerged
+        writer.write_scalars(0, scores)
+        writer.close()
 
 
 def build(root: str, out: str, compare_arms: list[str] | None = None) -> dict:

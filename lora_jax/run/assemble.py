@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 
 from data.datasets import IMAGE_DATASETS
+from eval.events import EventWriter, LoggingWriter
 from lora_jax.errors import WorkdirError
 from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
 from lora_jax.lora.bank import AdapterBank
@@ -347,10 +348,9 @@ def check_workdir_writable(workdir: epath.Path) -> None:
         raise WorkdirError(error)
 
 
-def metric_writer(workdir: epath.Path):
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+def metric_writer(workdir: epath.Path) -> EventWriter:
+    """The run's TensorBoard events (process 0; the others only log their scalars)."""
+    return EventWriter(workdir) if jax.process_index() == 0 else LoggingWriter(workdir)
 
 
 def start_run(config: ml_collections.ConfigDict, workdir: str):

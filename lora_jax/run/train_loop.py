@@ -81,7 +81,7 @@ class Arm:
     workdir: epath.Path
     store: object  # io.checkpoints.CheckpointStore
     spec: object  # lora.spec.LoraSpec
-    writer: object = None  # clu metric writer of its workdir
+    writer: object = None  # eval.events.EventWriter of its workdir
     detector: DivergenceDetector | None = None
     history: list = dataclasses.field(default_factory=list)  # (step, train loss) at each log step
     divergence: object = None  # train.divergence.Divergence once it diverged: it stopped alone
