@@ -15,6 +15,7 @@ import grain
 import numpy as np
 
 from data.packing import empty_rows, write_pixels, write_row
+from data.records import DataError
 from data.sft import SFTOptions, tokenize_example
 from data.tokenizer import Tokenizer
 
@@ -113,7 +114,7 @@ class PackedBatchIterator:
                 self._advance()
                 skipped += 1
                 if skipped >= self.num_records:
-                    raise ValueError(
+                    raise DataError(  # a user's setting: one error line from main.py, not a traceback
                         f"no example fits data.max_seq_len={self.seq_len} (the instruction and target alone are "
                         "longer, or the target exceeds data.max_target_tokens)"
                     )

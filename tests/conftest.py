@@ -25,12 +25,24 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory):
-    """The runlocal arm trained once (20 steps) by main.py, shared by the end-to-end and CLI tests."""
+def reference_run(tmp_path_factory, worker_id):
+    """The runlocal arm trained once (20 steps) by main.py, shared by the end-to-end and CLI tests.
+
+    Built once per session, not once per pytest-xdist worker: the workers share their session's
+    temporary root and take a file lock, so the first builds it and the others wait and read it."""
+    import json
+
+    from filelock import FileLock
+
     from tests.cli import run_main
 
-    workdir = tmp_path_factory.mktemp("runlocal")
-    return workdir, run_main(workdir)
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker_id != "master" else root  # xdist: <session root>/popen-gwN
+    workdir = root / "reference_run"
+    with FileLock(str(root / "reference_run.lock")):
+        if not (workdir / "summary.json").exists():
+            run_main(workdir)
+    return workdir, json.loads((workdir / "summary.json").read_text())
 
 
 def pytest_unconfigure(config):

@@ -121,6 +121,11 @@ CASES = [
     ("bad image policy", lambda t, W: ["--config.data.bad_images=skip"], "data.bad_images='skip'"),
     ("seq len 4", lambda t, W: ["--config.data.max_seq_len=4"], "max_seq_len=4"),
     ("target > seq", lambda t, W: ["--config.data.max_target_tokens=4096"], "max_target_tokens=4096"),
+    (
+        "no example fits the rows",
+        lambda t, W: ["--config.data.max_seq_len=256", "--config.data.max_target_tokens=64", _fresh(t)],
+        "no example fits data.max_seq_len=256",
+    ),
     ("mesh of 2", lambda t, W: ["--config.mesh.shape=(1,2)"], "mesh.shape"),
     ("mesh too big", lambda t, W: ["--config.mesh.shape=(3,1,1)"], "mesh.shape (3, 1, 1)"),
     ("unknown dtype", lambda t, W: ["--config.model.param_dtype=float16"], "model.param_dtype='float16'"),

@@ -19,7 +19,13 @@ from data.records import DataError
 from tests.cli import ENV, ROOT, main_cmd, run_main
 
 # 2 steps with a checkpoint after each: the start-up barriers and orbax's collective saves, quickly.
-SHORT = ("--config.train.total_steps=2", "--config.train.checkpoint_every_steps=1", "--config.eval.max_eval_batches=1")
+# The evaluation is the test loss alone: these tests check the adapter and the data, not generation.
+SHORT = (
+    "--config.train.total_steps=2",
+    "--config.train.checkpoint_every_steps=1",
+    "--config.eval.max_eval_batches=1",
+    "--config.eval.evaluators=('loss',)",
+)
 # Full main.py 2-process runs in the adapter test (each ~40 s here); the start-up race is hammered
 # separately, 10 times, by a script that runs exactly main.py's start-up path (a few seconds each).
 FULL_RUNS = int(os.environ.get("LORA_JAX_TWO_PROCESS_RUNS", "1"))
