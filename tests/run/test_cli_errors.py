@@ -105,34 +105,12 @@ CASES = [
     ("lora layer past the model", lambda t, W: ["--config.lora.layers=(5,)", _fresh(t)], "lora.layers=(5,): the model"),
     ("not an int", lambda t, W: ["--config.train.total_steps=abc"], "total_steps"),
     ("positional argument", lambda t, W: ["extra"], "unexpected arguments extra"),
-    ("unknown target", lambda t, W: ["--config.lora.targets=('o_proj','mlp')"], "unknown LoRA target"),
-    ("rank 0", lambda t, W: ["--config.lora.rank=0"], "lora.rank=0"),
-    ("dropout 1.5", lambda t, W: ["--config.lora.dropout=1.5"], "lora.dropout=1.5"),
-    ("checkpoint every 0", lambda t, W: ["--config.train.checkpoint_every_steps=0"], "checkpoint_every_steps=0"),
-    ("log every 0", lambda t, W: ["--config.train.log_every_steps=0"], "log_every_steps=0"),
-    ("total steps 0", lambda t, W: ["--config.train.total_steps=0"], "total_steps=0"),
-    ("negative lr", lambda t, W: ["--config.optim.learning_rate=-1.0"], "learning_rate=-1.0"),
-    ("accumulation 0", lambda t, W: ["--config.optim.grad_accum_steps=0"], "grad_accum_steps=0"),
-    ("accumulation 3 of 4", lambda t, W: ["--config.optim.grad_accum_steps=3"], "global_batch_size=4"),
-    ("eval batch 0", lambda t, W: ["--config.eval.batch_size=0"], "eval.batch_size=0"),
-    ("unknown dataset", lambda t, W: ["--config.data.name=squad"], "data.name='squad'"),
-    ("unknown truncation", lambda t, W: ["--config.data.truncation=middle"], "data.truncation='middle'"),
-    ("image dataset", lambda t, W: ["--config.data.name=llavacot"], "data.pack=True with data.name='llavacot'"),
-    ("bad image policy", lambda t, W: ["--config.data.bad_images=skip"], "data.bad_images='skip'"),
-    ("seq len 4", lambda t, W: ["--config.data.max_seq_len=4"], "max_seq_len=4"),
-    ("target > seq", lambda t, W: ["--config.data.max_target_tokens=4096"], "max_target_tokens=4096"),
     (
         "no example fits the rows",
         lambda t, W: ["--config.data.max_seq_len=256", "--config.data.max_target_tokens=64", _fresh(t)],
         "no example fits data.max_seq_len=256",
     ),
-    ("mesh of 2", lambda t, W: ["--config.mesh.shape=(1,2)"], "mesh.shape"),
     ("mesh too big", lambda t, W: ["--config.mesh.shape=(3,1,1)"], "mesh.shape (3, 1, 1)"),
-    ("unknown dtype", lambda t, W: ["--config.model.param_dtype=float16"], "model.param_dtype='float16'"),
-    ("unknown attention", lambda t, W: ["--config.model.attention_impl=flash"], "attention_impl='flash'"),
-    ("unknown remat", lambda t, W: ["--config.model.remat=some"], "model.remat='some'"),
-    ("zero layers", lambda t, W: ["--config.model.num_layers=0"], "model.num_layers=0"),
-    ("bad resume key", lambda t, W: ["--config.train.allow_changed_on_resume=('lora.rank',)"], "lora.rank"),
     ("hf_dir missing", lambda t, W: ["--config.model.hf_dir=/no/such/model"], "/no/such/model"),
     ("hf_dir no config", lambda t, W: [f"--config.model.hf_dir={t}"], "has no config.json"),
     (
@@ -247,6 +225,36 @@ CASES = [
 ]
 
 
+# Bad values refused by the config check (lora_jax.run.config.validate, which main.py runs before
+# anything else): parsed in-process by main.py's own flag definition (a fresh absl FlagValues per case),
+# as main.py would parse them; the cases above run main.py itself for how a ConfigError reaches the user
+# (one line, exit 2, nothing written), so each of these need not start a Python of its own.
+CONFIG_CASES = [
+    ("unknown target", ["--config.lora.targets=('o_proj','mlp')"], "unknown LoRA target"),
+    ("rank 0", ["--config.lora.rank=0"], "lora.rank=0"),
+    ("dropout 1.5", ["--config.lora.dropout=1.5"], "lora.dropout=1.5"),
+    ("checkpoint every 0", ["--config.train.checkpoint_every_steps=0"], "checkpoint_every_steps=0"),
+    ("log every 0", ["--config.train.log_every_steps=0"], "log_every_steps=0"),
+    ("total steps 0", ["--config.train.total_steps=0"], "total_steps=0"),
+    ("negative lr", ["--config.optim.learning_rate=-1.0"], "learning_rate=-1.0"),
+    ("accumulation 0", ["--config.optim.grad_accum_steps=0"], "grad_accum_steps=0"),
+    ("accumulation 3 of 4", ["--config.optim.grad_accum_steps=3"], "global_batch_size=4"),
+    ("eval batch 0", ["--config.eval.batch_size=0"], "eval.batch_size=0"),
+    ("unknown dataset", ["--config.data.name=squad"], "data.name='squad'"),
+    ("unknown truncation", ["--config.data.truncation=middle"], "data.truncation='middle'"),
+    ("image dataset", ["--config.data.name=llavacot"], "data.pack=True with data.name='llavacot'"),
+    ("bad image policy", ["--config.data.bad_images=skip"], "data.bad_images='skip'"),
+    ("seq len 4", ["--config.data.max_seq_len=4"], "max_seq_len=4"),
+    ("target > seq", ["--config.data.max_target_tokens=4096"], "max_target_tokens=4096"),
+    ("mesh of 2", ["--config.mesh.shape=(1,2)"], "mesh.shape"),
+    ("unknown dtype", ["--config.model.param_dtype=float16"], "model.param_dtype='float16'"),
+    ("unknown attention", ["--config.model.attention_impl=flash"], "attention_impl='flash'"),
+    ("unknown remat", ["--config.model.remat=some"], "model.remat='some'"),
+    ("zero layers", ["--config.model.num_layers=0"], "model.num_layers=0"),
+    ("bad resume key", ["--config.train.allow_changed_on_resume=('lora.rank',)"], "lora.rank"),
+]
+
+
 # Cases refused by a check of the config (or of a file it names): their fresh workdir is not even created (no tfds/, bundled/, checkpoints/).
 NOTHING_WRITTEN = (
     "latency warmup 0",
@@ -303,7 +311,7 @@ def results(reference_run, tmp_path_factory):
 
 
 def test_at_least_thirty_cases():
-    assert len(CASES) >= 30
+    assert len(CASES) + len(CONFIG_CASES) >= 30
 
 
 @pytest.mark.parametrize("name,expected", [(n, e) for n, _, e in CASES], ids=[n for n, _, _ in CASES])
@@ -381,3 +389,27 @@ def test_model_bounds_are_checked_with_the_config():
         with pytest.raises(ConfigError, match=message):
             validate(config)
     validate(base.arm_config("cocohd", "oproj_fc2", "runlocal"))  # the runlocal arm as shipped passes
+
+
+def _parsed_config(args):
+    """The runlocal arm with the case's --config.<key>= flags, parsed as main.py parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["main.py", f"--config={os.path.join(ROOT, ARM)}", *args]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+@pytest.mark.parametrize("args,expected", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_a_bad_config_value_is_refused_by_the_config_check(args, expected):
+    from lora_jax.errors import ConfigError
+    from lora_jax.run.config import validate
+
+    config = _parsed_config(args)
+    with pytest.raises(ConfigError) as refused:
+        validate(config)
+    line = " ".join(str(refused.value).split())  # as main.py prints it
+    assert expected in line, line
