@@ -22,6 +22,7 @@ MAX_SEQ_LEN = {
     "cocohd": 32768,
     "llavacot": 4096,
     "invoiceocr": 4096,
+    "planted": 256,  # several 16-token prompts + 32-token continuations packed per row
 }
 # Longest target kept (longer ones are dropped and counted, never cut).
 MAX_TARGET_TOKENS = {
@@ -32,6 +33,7 @@ MAX_TARGET_TOKENS = {
     "cocohd": 2048,
     "llavacot": 1024,
     "invoiceocr": 1024,
+    "planted": 128,
 }
 # Each dataset's generation suite: (metric, max_new_tokens, examples scored (0 = the whole split)).
 # The study's evaluation sets: FinQA test 1147, GovReport 837, MedMCQA 3683 (MedReason scores on the
@@ -44,6 +46,7 @@ SUITES = {
     "cocohd": ("json_key_value_match", 2048, 0),
     "llavacot": ("exact_match", 1024, 0),
     "invoiceocr": ("field_accuracy", 1024, 0),
+    "planted": ("teacher_agreement", 32, 0),  # max_new_tokens = planted.new_tokens
 }
 
 
@@ -65,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.num_kv_heads = config_dict.placeholder(int)  # "
     m.head_dim = config_dict.placeholder(int)  # "
     m.max_position_embeddings = 32768  # random init only
+    m.initializer_range = 0.02  # random init only: std of the normal draws (kernels, embedding, LM head)
     m.param_dtype = "bfloat16"  # frozen base weights: "bfloat16" | "float32" (LoRA + optimizer always float32)
     m.compute_dtype = "bfloat16"  # matmul inputs; norms, RoPE, softmax, logits and loss stay float32
     m.attention_impl = "chunked"  # "xla" (reference) | "chunked" (flash-style, memory-bounded) | registered kernels
@@ -110,6 +114,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.render_date = "2024-07-26"  # "today" for chat templates that print a date (Llama 3.x): pinned, never the clock
     d.use_bundled_samples = False  # the tiny samples written by data/samples.py (runlocal)
     d.bad_images = "error"  # an undecodable image file: "error" (stop, naming it) | "drop" (drop and count)
+
+    # data.name="planted": the teacher is the base + a low-rank delta planted on `targets`; its greedy
+    # continuations of random prompts are the dataset (lora_jax/run/planted.py writes them to
+    # <workdir>/planted unless data.manual_dir is set). The study must find P = targets on its own.
+    config.planted = p = ml_collections.ConfigDict()
+    p.targets = ("o_proj",)  # the module set P carrying the planted delta (any of qkv, o_proj, fc1, fc2)
+    p.rank = 4  # rank of the planted delta, per layer and module
+    p.relative_norm = 0.5  # ||delta W||_F / ||W||_F of each planted layer's kernel
+    p.layers = ()  # decoder layers planted; () = all
+    p.seed = 0  # the delta's and the prompts' draws
+    p.num_train, p.num_test = 512, 64  # prompts continued by the teacher, per split
+    p.prompt_tokens = 16  # random prompt ids (any id but the end-of-turn)
+    p.new_tokens = 32  # the teacher's greedy continuation budget (it may stop earlier at its end-of-turn)
 
     config.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-4  # peak learning rate (AdamW)
@@ -166,6 +183,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 batch_size=8,  # prompts decoded together
                 prefill_chunk=2048 if name in ("govreport", "cocohd") else 0,  # 0 = whole prompt at once
                 temperature=0.0,  # 0 = greedy, as the study scores
+                # the reply is the model's next-token argmax at each reference position, given the reference
+                # so far (eval/suites.py): the planted teacher's agreement, not a free generation
+                teacher_forced=name == "planted",
             )
         )
 
@@ -212,6 +232,21 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.mesh.shape = (1, 1, -1)  # any device count: the 4-row batch is never split, the model is
 
 
+def apply_runlocal_planted(config: ml_collections.ConfigDict) -> None:
+    """The planted study on the tiny random model: its own short rows, every test prompt scored with
+    the teacher's whole continuation budget, and enough steps to learn the teacher."""
+    # A confident base: at std 0.02 the tiny model's next-token distributions are nearly flat, so its
+    # greedy tokens (and the teacher's) are decided by noise no arm can learn; at 0.3 they are peaked.
+    config.model.initializer_range = 0.3
+    config.data.max_seq_len, config.data.max_target_tokens = MAX_SEQ_LEN["planted"], MAX_TARGET_TOKENS["planted"]
+    suite = config.eval.suites.planted
+    suite.num_examples, suite.max_new_tokens, suite.batch_size = 0, config.planted.new_tokens, 64
+    config.eval.batch_size, config.eval.max_eval_batches = 16, 0
+    t = config.train
+    t.total_steps, t.global_batch_size, t.log_every_steps, t.checkpoint_every_steps = 150, 16, 25, 150
+    config.optim.learning_rate, config.optim.warmup_steps = 1e-2, 10
+
+
 def arm_config(dataset: str, arm: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The config of one study arm: dataset defaults + the arm's targets (+ runlocal); locked, as
     get_config's."""
@@ -228,6 +263,8 @@ def arm_config(dataset: str, arm: str, arg: str | None = None) -> ml_collections
         apply_runlocal(config)
         if dataset in IMAGE_DATASETS:
             apply_runlocal_vision(config)
+        if dataset == "planted":
+            apply_runlocal_planted(config)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
     return config

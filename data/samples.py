@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import zlib
 
@@ -222,6 +223,19 @@ def write_sample_manual_dir(name: str, directory) -> str:
                 }
                 rows.append({"file_name": f"invoice_{i}.png", "ground_truth": json.dumps(gt)})
             jsonl(f"{split}/metadata.jsonl", rows)
+    elif name == "planted":  # the layout a planted teacher writes (lora_jax/run/planted.py), ids of the tiny tokenizer
+        rng = random.Random(0)
+        rows = [
+            {
+                "id": f"planted-{i}",
+                "split": "train" if i < 8 else "test",
+                "prompt_ids": [rng.randrange(256) for _ in range(8)],
+                "target_ids": [rng.randrange(256) for _ in range(12)],
+            }
+            for i in range(12)
+        ]
+        jsonl("planted.jsonl", rows)
+        jsonl("tokenizer/ids_tokenizer.json", [{"vocab_size": 259, "end_of_turn_id": 258}])
     else:
         raise ValueError(f"no bundled sample for dataset {name!r}")
     return str(d)

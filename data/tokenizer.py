@@ -112,3 +112,75 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < model_vocab_size]
         if bad:
             raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary of {model_vocab_size}")
+
+
+IDS_TOKENIZER_FILE = "ids_tokenizer.json"
+
+
+class IdsTokenizer:
+    """Token ids as text: a record's text is its ids in decimal, space-separated ("17 4 255").
+
+    For data made of model token ids (the planted study's teacher continuations, data/planted/),
+    where a round trip through a real tokenizer's text would not be exact (a byte-level tokenizer's
+    ids need not decode to valid UTF-8). The "chat template" is concatenation: the prompt is the
+    user's ids, the full example is prompt + reply + the end-of-turn id, so the SFT pipeline, the
+    loss mask and generation take these ids unchanged. Its directory holds ids_tokenizer.json:
+    {"vocab_size": V, "end_of_turn_id": E}."""
+
+    template = "token ids, space-separated: user ids, then reply ids and the end-of-turn id"
+    has_template = True
+    special_tokens: dict = {}
+
+    def __init__(self, tokenizer_dir: str, reasoning_traces: bool = False, render_date: str = DEFAULT_RENDER_DATE):
+        d = epath.Path(tokenizer_dir)
+        self.dir = str(d)
+        try:
+            spec = json.loads((d / IDS_TOKENIZER_FILE).read_text())
+            self._vocab, self.end_of_turn_id = int(spec["vocab_size"]), int(spec["end_of_turn_id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{d / IDS_TOKENIZER_FILE}: expected {{'vocab_size': int, 'end_of_turn_id': int}} ({e})")
+        self.end_of_turn = str(self.end_of_turn_id)
+        self.reasoning_traces = reasoning_traces
+        self.render_date = render_date
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def token_id(self, token: str) -> int:
+        return int(token)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [int(t) for t in text.split()]
+        except ValueError:
+            raise DataError(f"{self.dir}: expected space-separated token ids, got {text[:40]!r}") from None
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets, pos = [], [], 0
+        for t in text.split():
+            start = text.index(t, pos)
+            ids.append(int(t))
+            offsets.append((start, start + len(t)))
+            pos = start + len(t)
+        return ids, offsets
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        parts = []
+        for m in messages:
+            parts.append(m["content"].strip())
+            if m["role"] == "assistant":
+                parts.append(self.end_of_turn)
+        return " ".join(p for p in parts if p) + " "
+
+    check_vocab = Tokenizer.check_vocab
+
+
+def load_tokenizer(tokenizer_dir: str, reasoning_traces: bool = False, render_date: str = DEFAULT_RENDER_DATE):
+    """The directory's tokenizer: token ids as text where it holds ids_tokenizer.json, else Tokenizer."""
+    if (epath.Path(tokenizer_dir) / IDS_TOKENIZER_FILE).exists():
+        return IdsTokenizer(tokenizer_dir, reasoning_traces, render_date)
+    return Tokenizer(tokenizer_dir, reasoning_traces=reasoning_traces, render_date=render_date)

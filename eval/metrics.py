@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from eval import exact_match, field_accuracy, finqa_accuracy, json_match, mcq_accuracy, rouge_lsum
+from eval import exact_match, field_accuracy, finqa_accuracy, json_match, mcq_accuracy, rouge_lsum, teacher_agreement
 from eval.scored import ReplyContext, Scored
 
 
@@ -22,6 +22,7 @@ METRICS: dict[str, Callable[[str, str, ReplyContext | None], Scored]] = {
     "json_key_value_match": json_match.score,
     "exact_match": exact_match.score,
     "field_accuracy": field_accuracy.score,
+    "teacher_agreement": teacher_agreement.score,
 }
 
 # Metrics where a lower score is better (e.g. a rate of planted answers): the report ranks them so

@@ -212,13 +212,27 @@ def one_device_kind(results: list[RunResult]) -> tuple[list[RunResult], list[tup
     return out, notes
 
 
-def collect(root: str) -> tuple[list[RunResult], list[tuple[str, str]]]:
-    """(every run's results, (run, why) for runs or latencies not in the table)."""
-    results, missing = [], []
+def run_dirs(root: str) -> list[tuple[str, str]]:
+    """(name, directory) of each run under a sweep's root: a run's workdir, or the arms of a joint run
+    (<run>/<arm's run>, beside <run>/joint, which they share); a joint run without arm directories
+    (it failed before training) is one run, read for its error."""
+    out = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if not os.path.isdir(path) or name in ("report", "joint"):  # joint: what a joint run's arms share
             continue
+        arms = []
+        if os.path.isdir(os.path.join(path, "joint")):
+            arms = [a for a in sorted(os.listdir(path)) if a not in ("report", "joint")]
+            arms = [(f"{name}/{a}", os.path.join(path, a)) for a in arms if os.path.isdir(os.path.join(path, a))]
+        out.extend(arms or [(name, path)])
+    return out
+
+
+def collect(root: str) -> tuple[list[RunResult], list[tuple[str, str]]]:
+    """(every run's results, (run, why) for runs or latencies not in the table)."""
+    results, missing = [], []
+    for name, path in run_dirs(root):
         found, why = read_run(path)
         if why:
             missing.append((name, why))

@@ -24,6 +24,9 @@ class Suite:
     prefill_chunk: int  # 0 = prefill the whole prompt at once
     temperature: float  # 0 = greedy, as the study scores
     samples_to_log: int  # generations written to TensorBoard as text
+    # True: the reply is the model's most likely token at each of the reference's positions given the
+    # reference's own prefix (one forward pass, no free generation): the planted study's teacher agreement.
+    teacher_forced: bool = False
 
 
 def suite_of(config) -> Suite:
@@ -57,4 +60,5 @@ def suite_of(config) -> Suite:
         s.prefill_chunk,
         float(s.temperature),
         config.eval.samples_to_log,
+        bool(s.teacher_forced),
     )

@@ -43,6 +43,9 @@ class ModelConfig:
     # Per-layer sliding window size (None = full causal attention for that layer).
     sliding_windows: tuple[int | None, ...] = ()
     model_type: str = "llama"
+    # Std of a random base's normal draws (kernels, embedding, LM head), transformers' name for it. Not in
+    # the repr: a random base's fingerprint (run/assemble.py) names it only when it is not the default.
+    initializer_range: float = dataclasses.field(default=0.02, repr=False)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

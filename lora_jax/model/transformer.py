@@ -72,14 +72,26 @@ class Projection(nnx.Module):
     """One frozen kernel stacked over layers, with an optional bias and an optional LoRA adapter."""
 
     def __init__(
-        self, num_layers, in_dims, out_dims, in_axes, out_axes, *, bias, lora_rank, param_dtype, rngs, lora_slots=0
+        self,
+        num_layers,
+        in_dims,
+        out_dims,
+        in_axes,
+        out_axes,
+        *,
+        bias,
+        lora_rank,
+        param_dtype,
+        rngs,
+        lora_slots=0,
+        init_std=0.02,
     ):
         """lora_slots > 0: a bank's adapters, [layers, slots, ...] (see lora/bank.py)."""
         shape = (num_layers, *in_dims, *out_dims)
         # Base and adapter draws come from one key per projection, so the base weights do not
         # depend on which targets carry adapters (every arm starts from the same base).
         key = rngs.params()
-        init = initial.normal(jax.random.fold_in(key, 0), shape, param_dtype)
+        init = initial.normal(jax.random.fold_in(key, 0), shape, param_dtype, init_std)
         self.kernel = nnx.Param(init, logical_axes=("layers", *in_axes, *out_axes))
         zeros = initial.constant(0.0, (num_layers, *out_dims), param_dtype)
         self.bias = nnx.Param(zeros, logical_axes=("layers", *out_axes)) if bias else None
@@ -128,6 +140,7 @@ class DecoderLayers(nnx.Module):
                 param_dtype=param_dtype,
                 rngs=rngs,
                 lora_slots=slots,
+                init_std=cfg.initializer_range,
             )
             setattr(self, name, proj)
 
@@ -162,13 +175,13 @@ class Transformer(nnx.Module):
         elif lora is not None and lora.layers and lora.layers[-1] >= cfg.num_layers:
             raise ConfigError(f"lora.layers={lora.layers}: the model has layers 0..{cfg.num_layers - 1}")
         pdt = options.param_dtype
-        emb = initial.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt)
+        emb = initial.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt, cfg.initializer_range)
         self.embed = nnx.Param(emb, logical_axes=("vocab", "embed"))
         self.layers = DecoderLayers(cfg, lora, pdt, rngs)
         self.final_norm = nnx.Param(initial.constant(1.0, (cfg.hidden_size,), pdt), logical_axes=("norm",))
         self.lm_head = None  # tied: the transposed embedding
         if not cfg.tie_word_embeddings:
-            head = initial.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt)
+            head = initial.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt, cfg.initializer_range)
             self.lm_head = nnx.data(nnx.Param(head, logical_axes=("embed", "vocab")))
 
     # -- pieces -----------------------------------------------------------------------------

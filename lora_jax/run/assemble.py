@@ -35,6 +35,8 @@ from lora_jax.run.config import (
     runtime_options,
     validate,
 )
+from lora_jax.run.planted import TOKENIZER as PLANTED_TOKENIZER
+from lora_jax.run.planted import teacher_data_matches, write_teacher_data
 from lora_jax.sharding import make_mesh, process_rows, shard_model
 
 RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
@@ -66,6 +68,8 @@ def _random_fingerprint(prefix: str, cfg, opts) -> str:
     """A random base is decided by its shape, RANDOM_BASE_SEED, the dtype its weights are drawn in and
     how they are drawn (model/init.py's DRAW_RULE: a workdir or adapter of an earlier rule is refused)."""
     decided_by = f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}{initial.DRAW_RULE}"
+    if cfg.initializer_range != 0.02:  # the default draws keep the fingerprints they always had
+        decided_by += f" initializer_range={cfg.initializer_range}"
     return prefix + hashlib.sha256(decided_by.encode()).hexdigest()[:16]
 
 
@@ -130,7 +134,15 @@ def build_bank_model(configs: list, names: list[str], mesh) -> tuple[Transformer
 
 def tokenizer_dir(config, workdir: epath.Path) -> str:
     """data.tokenizer_dir, else model.hf_dir, else (random model) the bundled tiny tokenizer written to
-    workdir (by process 0; the others wait for it)."""
+    workdir (by process 0; the others wait for it). A planted study's examples are token ids: its
+    tokenizer is the ids tokenizer the teacher wrote beside them (prepare_planted)."""
+    if config.data.name == "planted":
+        return str(epath.Path(manual_dir(config, workdir)) / PLANTED_TOKENIZER)
+    return base_tokenizer_dir(config, workdir)
+
+
+def base_tokenizer_dir(config, workdir: epath.Path) -> str:
+    """The base model's own tokenizer: data.tokenizer_dir, model.hf_dir, or the bundled one (written)."""
     tok_dir = config.data.tokenizer_dir or config.model.hf_dir
     if tok_dir is None:  # a random model (runlocal): the tiny byte-level tokenizer its vocab was sized for
         from data import samples
@@ -139,6 +151,23 @@ def tokenizer_dir(config, workdir: epath.Path) -> str:
         image = config.data.name in IMAGE_DATASETS  # with LLaVA's <image> placeholder
         _on_process_0_then_all(lambda: samples.write_tiny_tokenizer(tok_dir, image_token=image), "bundled tokenizer")
     return str(tok_dir)
+
+
+def prepare_planted(config, workdir: epath.Path, mesh) -> None:
+    """data.name="planted" without data.manual_dir: the teacher's data in <workdir>/planted, made once
+    from a fresh copy of the base (every process takes part in its generation; process 0 writes)
+    and reused while its planted settings and base are unchanged."""
+    from data.tokenizer import load_tokenizer
+
+    if config.data.name != "planted" or config.data.manual_dir is not None:
+        return
+    manual = epath.Path(manual_dir(config, workdir))
+    if teacher_data_matches(manual, config, base_fingerprint(config)):
+        return
+    end_of_turn = load_tokenizer(base_tokenizer_dir(config, workdir)).end_of_turn_id
+    teacher, fingerprint = build_model(config, mesh)
+    write_teacher_data(config, teacher, fingerprint, end_of_turn, manual, mesh, write=jax.process_index() == 0)
+    _on_process_0_then_all(lambda: None, "planted teacher data")
 
 
 def _on_process_0_then_all(write, what: str) -> None:
@@ -154,6 +183,8 @@ def _on_process_0_then_all(write, what: str) -> None:
 def manual_dir(config, workdir: epath.Path) -> str:
     """data.manual_dir, or (runlocal) where the bundled samples go."""
     d = config.data
+    if d.name == "planted" and d.manual_dir is None:  # written by the run's teacher (prepare_planted)
+        return str(workdir / "planted")
     if d.manual_dir is None and d.use_bundled_samples:
         return str(workdir / "bundled" / d.name)
     return d.manual_dir
@@ -165,8 +196,8 @@ def data_source_manifest(config) -> dict | None:
     from data.prepare import source_manifest
 
     d = config.data
-    if d.manual_dir is None and d.use_bundled_samples:
-        return None
+    if d.manual_dir is None and (d.use_bundled_samples or d.name == "planted"):
+        return None  # a planted teacher's data is decided by config.planted and the base (run_identity)
     return source_manifest(d.name, d.manual_dir, bad_images=d.bad_images)
 
 
@@ -199,6 +230,8 @@ def tokenizer_identity(config) -> str:
     """The tokenizer and chat template a run renders its examples with: the digest of the files in
     data.tokenizer_dir (else model.hf_dir's own); "bundled" for the runlocal tokenizer, which
     data/samples.py writes deterministically."""
+    if config.data.name == "planted":
+        return "planted-token-ids"  # the examples are ids: no tokenizer renders them
     tok_dir = config.data.tokenizer_dir or config.model.hf_dir
     return files_digest(tok_dir, TOKENIZER_FILES) if tok_dir else "bundled"
 
@@ -228,6 +261,8 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
         "dataset": config.data.name,
         "data_source": data_source,
     }
+    if config.data.name == "planted":  # the teacher the data came from
+        identity["planted"] = config.planted.to_dict()
     if config.data.name in IMAGE_DATASETS and config.model.hf_dir:  # a random tower resizes to its image_size
         identity["image_processor"] = files_digest(config.model.hf_dir, ("preprocessor_config.json",))
     for key in RESUMABLE_CHANGES:
@@ -258,18 +293,18 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     from data.pipeline import PackedBatchIterator
     from data.prepare import open_sources, prepare
     from data.sft import SFTOptions
-    from data.tokenizer import Tokenizer
+    from data.tokenizer import load_tokenizer
 
     d = config.data
     manual = manual_dir(config, workdir)
-    if d.manual_dir is None and d.use_bundled_samples:
+    if d.manual_dir is None and d.use_bundled_samples and d.name != "planted":  # planted: prepare_planted's
         _on_process_0_then_all(lambda: samples.write_sample_manual_dir(d.name, manual), "bundled samples")
     data_dir = d.data_dir or str(workdir / "tfds")
     if jax.process_index() == 0:
         prepare(d.name, manual, data_dir, bad_images=d.bad_images)
     multihost_utils.sync_global_devices("tfds prepared")
     sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
-    tok = Tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces, render_date=d.render_date)
+    tok = load_tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces, render_date=d.render_date)
     opts = SFTOptions(
         d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size, **(images or {})
     )

@@ -20,6 +20,7 @@ from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.attention import get_attention_impl
 from lora_jax.model.config import ModelConfig
 from lora_jax.model.transformer import REMAT_POLICIES, RuntimeOptions
+from lora_jax.run.planted import check_planted
 from lora_jax.sharding import check_serving_mesh, resolve_mesh_shape
 from lora_jax.train.accounting import budget_rank
 
@@ -91,8 +92,13 @@ def random_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     small = [f"model.{k}={m[k]}" for k in MODEL_DIMS if m[k] < 1]
     if small:
         raise ConfigError(f"{', '.join(small)}: model dimensions must be >= 1")
+    if not m.initializer_range > 0:
+        raise ConfigError(f"model.initializer_range={m.initializer_range} must be > 0")
     return ModelConfig(
-        **{k: int(m[k]) for k in MODEL_DIMS}, max_position_embeddings=m.max_position_embeddings, rms_norm_eps=1e-6
+        **{k: int(m[k]) for k in MODEL_DIMS},
+        max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        initializer_range=float(m.initializer_range),
     )
 
 
@@ -237,6 +243,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_arm_label(config)
     if d.name in IMAGE_DATASETS:
         check_vision_tower(config)
+        if d.name in config.eval.suites and config.eval.suites[d.name].teacher_forced:
+            raise ConfigError(f"eval.suites.{d.name}.teacher_forced=True: teacher-forced scoring takes no images")
     text = model_config_of(config)
     if config.model.hf_dir:  # before anything is written (build_model checks it again, on the loaded checkpoint)
         check_hf_conflicts(config, text, config.model.hf_dir)
@@ -244,7 +252,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "latency" in config.eval.evaluators:  # settings of an evaluator that does not run are not checked
         check_latency(config, text.max_position_embeddings, image_tokens(config, text))
         check_serving_mesh(config.eval.latency.mesh, text.num_kv_heads)
-    if not d.use_bundled_samples:
+    if d.name == "planted":
+        check_planted(config, text.num_layers)
+    if not d.use_bundled_samples and not (d.name == "planted" and d.manual_dir is None):
         from data.prepare import check_manual_dir
 
         check_manual_dir(d.name, d.manual_dir)

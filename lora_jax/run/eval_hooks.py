@@ -6,12 +6,12 @@ import dataclasses
 
 import numpy as np
 
-from data.sft import SFTOptions, example_pixels, generation_prompt_ids, prompt_opens_think
+from data.sft import SFTOptions, example_pixels, generation_prompt_ids, prompt_opens_think, tokenize_example
 from data.tokenizer import Tokenizer
 from eval.generation_suite import Completion
 from lora_jax.run.config import check_latency
 from lora_jax.serve import latency
-from lora_jax.serve.generate import GenerationOptions, complete
+from lora_jax.serve.generate import GenerationOptions, complete, teacher_forced_argmax
 from lora_jax.sharding import check_serving_mesh, global_batch
 
 PAD_MULTIPLE = 64  # prompt lengths are bucketed so that few shapes compile
@@ -40,6 +40,8 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
     opened = prompt_opens_think(tok)
 
     def run(records, suite):
+        if suite.teacher_forced:
+            return teacher_forced_replies(model_fn(), records, tok, sft, suite.batch_size, mesh, num_arms)
         model = model_fn()
         context = min(sft.max_seq_len, model.config.max_position_embeddings)
         opts = dataclasses.replace(sft, max_seq_len=context)
@@ -82,6 +84,38 @@ def completion_fn(model_fn, tok: Tokenizer, sft: SFTOptions, mesh=None, seed: in
         return per_arm if num_arms else per_arm[0]
 
     return run
+
+
+def teacher_forced_replies(model, records, tok: Tokenizer, sft: SFTOptions, batch_size: int, mesh, num_arms: int = 0):
+    """[Completion(prompt tokens, reply)] where the reply is the model's most likely token at each of
+    the target's positions given the target's true prefix (teacher forcing), decoded like a reply;
+    the end-of-turn that closes the target is not part of it. Each example is tokenized as training
+    tokenizes it (evaluation keeps every example). num_arms = K > 0: a bank model, one list per arm."""
+    opts = dataclasses.replace(
+        sft, keep_all=True, max_seq_len=min(sft.max_seq_len, model.config.max_position_embeddings)
+    )
+    examples = [tokenize_example(tok, r, opts) for r in records]
+    arms = max(num_arms, 1)
+    predicted = []
+    for start in range(0, len(examples), batch_size):
+        group = examples[start : start + batch_size]
+        group += [group[-1]] * (batch_size - len(group))  # one compiled shape for every batch
+        rows = [ex["tokens"] for ex in group for _ in range(arms)]
+        length = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+        tokens = np.zeros((len(rows), min(length, model.config.max_position_embeddings)), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+        ids = [k for _ in group for k in range(arms)] if num_arms else None
+        predicted.extend(teacher_forced_argmax(model, tokens, mesh, adapter_ids=ids))
+    per_arm = [[] for _ in range(arms)]
+    for i, ex in enumerate(examples):
+        scored = np.nonzero(ex["loss_mask"])[0]
+        if len(scored) and ex["targets"][scored[-1]] == tok.end_of_turn_id:
+            scored = scored[:-1]  # the turn's end is the template's, not the reference's
+        for k in range(arms):
+            reply = tok.decode(predicted[i * arms + k][scored].tolist())
+            per_arm[k].append(Completion(int(scored[0]) + 1 if len(scored) else len(ex["tokens"]), reply))
+    return per_arm if num_arms else per_arm[0]
 
 
 def latency_fn(model_fn, config, context: int):

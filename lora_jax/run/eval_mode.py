@@ -35,6 +35,7 @@ from lora_jax.run.assemble import (
     image_inputs,
     metric_writer,
     open_checkpoint_store,
+    prepare_planted,
     start_run,
     tokenizer_dir,
 )
@@ -112,6 +113,7 @@ def evaluate(config, workdir: str) -> dict:
     if source == "checkpoint":
         lora, _, _, _ = store.restore(step, trainer.lora, trainer.opt_state)
     images = image_inputs(model, config)
+    prepare_planted(config, workdir, mesh)  # a planted study's teacher data, before its tokenizer
     data = data_iterators(config, workdir, tokenizer_dir(config, workdir), model.config.vocab_size, batch_sh, images)
     writer = metric_writer(workdir)
     label = labelled_config(config, model)

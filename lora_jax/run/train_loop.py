@@ -49,6 +49,7 @@ from lora_jax.run.assemble import (
     image_inputs,
     metric_writer,
     open_checkpoint_store,
+    prepare_planted,
     run_name,
     start_run,
     tokenizer_dir,
@@ -176,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     layout, arm_dirs, mesh, model, fingerprint, views = start_arms(config, workdir)
     # each store refuses a foreign workdir before any write
     arms = [Arm(c, w, open_checkpoint_store(c, w, fingerprint), lora_spec(c)) for c, w in arm_dirs]
+    prepare_planted(config, layout.shared, mesh)  # a planted study's teacher data, before its tokenizer
     tok_dir = tokenizer_dir(config, layout.shared)
     trainer = build_trainer(model, config, mesh, views)
     lora, frozen, opt_state, batch_sh = trainer.lora, trainer.frozen, trainer.opt_state, trainer.batch_sharding

@@ -170,6 +170,30 @@ def generate(
     return np.asarray(out), np.asarray(lengths)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_argmax(graphdef, mesh):
+    def run(state, tokens, adapter_ids):
+        model = nnx.merge(graphdef, state)
+        h, _ = model.hidden_states(tokens, adapter_ids=adapter_ids)
+        return jnp.argmax(model.logits_from_hidden(h), axis=-1).astype(jnp.int32)
+
+    if mesh is None:
+        return jax.jit(run)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(under_mesh(run, mesh), out_shardings=replicated)
+
+
+def teacher_forced_argmax(model: Transformer, tokens, mesh=None, adapter_ids=None) -> np.ndarray:
+    """tokens [batch, time] (right-padded: causal attention keeps padding out of every real position)
+    -> the model's most likely next token at every position [batch, time], each given the true
+    prefix (teacher forcing). A bank model needs `adapter_ids` [batch] (-1 = the base)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    model.check_length(tokens.shape[1])
+    adapter_ids = check_row_adapters(model, adapter_ids, tokens.shape[0])
+    graphdef, state = nnx.split(model)
+    return np.asarray(_compiled_argmax(graphdef, mesh)(state, tokens, adapter_ids))
+
+
 def cache_shardings(cache: dict, mesh) -> dict:
     """k/v by CACHE_AXES (kv heads over "tensor", rows over data x fsdp); the slot metadata by rows."""
 

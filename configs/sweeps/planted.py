@@ -1,0 +1,57 @@
+"""A planted-answer study as a sweep: all nine arms trained jointly over one base (one run per seed),
+on the data of a teacher that is the base + a low-rank delta planted on the module set P.
+
+`--sweep=configs/sweeps/planted.py:planted=<target>[+<target>…][,options]`, options comma-separated:
+  planted=fc2 | qkv+fc1 | …   P: the targets the teacher's delta sits on (required)
+  seeds=<N>                   seeds 0..N-1 (default 1): each seed trains the nine arms afresh (the
+                              teacher, decided by planted.seed, stays the same)
+  steps=<N>                   train.total_steps of every run
+  rank=<r>, norm=<x>          the planted delta's rank and ||delta W||_F / ||W||_F (configs/base.py)
+  hf                          the configs' own base (set --config.model.hf_dir through the overrides of
+                              your launcher) instead of the tiny random model (`:runlocal`, the default)
+Example: `python launch/local.py --sweep=configs/sweeps/planted.py:planted=fc2,seeds=2 --root=/tmp/planted`
+then `python -m eval.report --root=/tmp/planted`. An arm "contains P" when its targets include all
+of P; a study that works ranks every such arm above every arm that does not.
+"""
+
+from __future__ import annotations
+
+OPTIONS = ("planted", "seeds", "steps", "rank", "norm", "hf")
+
+
+def _options(arg: str | None) -> dict:
+    out = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if part:
+            key, _, value = part.partition("=")
+            out[key] = value if value else True
+    unknown = set(out) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown sweep option(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIONS)}")
+    if not isinstance(out.get("planted"), str):
+        raise ValueError("planted=<target>[+<target>…] is required, e.g. planted=fc2 or planted=qkv+fc1")
+    return out
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    o = _options(arg)
+    targets = tuple(o["planted"].split("+"))
+    runs = []
+    for seed in range(int(o.get("seeds", 1))):
+        overrides = {"train.seed": seed, "planted.targets": targets}
+        if "steps" in o:
+            overrides["train.total_steps"] = int(o["steps"])
+        if "rank" in o:
+            overrides["planted.rank"] = int(o["rank"])
+        if "norm" in o:
+            overrides["planted.relative_norm"] = float(o["norm"])
+        runs.append(
+            {
+                "config": "configs/planted_all_arms.py",
+                "config_arg": None if o.get("hf") else "runlocal",
+                "overrides": overrides,
+                "name": f"planted_{'+'.join(targets)}_s{seed}",
+            }
+        )
+    return runs

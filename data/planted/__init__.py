@@ -1,0 +1,1 @@
+"""The planted-answer study's dataset: a teacher's continuations of prompts, as token ids."""
