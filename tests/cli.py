@@ -32,11 +32,17 @@ def main_cmd(workdir, *overrides, config=ARM):
     ]
 
 
-def run_main(workdir, *overrides, config=ARM):
+def run_main_ok(workdir, *overrides, config=ARM) -> subprocess.CompletedProcess:
+    """main.py run to success (its stderr's tail otherwise); the finished process, output captured."""
     proc = subprocess.run(
         main_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_main(workdir, *overrides, config=ARM):
+    run_main_ok(workdir, *overrides, config=config)
     return json.loads((workdir / "summary.json").read_text())
 
 

@@ -4,7 +4,6 @@ transformers + PEFT model on the same adapter, and the suite's bad-input counts.
 import dataclasses
 import json
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -22,21 +21,13 @@ from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.run.eval_hooks import completion_fn
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import make_mesh
-from tests.cli import ENV, ROOT, main_cmd
+from tests.cli import run_main_ok
 from tests.hf_reference import peft_fc2_adapter, write_llama_dir
 from tests.tiny_model import TINY
 
 
 def _eval(workdir, *overrides):
-    proc = subprocess.run(
-        main_cmd(workdir, "--config.mode=eval", *overrides),
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_main_ok(workdir, "--config.mode=eval", *overrides)
     return proc.stdout, json.loads((workdir / "eval" / "results.json").read_text())
 
 

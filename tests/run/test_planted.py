@@ -1,0 +1,174 @@
+"""The planted-answer study: the planted delta, the ids dataset and tokenizer, teacher-forced agreement,
+and one small study end to end that must rank every arm containing the planted set above every arm
+without it (the report never reading how the teacher was made)."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from data import samples
+from data.prepare import data_sources
+from data.records import DataError
+from data.sft import SFTOptions, generation_prompt_ids, tokenize_example
+from data.tokenizer import IdsTokenizer, load_tokenizer
+from eval import teacher_agreement
+from lora_jax.errors import ConfigError
+from lora_jax.lora.spec import LoraSpec
+from lora_jax.model.transformer import Transformer
+from lora_jax.run.config import validate
+from lora_jax.run.eval_hooks import teacher_forced_replies
+from lora_jax.run.planted import plant, planted_delta
+from tests.cli import run_main_ok
+from tests.tiny_model import TINY
+
+
+def test_teacher_agreement_hand_worked():
+    assert teacher_agreement.score("1 2 3 4", "1 2 3 4").score == 1.0
+    s = teacher_agreement.score("1 9 3", "1 2 3 4")  # position 1 wrong, position 3 missing
+    assert s.score == 0.5 and s.details == {"matched": 2, "tokens": 4, "prefix": 1}
+    assert teacher_agreement.score("1 2 3 4 5 6", "1 2 3 4").score == 1.0  # past the reference: not scored
+    assert teacher_agreement.score("", "7 8").score == 0.0
+    assert teacher_agreement.score("2 1", "1 2").score == 0.0  # positions, not a bag of tokens
+    bad = teacher_agreement.score("one two", "1 2")
+    assert bad.score == 0.0 and bad.format_failure == teacher_agreement.NOT_IDS
+    with pytest.raises(ValueError, match="not a non-empty list of token ids"):
+        teacher_agreement.score("1", "")
+
+
+def test_planted_delta_has_the_rank_and_relative_norm_asked():
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((16, 2, 3, 4)).astype(np.float32)  # a fused [embed, kv, slots, head_dim]
+    delta = planted_delta(kernel, 3, 0.4, np.random.default_rng(1))
+    assert delta.shape == kernel.shape
+    assert np.linalg.matrix_rank(delta.reshape(16, -1)) == 3
+    assert np.linalg.norm(delta) / np.linalg.norm(kernel.astype(np.float64)) == pytest.approx(0.4, rel=1e-9)
+
+
+def test_plant_changes_only_the_planted_kernels_and_layers():
+    model = Transformer(TINY, LoraSpec(targets=("o_proj", "fc2"), rank=2), rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    achieved = plant(model, ("fc2", "qkv"), rank=2, relative_norm=0.25, layers=(1,), seed=3)
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    changed = {
+        jax.tree_util.keystr(path)
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after))
+        if not np.array_equal(x, y)
+    }
+    assert changed == {"['layers']['fc2']['kernel'].value", "['layers']['qkv']['kernel'].value"}, changed
+    for target in ("fc2", "qkv"):
+        old, new = before["layers"][target]["kernel"].value, after["layers"][target]["kernel"].value
+        np.testing.assert_array_equal(old[0], new[0])  # layer 0 is not planted
+        assert achieved[target][0] == 0.0 and achieved[target][1] == pytest.approx(0.25, rel=1e-5)
+
+
+def _ids_tokenizer(tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "ids_tokenizer.json").write_text(json.dumps({"vocab_size": 50, "end_of_turn_id": 49}))
+    return load_tokenizer(str(d))
+
+
+def test_ids_pass_through_the_sft_pipeline_unchanged(tmp_path):
+    """Prompt and target ids reach the batch as written; the loss covers the target and the end-of-turn."""
+    tok = _ids_tokenizer(tmp_path)
+    assert isinstance(tok, IdsTokenizer)
+    record = {"id": b"x", "instruction": b"3 1 4 1", "document": b"", "target": b"5 9 2", "reasoning": b""}
+    ex = tokenize_example(tok, record, SFTOptions(max_seq_len=16, model_vocab_size=50))
+    assert ex["tokens"].tolist() == [3, 1, 4, 1, 5, 9, 2, 49]
+    assert ex["loss_mask"].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]  # position t predicts token t + 1
+    assert ex["targets"][3:7].tolist() == [5, 9, 2, 49]
+    assert generation_prompt_ids(tok, record, SFTOptions(max_seq_len=16), 4) == [3, 1, 4, 1]
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        tokenize_example(tok, dict(record, target=b"5 77"), SFTOptions(max_seq_len=16, model_vocab_size=50))
+    with pytest.raises(DataError, match="expected space-separated token ids"):
+        tok.encode("5 nine")
+
+
+def test_teacher_forced_replies_are_the_argmax_given_the_true_prefix(tmp_path):
+    tok = _ids_tokenizer(tmp_path)
+    cfg = TINY
+    model = Transformer(cfg, None, rngs=nnx.Rngs(0))
+    record = {"id": b"x", "instruction": b"3 1 4 1", "document": b"", "target": b"5 9 2", "reasoning": b""}
+    [completion] = teacher_forced_replies(model, [record], tok, SFTOptions(max_seq_len=16), 2, None)
+    logits = np.asarray(model(np.asarray([[3, 1, 4, 1, 5, 9, 2]], np.int32)))[0]
+    expected = " ".join(str(int(i)) for i in logits[3:6].argmax(-1))  # the positions predicting 5, 9, 2
+    assert completion.prompt_tokens == 4 and completion.reply == expected
+
+
+def test_planted_bundled_sample_builds_its_splits(tmp_path):
+    manual = samples.write_sample_manual_dir("planted", tmp_path / "manual")
+    src = data_sources("planted", manual, str(tmp_path / "tfds"))
+    assert (len(src["train"]), len(src["test"])) == (8, 4)
+    (tmp_path / "manual" / "planted.jsonl").write_text(
+        '{"id": "a", "split": "dev", "prompt_ids": [1], "target_ids": [2]}\n'
+    )
+    with pytest.raises(DataError, match="planted.jsonl:1: split 'dev' must be 'train' or 'test'"):
+        data_sources("planted", manual, str(tmp_path / "tfds2"))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("targets", (), "planted.targets is empty"),
+        ("targets", ("mlp",), "unknown LoRA target"),
+        ("rank", 0, "planted.rank=0 must be >= 1"),
+        ("relative_norm", 0.0, "planted.relative_norm=0.0 must be > 0"),
+        ("layers", (7,), r"planted.layers=\(7,\): the model has layers 0..1"),
+        ("new_tokens", 300, "passes data.max_seq_len=256"),
+    ],
+)
+def test_planted_settings_are_checked_with_the_config(key, value, message):
+    config = base.arm_config("planted", "fc2", "runlocal")
+    config.planted[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
+# --- one small study, end to end ----------------------------------------------------------------
+
+STUDY_ARMS = ("fc2", "oproj_fc2", "oproj", "qkv_fc1")  # two contain P = {fc2}, two do not
+SMALL = (
+    f"--config.arms={STUDY_ARMS!r}".replace(" ", ""),
+    "--config.planted.targets=('fc2',)",
+    "--config.planted.num_train=128",
+    "--config.planted.num_test=32",
+    "--config.data.max_seq_len=128",  # two 49-token examples a row
+    "--config.data.max_target_tokens=64",
+    "--config.train.total_steps=40",
+    "--config.train.global_batch_size=8",
+    "--config.train.checkpoint_every_steps=40",
+    "--config.eval.evaluators=('loss','generate')",
+)
+
+
+def test_a_small_planted_study_ranks_every_arm_with_the_planted_set_first(tmp_path):
+    """Four arms jointly on a teacher planted on fc2; the report (the project's own table and tests)
+    ranks both arms containing fc2 above both without, the best without significantly worse; a
+    planted.json that lies about the teacher changes nothing in the report."""
+    from eval import report
+
+    root = tmp_path / "study"
+    proc = run_main_ok(root / "planted_fc2_s0", *SMALL, config="configs/planted_all_arms.py:runlocal")
+    assert "planted teacher on fc2" in proc.stdout
+    built = report.build(str(root), str(tmp_path / "report"))
+    rows = {r.arm: r for r in built["rows"]}
+    assert set(rows) == set(STUDY_ARMS) and built["missing"] == []
+    with_p, without_p = [rows[a] for a in ("fc2", "oproj_fc2")], [rows[a] for a in ("oproj", "qkv_fc1")]
+    assert min(r.mean for r in with_p) > max(r.mean for r in without_p), {a: r.mean for a, r in rows.items()}
+    best_without = max(without_p, key=lambda r: r.mean)
+    assert best_without.significant, best_without  # worse than the best at p < 0.05: the report's own corrected test
+
+    spec = root / "planted_fc2_s0" / "joint" / "planted" / "planted.json"
+    told = json.loads(spec.read_text())
+    assert told["planted"]["targets"] == ["fc2"] and told["relative_norm_achieved"]["fc2"][0] == pytest.approx(0.5)
+    spec.write_text(json.dumps(dict(told, planted=dict(told["planted"], targets=["qkv"]))))  # a lie
+    shutil.rmtree(tmp_path / "report")
+    again = report.build(str(root), str(tmp_path / "report"))
+    assert [(r.arm, r.mean, r.significant) for r in again["rows"]] == [
+        (r.arm, r.mean, r.significant) for r in built["rows"]
+    ]
