@@ -23,13 +23,17 @@ _FILE_NUMBERS = itertools.count()  # two writers of one process and second never
 
 
 class EventWriter:
-    """Appends events to one new `events.out.tfevents.*` file in `logdir` (created on first write)."""
+    """Appends events to one new `events.out.tfevents.*` file in `logdir` (created on first write).
+    Written events reach the file at least every `flush_secs` (as tf.summary's writer flushes on a
+    timer), so TensorBoard follows a running job and a killed one loses at most that much."""
 
-    def __init__(self, logdir: str | os.PathLike, log_scalars: bool = True):
+    def __init__(self, logdir: str | os.PathLike, log_scalars: bool = True, flush_secs: float = 10.0):
         self._logdir = epath.Path(logdir)
         self._log_scalars = log_scalars
+        self._flush_secs = flush_secs
         self._file = None
         self._records = None
+        self._flushed = time.monotonic()
 
     def _write(self, step: int, summary) -> None:
         from tensorboard.compat.proto import event_pb2
@@ -44,6 +48,8 @@ class EventWriter:
             self._records.write(event_pb2.Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
         event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
         self._records.write(event.SerializeToString())
+        if time.monotonic() - self._flushed >= self._flush_secs:
+            self.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         from tensorboard.compat.proto import summary_pb2
@@ -70,6 +76,7 @@ class EventWriter:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         if self._file is not None:

@@ -6,8 +6,10 @@ A finished run (its workdir has summary.json) is skipped; an unfinished one resu
 latest checkpoint (main.py resumes by itself); a failed one is recorded and the sweep goes on. A
 diverged run (its summary.json says "status": "diverged") is counted as diverged, not done, and is
 skipped on a rerun too (rerunning would diverge again: change its config). Each run's output goes
-to <root>/<name>/launch.log. The end is a table of every run's status; the exit status is 1 if any
-run failed or diverged. Re-running the same command finishes only what is left.
+to <root>/<name>/launch.log. The end is a table of every run's status and the study's report
+(`python -m eval.report`, into <root>/report; --no_report skips it); the exit status is 1 if any run
+failed or diverged. Re-running the same command finishes only what is left. A joint run (all arms of
+a dataset in one job, `config.arms`) counts as done once its <name>/joint/summary.json is written.
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ def diverged(run_dir: str) -> str | None:
 
 
 def status_before(run_dir: str) -> str:
-    """diverged (summary.json says so) | done (any other summary.json) | resume (a finished
-    checkpoint: orbax renames <step>.*tmp* to <step>) | new."""
+    """diverged (summary.json says so) | done (any other summary.json; a joint run's joint/summary.json)
+    | resume (a finished checkpoint, of the run or of a joint run's arm: orbax renames <step>.*tmp* to
+    <step>) | new."""
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         return "diverged" if diverged(run_dir) else "done"
-    ckpts = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
-        return "resume"
+    if os.path.exists(os.path.join(run_dir, "joint", "summary.json")):
+        return "done"
+    arms = [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))] if os.path.isdir(run_dir) else []
+    for d in [run_dir] + arms:
+        ckpts = os.path.join(d, "checkpoints")
+        if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
+            return "resume"
     return "new"
 
 
@@ -85,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="directory holding one workdir per run")
     p.add_argument("--python", default=sys.executable, help="the interpreter that runs main.py")
     p.add_argument("--dry_run", action="store_true", help="print each run's command and status, run nothing")
+    p.add_argument("--no_report", action="store_true", help="skip the report at the end")
     a = p.parse_args(argv)
     try:
         runs = load(a.sweep)
@@ -115,6 +123,11 @@ def main(argv=None) -> int:
         print(f"{name:<{width}}  {status:<8}  {f'{seconds:.0f} s' if seconds else '-':>7}  {note}")
     counts = {s: sum(r[1] == s for r in rows) for s in ("done", "finished", "resumed", "failed", "diverged")}
     print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" — root {root}")
+    if not a.no_report:
+        from eval import report
+
+        built = report.build(root, os.path.join(root, "report"))
+        print(f"report: {len(built['rows'])} rows -> {os.path.join(root, 'report', 'report.md')}", flush=True)
     return 1 if counts["failed"] or counts["diverged"] else 0
 
 

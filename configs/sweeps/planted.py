@@ -7,16 +7,16 @@ on the data of a teacher that is the base + a low-rank delta planted on the modu
                               teacher, decided by planted.seed, stays the same)
   steps=<N>                   train.total_steps of every run
   rank=<r>, norm=<x>          the planted delta's rank and ||delta W||_F / ||W||_F (configs/base.py)
-  hf                          the configs' own base (set --config.model.hf_dir through the overrides of
-                              your launcher) instead of the tiny random model (`:runlocal`, the default)
+  hf_dir=<path>               a local Hugging Face checkpoint as the base (the study's full-size
+                              settings) instead of the tiny random model (`:runlocal`, the default)
 Example: `python launch/local.py --sweep=configs/sweeps/planted.py:planted=fc2,seeds=2 --root=/tmp/planted`
-then `python -m eval.report --root=/tmp/planted`. An arm "contains P" when its targets include all
+writes the report to /tmp/planted/report at the end. An arm "contains P" when its targets include all
 of P; a study that works ranks every such arm above every arm that does not.
 """
 
 from __future__ import annotations
 
-OPTIONS = ("planted", "seeds", "steps", "rank", "norm", "hf")
+OPTIONS = ("planted", "seeds", "steps", "rank", "norm", "hf_dir")
 
 
 def _options(arg: str | None) -> dict:
@@ -46,10 +46,12 @@ def get_sweep(arg: str | None = None) -> list[dict]:
             overrides["planted.rank"] = int(o["rank"])
         if "norm" in o:
             overrides["planted.relative_norm"] = float(o["norm"])
+        if "hf_dir" in o:
+            overrides["model.hf_dir"] = o["hf_dir"]
         runs.append(
             {
                 "config": "configs/planted_all_arms.py",
-                "config_arg": None if o.get("hf") else "runlocal",
+                "config_arg": None if "hf_dir" in o else "runlocal",
                 "overrides": overrides,
                 "name": f"planted_{'+'.join(targets)}_s{seed}",
             }

@@ -162,9 +162,9 @@ def prepare_planted(config, workdir: epath.Path, mesh) -> None:
     if config.data.name != "planted" or config.data.manual_dir is not None:
         return
     manual = epath.Path(manual_dir(config, workdir))
-    if teacher_data_matches(manual, config, base_fingerprint(config)):
-        return
     end_of_turn = load_tokenizer(base_tokenizer_dir(config, workdir)).end_of_turn_id
+    if teacher_data_matches(manual, config, base_fingerprint(config), end_of_turn):
+        return
     teacher, fingerprint = build_model(config, mesh)
     write_teacher_data(config, teacher, fingerprint, end_of_turn, manual, mesh, write=jax.process_index() == 0)
     _on_process_0_then_all(lambda: None, "planted teacher data")

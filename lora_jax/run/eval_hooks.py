@@ -90,12 +90,17 @@ def teacher_forced_replies(model, records, tok: Tokenizer, sft: SFTOptions, batc
     """[Completion(prompt tokens, reply)] where the reply is the model's most likely token at each of
     the target's positions given the target's true prefix (teacher forcing), decoded like a reply;
     the end-of-turn that closes the target is not part of it. Each example is tokenized as training
-    tokenizes it (evaluation keeps every example). num_arms = K > 0: a bank model, one list per arm."""
+    tokenizes it (evaluation keeps every example); None for one whose prompt alone passes the context
+    (dropped and counted, as in generation). num_arms = K > 0: a bank model, one list per arm."""
     opts = dataclasses.replace(
         sft, keep_all=True, max_seq_len=min(sft.max_seq_len, model.config.max_position_embeddings)
     )
-    examples = [tokenize_example(tok, r, opts) for r in records]
+    tokenized = [tokenize_example(tok, r, opts) for r in records]
+    examples = [ex for ex in tokenized if ex is not None]
     arms = max(num_arms, 1)
+    per_arm = [[] for _ in range(arms)]
+    if not examples:
+        return [[None] * len(records) for _ in range(arms)] if num_arms else [None] * len(records)
     predicted = []
     for start in range(0, len(examples), batch_size):
         group = examples[start : start + batch_size]
@@ -107,14 +112,19 @@ def teacher_forced_replies(model, records, tok: Tokenizer, sft: SFTOptions, batc
             tokens[i, : len(r)] = r
         ids = [k for _ in group for k in range(arms)] if num_arms else None
         predicted.extend(teacher_forced_argmax(model, tokens, mesh, adapter_ids=ids))
-    per_arm = [[] for _ in range(arms)]
-    for i, ex in enumerate(examples):
+    i = 0
+    for ex in tokenized:
+        if ex is None:
+            for k in range(arms):
+                per_arm[k].append(None)
+            continue
         scored = np.nonzero(ex["loss_mask"])[0]
         if len(scored) and ex["targets"][scored[-1]] == tok.end_of_turn_id:
             scored = scored[:-1]  # the turn's end is the template's, not the reference's
         for k in range(arms):
             reply = tok.decode(predicted[i * arms + k][scored].tolist())
             per_arm[k].append(Completion(int(scored[0]) + 1 if len(scored) else len(ex["tokens"]), reply))
+        i += 1
     return per_arm if num_arms else per_arm[0]
 
 

@@ -141,7 +141,7 @@ def evaluate(config, workdir: str) -> dict:
         seed=config.train.seed,
         base_model=fingerprint,
     )
-    writer.flush()
+    writer.close()
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(parents=True, exist_ok=True)
         write_text_atomic(workdir / "eval" / "results.json", json.dumps(results, indent=1))

@@ -25,6 +25,7 @@ from etils import epath
 
 from lora_jax.errors import ConfigError
 from lora_jax.lora.arms import validate_targets
+from lora_jax.model.transformer import target_shapes
 from lora_jax.serve.generate import GenerationOptions, generate
 
 BATCH = 64  # prompts continued per generate call (all prompts have one length: no padding)
@@ -45,6 +46,13 @@ def check_planted(config: ml_collections.ConfigDict, num_layers: int) -> None:
     bad = [layer for layer in p.layers if not 0 <= layer < num_layers]
     if bad:
         raise ConfigError(f"planted.layers={tuple(p.layers)}: the model has layers 0..{num_layers - 1}")
+    if len(set(p.layers)) != len(p.layers):
+        raise ConfigError(f"planted.layers={tuple(p.layers)} names a layer twice")
+    if p.new_tokens + 1 > config.data.max_target_tokens:  # the continuation + its end-of-turn
+        raise ConfigError(
+            f"planted.new_tokens + 1 = {p.new_tokens + 1} passes data.max_target_tokens={config.data.max_target_tokens}"
+            " (training would drop the longest continuations)"
+        )
     longest = p.prompt_tokens + p.new_tokens + 1  # + the end-of-turn the example ends with
     if longest > config.data.max_seq_len:
         raise ConfigError(
@@ -52,10 +60,13 @@ def check_planted(config: ml_collections.ConfigDict, num_layers: int) -> None:
         )
 
 
-def planted_delta(kernel: np.ndarray, rank: int, relative_norm: float, rng: np.random.Generator) -> np.ndarray:
-    """A rank-`rank` delta for one layer's kernel [*in, *out] (first axis: input), float64, with
+def planted_delta(
+    kernel: np.ndarray, n_in: int, rank: int, relative_norm: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A delta of rank `rank` for one layer's kernel [*in, *out] (its first n_in axes are the input:
+    the map is the matrix [prod(in), prod(out)], as the target's LoRA sees it), float64, with
     ||delta||_F = relative_norm * ||kernel||_F."""
-    w = kernel.reshape(kernel.shape[0], -1).astype(np.float64)
+    w = kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1).astype(np.float64)
     delta = rng.standard_normal((w.shape[0], rank)) @ rng.standard_normal((rank, w.shape[1]))
     delta *= relative_norm * np.linalg.norm(w) / np.linalg.norm(delta)
     return delta.reshape(kernel.shape)
@@ -65,14 +76,15 @@ def plant(model, targets, rank: int, relative_norm: float, layers, seed: int) ->
     """Adds the planted delta to the model's base kernels in place (each keeps its dtype and sharding);
     returns the achieved ||delta||_F / ||W||_F per target and layer (after the cast to the kernel's dtype)."""
     rng = np.random.default_rng(seed)
-    achieved = {}
+    achieved, shapes = {}, target_shapes(model.config)
     for target in validate_targets(targets):
+        n_in = len(shapes[target][0])  # o_proj [kv_heads, q_per_kv, head_dim] -> embed: three input axes
         param = getattr(model.layers, target).kernel
         old = param.get_value()
         stacked = np.asarray(jax.device_get(old), np.float64)  # [layers, *in, *out]
         new = stacked.copy()
         for layer in layers or range(stacked.shape[0]):
-            new[layer] += planted_delta(stacked[layer], rank, relative_norm, rng)
+            new[layer] += planted_delta(stacked[layer], n_in, rank, relative_norm, rng)
         cast = np.asarray(new, dtype=np.dtype(old.dtype))
         param.set_value(jax.device_put(cast, old.sharding))
         after = np.asarray(cast, np.float64)
@@ -100,13 +112,14 @@ def _settings(config) -> dict:
     return json.loads(json.dumps(config.planted.to_dict()))  # tuples as lists, as planted.json holds them
 
 
-def teacher_data_matches(manual_dir: epath.Path, config, fingerprint: str) -> bool:
-    """The manual dir holds a finished teacher's data made with these planted settings on this base
-    (preparation's reuse check; the ranking never reads planted.json)."""
+def teacher_data_matches(manual_dir: epath.Path, config, fingerprint: str, end_of_turn: int) -> bool:
+    """The manual dir holds a finished teacher's data made with these planted settings on this base and
+    end-of-turn id (preparation's reuse check; nothing that ranks arms reads planted.json)."""
     if not (manual_dir / FILE).exists() or not (manual_dir / SPEC_FILE).exists():
         return False
     made = json.loads((manual_dir / SPEC_FILE).read_text())
-    return made.get("planted") == _settings(config) and made.get("base_model") == fingerprint
+    decided_by = (made.get("planted"), made.get("base_model"), made.get("end_of_turn_id"))
+    return decided_by == (_settings(config), fingerprint, end_of_turn)
 
 
 def write_teacher_data(
@@ -138,7 +151,11 @@ def write_teacher_data(
     record = {
         "planted": _settings(config),
         "base_model": fingerprint,
+        "end_of_turn_id": end_of_turn,
         "relative_norm_achieved": achieved,
+        # continuations that ran out of budget before the teacher's end-of-turn: their training
+        # example still ends with one (the template's), a position teacher_agreement never scores
+        "hit_the_budget": sum(len(t) == p.new_tokens for t in teacher),
         "empty_continuations": n - len(rows),
         # how far the teacher is from its base: the share of continuation tokens the delta changed
         "tokens_changed_from_base": sum(changed) / max(sum(max(len(t), len(s)) for t, s in zip(teacher, base)), 1),

@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             export_adapter(trainer.arm_graphdef(k), arm_lora, frozen, arm.workdir, base_name, fingerprint)
     results = evaluate(lora, total)
     for arm, result in zip(arms, results):
-        arm.writer.flush()
+        arm.writer.close()  # flushed; the run writes no more events
         if arm.divergence:
             continue
         dropped = data.train.dropped

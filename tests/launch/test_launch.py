@@ -103,9 +103,9 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path, runs, message):
 # --- the local runner ---------------------------------------------------------------------------
 
 
-def _local(spec, root):
+def _local(spec, root, report=False):
     return subprocess.Popen(
-        [PY, "launch/local.py", f"--sweep={spec}", f"--root={root}"],
+        [PY, "launch/local.py", f"--sweep={spec}", f"--root={root}", *(() if report else ("--no_report",))],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -142,8 +142,9 @@ def test_local_runner_skips_finished_resumes_unfinished_and_goes_on_after_a_fail
     assert all((root / n / "summary.json").exists() for n in ("qkv", "oproj", "fc2"))
     assert json.loads((root / "oproj" / "summary.json").read_text())["resumed_from"] >= 1
 
-    out = _local(spec, root).communicate(timeout=600)[0]  # nothing left: no training at all
+    out = _local(spec, root, report=True).communicate(timeout=600)[0]  # nothing left: no training at all
     assert "3 done, 0 finished, 0 resumed, 0 failed" in out
+    assert f"report: 3 rows -> {root / 'report' / 'report.md'}" in out and (root / "report" / "cocohd.png").exists()
 
     from eval import report  # the study's table from the real runs' files
 

@@ -18,8 +18,9 @@ from data.sft import SFTOptions, generation_prompt_ids, tokenize_example
 from data.tokenizer import IdsTokenizer, load_tokenizer
 from eval import teacher_agreement
 from lora_jax.errors import ConfigError
+from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.transformer import Transformer
+from lora_jax.model.transformer import Transformer, target_shapes
 from lora_jax.run.config import validate
 from lora_jax.run.eval_hooks import teacher_forced_replies
 from lora_jax.run.planted import plant, planted_delta
@@ -30,7 +31,7 @@ from tests.tiny_model import TINY
 def test_teacher_agreement_hand_worked():
     assert teacher_agreement.score("1 2 3 4", "1 2 3 4").score == 1.0
     s = teacher_agreement.score("1 9 3", "1 2 3 4")  # position 1 wrong, position 3 missing
-    assert s.score == 0.5 and s.details == {"matched": 2, "tokens": 4, "prefix": 1}
+    assert s.score == 0.5 and s.details == {"matched": 2, "tokens": 4, "first_miss": 1}
     assert teacher_agreement.score("1 2 3 4 5 6", "1 2 3 4").score == 1.0  # past the reference: not scored
     assert teacher_agreement.score("", "7 8").score == 0.0
     assert teacher_agreement.score("2 1", "1 2").score == 0.0  # positions, not a bag of tokens
@@ -42,11 +43,24 @@ def test_teacher_agreement_hand_worked():
 
 def test_planted_delta_has_the_rank_and_relative_norm_asked():
     rng = np.random.default_rng(0)
-    kernel = rng.standard_normal((16, 2, 3, 4)).astype(np.float32)  # a fused [embed, kv, slots, head_dim]
-    delta = planted_delta(kernel, 3, 0.4, np.random.default_rng(1))
+    kernel = rng.standard_normal((2, 3, 4, 16)).astype(np.float32)  # o_proj's [kv_heads, q_per_kv, head_dim, embed]
+    delta = planted_delta(kernel, 3, 3, 0.4, np.random.default_rng(1))
     assert delta.shape == kernel.shape
-    assert np.linalg.matrix_rank(delta.reshape(16, -1)) == 3
+    assert np.linalg.matrix_rank(delta.reshape(24, 16)) == 3  # as the map [kv*g*d, embed] a LoRA on o_proj sees
     assert np.linalg.norm(delta) / np.linalg.norm(kernel.astype(np.float64)) == pytest.approx(0.4, rel=1e-9)
+
+
+def test_every_target_is_planted_at_the_rank_its_lora_sees():
+    """The delta of each target, read in the target's own LoRA layout (A [*in, r] · B [r, *out]), has the
+    planted rank: an arm with that target and rank >= it can represent the teacher."""
+    model = Transformer(TINY, None, rngs=nnx.Rngs(0))
+    before = {t: np.asarray(getattr(model.layers, t).kernel.get_value(), np.float64) for t in TARGETS}
+    plant(model, TARGETS, rank=2, relative_norm=0.3, layers=(), seed=0)
+    for target, (in_dims, _, _, _) in target_shapes(TINY).items():
+        delta = np.asarray(getattr(model.layers, target).kernel.get_value(), np.float64) - before[target]
+        for layer in range(TINY.num_layers):
+            matrix = delta[layer].reshape(int(np.prod(in_dims)), -1)
+            assert np.linalg.matrix_rank(matrix, tol=1e-4 * np.abs(matrix).max()) == 2, (target, layer)
 
 
 def test_plant_changes_only_the_planted_kernels_and_layers():
@@ -119,7 +133,9 @@ def test_planted_bundled_sample_builds_its_splits(tmp_path):
         ("rank", 0, "planted.rank=0 must be >= 1"),
         ("relative_norm", 0.0, "planted.relative_norm=0.0 must be > 0"),
         ("layers", (7,), r"planted.layers=\(7,\): the model has layers 0..1"),
-        ("new_tokens", 300, "passes data.max_seq_len=256"),
+        ("prompt_tokens", 240, "passes data.max_seq_len=256"),
+        ("new_tokens", 200, r"planted.new_tokens \+ 1 = 201 passes data.max_target_tokens=128"),
+        ("layers", (1, 1), r"planted.layers=\(1, 1\) names a layer twice"),
     ],
 )
 def test_planted_settings_are_checked_with_the_config(key, value, message):
