@@ -55,3 +55,12 @@ def file_hashes(directory) -> dict:
             with open(path, "rb") as fh:
                 out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+def reference_copy(reference_run, directory):
+    """A copy of the shared reference run's workdir (tests/conftest.py) in `directory`, for a test that
+    runs main.py on it: main.py writes (a probe file, at least) into any workdir it is given."""
+    import shutil
+
+    shutil.copytree(reference_run[0], directory)
+    return directory

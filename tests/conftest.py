@@ -25,22 +25,25 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, worker_id):
+def reference_run(tmp_path_factory):
     """The runlocal arm trained once (20 steps) by main.py, shared by the end-to-end and CLI tests.
 
     Built once per session, not once per pytest-xdist worker: the workers share their session's
-    temporary root and take a file lock, so the first builds it and the others wait and read it."""
+    temporary root and take a file lock, so the first builds it and the others wait and read it.
+    Shared means read-only: a test that runs main.py on it works on a copy (tests/cli.reference_copy)."""
     import json
+    import shutil
 
     from filelock import FileLock
 
     from tests.cli import run_main
 
     root = tmp_path_factory.getbasetemp()
-    root = root.parent if worker_id != "master" else root  # xdist: <session root>/popen-gwN
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # xdist: <session root>/popen-gwN
     workdir = root / "reference_run"
     with FileLock(str(root / "reference_run.lock")):
         if not (workdir / "summary.json").exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a build that failed part-way is not resumed
             run_main(workdir)
     return workdir, json.loads((workdir / "summary.json").read_text())
 

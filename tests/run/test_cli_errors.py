@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from lora_jax.io.peft_adapter import BASE_FILE
-from tests.cli import ARM, ENV, ROOT, file_hashes
+from tests.cli import ARM, ENV, ROOT, file_hashes, reference_copy
 from tests.hf_reference import peft_fc2_adapter, write_llama_dir
 
 
@@ -291,7 +291,7 @@ def _command(args, workdir):
 def results(reference_run, tmp_path_factory):
     """Runs every case against the shared workdir; returns ({name: CompletedProcess}, hashes before, the
     shared workdir, {name: the case's own directory})."""
-    workdir, _ = reference_run
+    workdir = reference_copy(reference_run, tmp_path_factory.mktemp("shared") / "run")  # the cases write probes
     before = file_hashes(workdir / "checkpoints")
     commands, case_dirs = {}, {}
     for name, build, _ in CASES:

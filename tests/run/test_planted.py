@@ -1,11 +1,12 @@
-"""The planted-answer study: the planted delta, the ids dataset and tokenizer, teacher-forced agreement,
-and one small study end to end that must rank every arm containing the planted set above every arm
-without it (the report never reading how the teacher was made)."""
+"""The planted-answer study: the planted delta, the ids dataset and tokenizer, teacher-forced agreement
+(the teacher scores 1 on its own data; K arms in one pass equal each alone), and one small study end
+to end that must rank every arm containing the planted set above every arm without it, on data whose
+record of the teacher lies."""
 
 import json
-import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,12 +19,15 @@ from data.sft import SFTOptions, generation_prompt_ids, tokenize_example
 from data.tokenizer import IdsTokenizer, load_tokenizer
 from eval import teacher_agreement
 from lora_jax.errors import ConfigError
-from lora_jax.lora.arms import TARGETS
+from lora_jax.lora.arms import ARMS, TARGETS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import Transformer, target_shapes
+from lora_jax.run.assemble import base_tokenizer_dir, build_bank_model, build_model, prepare_planted
 from lora_jax.run.config import validate
 from lora_jax.run.eval_hooks import teacher_forced_replies
-from lora_jax.run.planted import plant, planted_delta
+from lora_jax.run.planted import plant, planted_delta, write_teacher_data
+from lora_jax.serve.generate import teacher_forced_argmax
+from lora_jax.sharding import make_mesh
 from tests.cli import run_main_ok
 from tests.tiny_model import TINY
 
@@ -145,46 +149,122 @@ def test_planted_settings_are_checked_with_the_config(key, value, message):
         validate(config)
 
 
+def _planted_config(**changes):
+    config = base.arm_config("planted", "fc2", "runlocal")
+    config.planted.num_train, config.planted.num_test, config.planted.new_tokens = 8, 4, 8
+    for key, value in changes.items():
+        *section, name = key.split(".")
+        (config[section[0]] if section else config)[name] = value
+    return config
+
+
+def _records(manual):
+    rows = [json.loads(line) for line in (manual / "planted.jsonl").read_text().splitlines()]
+    return [
+        {
+            "id": r["id"].encode(),
+            "instruction": " ".join(map(str, r["prompt_ids"])).encode(),
+            "document": b"",
+            "target": " ".join(map(str, r["target_ids"])).encode(),
+            "reasoning": b"",
+        }
+        for r in rows
+    ]
+
+
+def test_the_teacher_scores_one_on_its_own_data(tmp_path):
+    """The teacher's greedy continuations (cached decoding) scored teacher-forced on the teacher itself
+    (one full forward pass): every token agrees, so the alignment of replies with references is right."""
+    config = _planted_config()
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model, fingerprint = build_model(config, mesh)
+    tok = load_tokenizer(base_tokenizer_dir(config, tmp_path))
+    write_teacher_data(config, model, fingerprint, tok.end_of_turn_id, tmp_path / "planted", mesh)
+    ids = load_tokenizer(str(tmp_path / "planted" / "tokenizer"))
+    records = _records(tmp_path / "planted")
+    opts = SFTOptions(max_seq_len=config.data.max_seq_len, model_vocab_size=model.config.vocab_size)
+    replies = teacher_forced_replies(model, records, ids, opts, 4, mesh)  # `model` is the teacher now
+    scores = [teacher_agreement.score(c.reply, r["target"].decode()).score for c, r in zip(replies, records)]
+    assert len(scores) == 12 and all(s == 1.0 for s in scores), scores
+    made = json.loads((tmp_path / "planted" / "planted.json").read_text())
+    assert made["tokens_changed_from_base"] > 0.1  # the delta changed what the base would say
+
+
+def test_teacher_forced_replies_of_a_bank_are_each_arm_alone(tmp_path):
+    """K arms in one pass (rows i*K + k, batches padded to one shape) give each arm's own replies,
+    computed one example at a time without padding."""
+    configs = [_planted_config(**{"lora.targets": ARMS[a], "arm": a}) for a in ("fc2", "oproj")]
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model, _, _ = build_bank_model(configs, ["fc2", "oproj"], mesh)
+    rng = np.random.default_rng(0)
+    for target in ("o_proj", "fc2"):
+        b = getattr(model.layers, target).lora_b
+        b.set_value(jnp.asarray(rng.standard_normal(b.get_value().shape), b.get_value().dtype))
+    tok = _ids_tokenizer(tmp_path)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3]]
+    targets = [[5, 8], [9, 7, 9, 3], [2, 3, 8, 4, 6]]
+    records = [
+        {
+            "id": b"x",
+            "instruction": " ".join(map(str, p)).encode(),
+            "document": b"",
+            "target": " ".join(map(str, t)).encode(),
+        }
+        for p, t in zip(prompts, targets)
+    ]
+    per_arm = teacher_forced_replies(model, records, tok, SFTOptions(max_seq_len=32), 2, mesh, num_arms=2)
+    for k in range(2):
+        for completion, p, t in zip(per_arm[k], prompts, targets):
+            alone = teacher_forced_argmax(model, np.asarray([p + t], np.int32), mesh, adapter_ids=[k])[0]
+            assert completion.reply == " ".join(map(str, alone[len(p) - 1 : len(p) - 1 + len(t)])), (k, p)
+            assert completion.prompt_tokens == len(p)
+    assert [c.reply for c in per_arm[0]] != [c.reply for c in per_arm[1]]  # the arms do differ
+
+
 # --- one small study, end to end ----------------------------------------------------------------
 
 STUDY_ARMS = ("fc2", "oproj_fc2", "oproj", "qkv_fc1")  # two contain P = {fc2}, two do not
-SMALL = (
-    f"--config.arms={STUDY_ARMS!r}".replace(" ", ""),
-    "--config.planted.targets=('fc2',)",
-    "--config.planted.num_train=128",
-    "--config.planted.num_test=32",
-    "--config.data.max_seq_len=128",  # two 49-token examples a row
-    "--config.data.max_target_tokens=64",
-    "--config.train.total_steps=40",
-    "--config.train.global_batch_size=8",
-    "--config.train.checkpoint_every_steps=40",
-    "--config.eval.evaluators=('loss','generate')",
-)
+SMALL = {
+    "planted.targets": ("fc2",),
+    "planted.num_train": 128,
+    "planted.num_test": 32,
+    "data.max_seq_len": 128,  # two 49-token examples a row
+    "data.max_target_tokens": 64,
+    "train.total_steps": 40,
+    "train.global_batch_size": 8,
+}
 
 
 def test_a_small_planted_study_ranks_every_arm_with_the_planted_set_first(tmp_path):
-    """Four arms jointly on a teacher planted on fc2; the report (the project's own table and tests)
-    ranks both arms containing fc2 above both without, the best without significantly worse; a
-    planted.json that lies about the teacher changes nothing in the report."""
+    """Four arms jointly on data of a teacher planted on fc2, whose planted.json lies (it names qkv):
+    the report (the project's own table and corrected test) ranks both arms containing fc2 above both
+    without, the best without significantly worse."""
     from eval import report
 
+    config = _planted_config(**SMALL)
+    config.planted.num_train, config.planted.num_test, config.planted.new_tokens = 128, 32, 32
+    prepare_planted(config, tmp_path / "teacher", make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    manual = tmp_path / "teacher" / "planted"
+    told = json.loads((manual / "planted.json").read_text())
+    assert told["planted"]["targets"] == ["fc2"] and told["relative_norm_achieved"]["fc2"][0] == pytest.approx(0.5)
+    lie = dict(told["planted"], targets=["qkv"], rank=1)
+    (manual / "planted.json").write_text(json.dumps(dict(told, planted=lie, relative_norm_achieved={"qkv": [0.5]})))
+
     root = tmp_path / "study"
-    proc = run_main_ok(root / "planted_fc2_s0", *SMALL, config="configs/planted_all_arms.py:runlocal")
-    assert "planted teacher on fc2" in proc.stdout
+    flags = [f"--config.{k}={v!r}".replace(" ", "") for k, v in SMALL.items()]
+    run_main_ok(
+        root / "planted_fc2_s0",
+        f"--config.arms={STUDY_ARMS!r}".replace(" ", ""),
+        *flags,
+        f"--config.data.manual_dir={manual}",
+        "--config.train.checkpoint_every_steps=40",
+        "--config.eval.evaluators=('loss','generate')",
+        config="configs/planted_all_arms.py:runlocal",
+    )
     built = report.build(str(root), str(tmp_path / "report"))
     rows = {r.arm: r for r in built["rows"]}
     assert set(rows) == set(STUDY_ARMS) and built["missing"] == []
     with_p, without_p = [rows[a] for a in ("fc2", "oproj_fc2")], [rows[a] for a in ("oproj", "qkv_fc1")]
     assert min(r.mean for r in with_p) > max(r.mean for r in without_p), {a: r.mean for a, r in rows.items()}
     best_without = max(without_p, key=lambda r: r.mean)
-    assert best_without.significant, best_without  # worse than the best at p < 0.05: the report's own corrected test
-
-    spec = root / "planted_fc2_s0" / "joint" / "planted" / "planted.json"
-    told = json.loads(spec.read_text())
-    assert told["planted"]["targets"] == ["fc2"] and told["relative_norm_achieved"]["fc2"][0] == pytest.approx(0.5)
-    spec.write_text(json.dumps(dict(told, planted=dict(told["planted"], targets=["qkv"]))))  # a lie
-    shutil.rmtree(tmp_path / "report")
-    again = report.build(str(root), str(tmp_path / "report"))
-    assert [(r.arm, r.mean, r.significant) for r in again["rows"]] == [
-        (r.arm, r.mean, r.significant) for r in built["rows"]
-    ]
+    assert best_without.significant, best_without  # worse than the best at p < 0.05: the report's own test

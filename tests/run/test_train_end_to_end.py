@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.cli import ENV, ROOT, main_cmd, run_main
+from tests.cli import ENV, ROOT, main_cmd, reference_copy, run_main
 
 
 def read_adapter(workdir):
@@ -75,8 +75,8 @@ def snapshot(directory):
     return out
 
 
-def test_workdir_of_another_arm_is_refused(reference_run):
-    workdir, _ = reference_run
+def test_workdir_of_another_arm_is_refused(reference_run, tmp_path):
+    workdir = reference_copy(reference_run, tmp_path / "run")  # main.py probes the workdir: not the shared one
     before = snapshot(workdir)
     proc = subprocess.run(
         main_cmd(workdir, config="configs/cocohd_qkv.py:runlocal"),
