@@ -178,8 +178,9 @@ def initialize_distributed(jax) -> None:
 
 
 def announce_to_xmanager(jax, workdir: str) -> None:
-    """Under XManager, the work unit shows each process's place and links the workdir (TensorBoard,
-    checkpoints) as an artifact; elsewhere clu's platform only logs these at INFO."""
+    """Each process's place and the workdir (TensorBoard, checkpoints) as a work-unit artifact, through
+    clu's platform API: a platform that implements it (Google's internal XManager does) shows them;
+    open-source clu's local work unit logs them at INFO (--verbose)."""
     from clu import platform
 
     work_unit = platform.work_unit()

@@ -60,7 +60,12 @@ def test_two_writers_of_one_process_write_two_files_and_other_processes_none(tmp
 
 WRITERS = {
     "the run's writer": "from lora_jax.run.assemble import metric_writer\nw = metric_writer(out)\n",
-    "the report's hparams": "from eval.report import EventWriter\nw = EventWriter(out, log_scalars=False)\n",
+    "the report's hparams": (
+        "from eval.report import RunResult, write_hparams\n"
+        "write_hparams([RunResult('r', 'cocohd', 'qkv', 0, 'json_key_value_match', {'a': 1.0}, 0, 'b', tpot_unmerged=2.0)],"
+        " out)\n"
+        "from eval.events import EventWriter\nw = EventWriter(out + '/r', log_scalars=False)\n"
+    ),
 }
 
 
@@ -75,4 +80,4 @@ def test_writing_events_imports_no_tensorflow(tmp_path, writer):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
