@@ -206,6 +206,7 @@ def test_registry_and_aggregate():
     assert set(METRICS) == {"finqa_accuracy", "rouge_lsum", "mcq_accuracy", "json_key_value_match"} | {
         "exact_match",
         "field_accuracy",
+        "teacher_agreement",  # the planted study's (tests/run/test_planted.py)
     }
     scores = [mcq_accuracy.score(r, "C") for r in ("C.", "B.", "I think C")]
     assert aggregate(scores, bad_references=1) == {
