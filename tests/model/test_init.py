@@ -60,3 +60,28 @@ def test_fresh_adapters_are_the_values_jax_random_has_always_drawn(shape):
     key = jax.random.fold_in(jax.random.key(seed), int(hashlib.md5(str(path).encode()).hexdigest()[:7], 16))
     np.testing.assert_array_equal(ours, np.asarray(jax.jit(lambda: init_lora_a(key, shape))()))
     assert initial.DRAW_RULE  # named in the random base's fingerprint (tests/run/test_resume_identity.py)
+
+
+def test_initializer_range_scales_the_draws_and_names_itself_in_the_fingerprint():
+    """model.initializer_range (random init only) is the std of the base's normal draws; at the default
+    0.02 the fingerprints are the ones every earlier run recorded, otherwise they name it."""
+    import dataclasses
+
+    from flax import nnx
+
+    from configs import base
+    from lora_jax.model.transformer import Transformer
+    from lora_jax.run.assemble import base_fingerprint
+    from tests.tiny_model import TINY
+
+    wide = Transformer(dataclasses.replace(TINY, initializer_range=0.3), None, rngs=nnx.Rngs(0))
+    narrow = Transformer(TINY, None, rngs=nnx.Rngs(0))
+    ratio = np.asarray(wide.layers.fc2.kernel.get_value()) / np.asarray(narrow.layers.fc2.kernel.get_value())
+    np.testing.assert_allclose(ratio, 15.0, rtol=1e-5)  # the same draws, scaled: 0.3 / 0.02
+    text, image = base.arm_config("cocohd", "oproj", "runlocal"), base.arm_config("llavacot", "oproj", "runlocal")
+    assert base_fingerprint(text) == "random-df65ab1988349890"  # as recorded before the key existed
+    assert base_fingerprint(image) == "random-llava-d48344ff03cc05af"
+    for config in (text, image):
+        default = base_fingerprint(config)
+        config.model.initializer_range = 0.3
+        assert base_fingerprint(config) != default
