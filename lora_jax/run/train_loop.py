@@ -126,8 +126,9 @@ class Layout:
         if self.joint and jax.process_index() == 0:
             print(f"arm {arm.name}:", flush=True)
 
-    def finish(self, arms: list[Arm]) -> None:
-        """The run's last lines (process 0); a joint run also writes <root>/joint/summary.json."""
+    def finish(self, arms: list[Arm], cost: dict) -> None:
+        """The run's last lines (process 0); a joint run also writes <root>/joint/summary.json, with
+        `cost` (wall-clock seconds and arm-steps: what an early selection is compared on)."""
         if jax.process_index() != 0:
             return
         if not self.joint:
@@ -135,6 +136,7 @@ class Layout:
         self.shared.mkdir(parents=True, exist_ok=True)
         runs = [str(a.workdir) for a in arms]
         joint = {"arms": self.joint["arms"], "runs": runs, "diverged": [a.name for a in arms if a.divergence]}
+        joint["cost"] = cost
         (self.shared / "summary.json").write_text(json.dumps(joint, indent=2))
         print_arms_summary(self.root, [a.name for a in arms], [a.workdir for a in arms], [a.summary for a in arms])
 
@@ -174,6 +176,7 @@ def common_step(stores) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains one arm, or config.arms jointly (resuming from the workdir's checkpoints), evaluates and
     exports each arm; returns their summaries (summary.json), one per arm."""
+    began = time.perf_counter()
     layout, arm_dirs, mesh, model, fingerprint, views = start_arms(config, workdir)
     # each store refuses a foreign workdir before any write
     arms = [Arm(c, w, open_checkpoint_store(c, w, fingerprint), lora_spec(c)) for c, w in arm_dirs]
@@ -261,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 evaluate(lora, done)
     for arm in arms:
         arm.store.wait()
+    trained = time.perf_counter()
     for k, (arm, (arm_lora, _)) in enumerate(zip(arms, trainer.split(lora))):  # before evaluation: never lost to it
         if not arm.divergence:
             base_name = config.model.hf_dir or ""
@@ -277,8 +281,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         arm.summary = summary | layout.summary_fields()
         if jax.process_index() == 0:
             (arm.workdir / "summary.json").write_text(json.dumps(arm.summary, indent=2))
-    layout.finish(arms)
+    layout.finish(arms, run_cost(began, trained, start, total, len(arms)))
     return [a.summary for a in arms]
+
+
+def run_cost(began: float, trained: float, start: int, total: int, num_arms: int) -> dict:
+    """What the run cost this process: wall-clock seconds in all (model building, training,
+    evaluation, export) and until training ended; arm-steps, the steps each arm trained summed over
+    arms (from step 0, a resumed run's included). A resumed run's seconds are its last process's."""
+    now = time.perf_counter()
+    return {
+        "wall_s": round(now - began, 3),
+        "train_wall_s": round(trained - began, 3),
+        "arm_steps": total * num_arms,
+        "resumed_from": start,
+    }
 
 
 # -- evaluation and speed -------------------------------------------------------------------------
