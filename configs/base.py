@@ -144,6 +144,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.max_to_keep = 3  # checkpoints kept
     t.loss_chunk_tokens = 512  # sequence chunk of the cross-entropy (never the full [B, T, vocab] logits)
     t.allow_changed_on_resume = ()  # keys (e.g. "train.total_steps") a resumed run may change on purpose
+    # Successive halving over a joint run's arms (lora_jax/run/halving.py): at each rung (a fraction of
+    # total_steps) the live arms are ranked on `metric` and the best 1/eta go on; () = off.
+    t.halving = ml_collections.ConfigDict(
+        dict(
+            rungs=(),  # e.g. (0.2, 0.4): with 9 arms and eta 3, 9 arms train to 20%, 3 to 40%, 1 to the end
+            eta=3,
+            metric="loss",  # "loss": held-out token loss | "score": the dataset's suite metric
+            proxy_batches=4,  # step-0 gradient-norm proxy over this many batches (0 = none); halving runs only
+        )
+    )
     # Divergence stops the run (one error line, exit 2, no adapter; summary.json says "diverged"), checked at
     # every log and checkpoint step; lora_jax/train/divergence.py explains the rules. 0 turns a rule off.
     t.divergence = ml_collections.ConfigDict(

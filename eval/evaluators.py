@@ -57,9 +57,9 @@ def check_evaluators(config) -> None:
         suite_of(config)
 
 
-def run_evaluators(ctx: EvalContext, step: int) -> dict:
-    """Runs every configured evaluator; returns their results by evaluator name."""
-    return {name: EVALUATORS[name](ctx, step) for name in ctx.config.eval.evaluators}
+def run_evaluators(ctx: EvalContext, step: int, names=None) -> dict:
+    """Runs every configured evaluator (or those of `names`); returns their results by evaluator name."""
+    return {name: EVALUATORS[name](ctx, step) for name in (ctx.config.eval.evaluators if names is None else names)}
 
 
 @evaluator("loss")

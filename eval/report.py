@@ -40,6 +40,7 @@ import sys
 import numpy as np
 
 from eval import metrics
+from eval.early_selection import early_selection, is_halving_run
 from eval.events import EventWriter
 from eval.report_rows import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, pareto
 from eval.report_stats import (
@@ -212,14 +213,25 @@ def one_device_kind(results: list[RunResult]) -> tuple[list[RunResult], list[tup
     return out, notes
 
 
+def top_dirs(root: str) -> list[tuple[str, str]]:
+    """(name, directory) of each run directory directly under a sweep's root; the root itself when it
+    is one joint run's workdir (it holds joint/)."""
+    if os.path.isdir(os.path.join(root, "joint")):
+        return [(os.path.basename(os.path.normpath(root)), root)]
+    names = [n for n in sorted(os.listdir(root)) if n not in ("report", "joint")]  # joint: what its arms share
+    return [(n, os.path.join(root, n)) for n in names if os.path.isdir(os.path.join(root, n))]
+
+
 def run_dirs(root: str) -> list[tuple[str, str]]:
     """(name, directory) of each run under a sweep's root: a run's workdir, or the arms of a joint run
     (<run>/<arm's run>, beside <run>/joint, which they share); a joint run without arm directories
-    (it failed before training) is one run, read for its error."""
+    (it failed before training) is one run, read for its error. A successive-halving run's arms trained
+    for different steps: they are not runs of the table (see the Early selection section)."""
+    if is_halving_run(root):
+        return []
     out = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if not os.path.isdir(path) or name in ("report", "joint"):  # joint: what a joint run's arms share
+    for name, path in top_dirs(root):
+        if is_halving_run(path):
             continue
         arms = []
         if os.path.isdir(os.path.join(path, "joint")):
@@ -394,8 +406,9 @@ def write_csv(rows: list[Row], path: str) -> None:
             w.writerow([_fmt(getattr(r, k)) for k, _ in COLUMNS])
 
 
-def write_markdown(summary, groups: list[Group], missing, path: str, root: str) -> None:
-    """report.md: the study's table (summary: eval.report_summary.Summary), then one table per group."""
+def write_markdown(summary, groups: list[Group], missing, path: str, root: str, early: list[str] = ()) -> None:
+    """report.md: the study's table (summary: eval.report_summary.Summary), then one table per group,
+    then `early` (the Early selection sections)."""
 
     lines = [f"# LoRA target-module ablation: {root}", ""]
     lines += summary_markdown(summary)
@@ -424,6 +437,7 @@ def write_markdown(summary, groups: list[Group], missing, path: str, root: str) 
         "interleaved ratio; increase: over the dataset's fastest arm.",
         "",
     ]
+    lines += list(early)
     if missing:
         lines += ["## Not in the table", ""] + [f"- {name}: {why}" for name, why in missing] + [""]
     with open(path, "w") as f:
@@ -487,11 +501,14 @@ def build(root: str, out: str, compare_arms: list[str] | None = None) -> dict:
     results, missing = collect(root)
     rows, groups = table(results)
     summary = summarize(groups, results, compare_arms)
-    missing = missing + summary.notes
+    early, early_missing, selection = early_selection(root, top_dirs(root), groups)
+    missing = missing + summary.notes + early_missing
     os.makedirs(out, exist_ok=True)
     write_csv(rows + summary.average_rows(), os.path.join(out, "report.csv"))
     write_summary_csv(summary, os.path.join(out, "summary.csv"))
-    write_markdown(summary, groups, missing, os.path.join(out, "report.md"), root)
+    write_markdown(summary, groups, missing, os.path.join(out, "report.md"), root, early)
+    if selection:
+        write_selection_csv(selection, os.path.join(out, "early_selection.csv"))
     for g in groups:
         plot(g, os.path.join(out, _png(g)))
     if groups:
@@ -499,7 +516,26 @@ def build(root: str, out: str, compare_arms: list[str] | None = None) -> dict:
     if results:
         write_hparams(results, os.path.join(out, "tensorboard"))
     datasets = sorted({g.dataset for g in groups})
-    return {"rows": rows, "missing": missing, "datasets": datasets, "summary": summary, "groups": groups}
+    return {
+        "rows": rows,
+        "missing": missing,
+        "datasets": datasets,
+        "summary": summary,
+        "groups": groups,
+        "early_selection": selection,
+    }
+
+
+def write_selection_csv(selection, path: str) -> None:
+    """early_selection.csv: one row per successive-halving run (eval/early_selection.py)."""
+    fields = [f.name for f in dataclasses.fields(selection[0]) if f.name not in ("pruned", "proxy_ranking")]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields + ["proxy_ranking", "pruned"])
+        for r in selection:
+            pruned = ";".join(f"{a}@{s}" for a, (s, _, _) in r.pruned.items())
+            ranking = ";".join(r.proxy_ranking or [])
+            w.writerow([_fmt(getattr(r, k)) for k in fields] + [ranking, pruned])
 
 
 def main(argv=None) -> int:

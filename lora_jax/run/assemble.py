@@ -37,7 +37,7 @@ from lora_jax.run.config import (
 )
 from lora_jax.run.planted import TOKENIZER as PLANTED_TOKENIZER
 from lora_jax.run.planted import teacher_data_matches, write_teacher_data
-from lora_jax.sharding import make_mesh, process_rows, shard_model
+from lora_jax.sharding import make_mesh, process_rows, shard_model, variable_sharding
 
 RANDOM_BASE_SEED = 0  # a random base (runlocal) is the same for every train.seed, like a real checkpoint
 
@@ -131,6 +131,20 @@ def build_bank_model(configs: list, names: list[str], mesh) -> tuple[Transformer
     lora = nnx.state(model, nnx.LoRAParam)
     nnx.update(model, views.init_bank_lora(lora, configs[0].train.seed))
     return model, fingerprint, views
+
+
+def rebank_model(model: Transformer, bank: AdapterBank, mesh) -> Transformer:
+    """The model's base (its frozen arrays, shared, not copied) under another adapter bank, whose
+    adapters start at zero (the caller stacks the arms' states in): what successive halving trains
+    once arms have left. No base weight is drawn or read again."""
+    abstract = nnx.eval_shape(lambda: Transformer(model.config, bank, model.options, rngs=nnx.Rngs(0)))
+    graphdef, lora, _ = nnx.split(abstract, nnx.LoRAParam, ...)
+    _, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    lora = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), lora)
+    rebanked = nnx.merge(graphdef, lora, frozen)
+    for _, var in nnx.to_flat_state(nnx.state(rebanked, nnx.LoRAParam)):
+        var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh)))
+    return rebanked
 
 
 def tokenizer_dir(config, workdir: epath.Path) -> str:
@@ -280,6 +294,7 @@ class RunData:
     sources: dict  # split -> tfds data source (records of the common schema)
     tokenizer: object  # data.tokenizer.Tokenizer
     sft_options: object  # data.sft.SFTOptions of training (prompts are rendered and cut the same way)
+    train_iterator: object = None  # () -> a fresh PackedBatchIterator giving the batches `train` starts with
 
 
 def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: int, sharding, images=None) -> RunData:
@@ -312,14 +327,16 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
     eval_opts = dataclasses.replace(opts, keep_all=True)  # evaluation never drops an example
     b_train, b_eval = config.train.global_batch_size, config.eval.batch_size
     train_rows, eval_rows = process_rows(sharding, b_train), process_rows(sharding, b_eval)
-    train = PackedBatchIterator(
-        sources["train"], tok, opts, b_train, seed=config.train.seed, pack=d.pack, rows=train_rows
-    )
+
+    def train_iterator():
+        return PackedBatchIterator(
+            sources["train"], tok, opts, b_train, seed=config.train.seed, pack=d.pack, rows=train_rows
+        )
 
     def eval_iterator():
         return PackedBatchIterator(sources["test"], tok, eval_opts, b_eval, train=False, pack=d.pack, rows=eval_rows)
 
-    return RunData(train, eval_iterator, sources, tok, opts)
+    return RunData(train_iterator(), eval_iterator, sources, tok, opts, train_iterator)
 
 
 def dataset_counts(config, workdir: epath.Path) -> dict[str, int]:

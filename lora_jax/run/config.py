@@ -20,6 +20,7 @@ from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.attention import get_attention_impl
 from lora_jax.model.config import ModelConfig
 from lora_jax.model.transformer import REMAT_POLICIES, RuntimeOptions
+from lora_jax.run.halving import check_halving
 from lora_jax.run.planted import check_planted
 from lora_jax.sharding import check_serving_mesh, resolve_mesh_shape
 from lora_jax.train.accounting import budget_rank
@@ -258,6 +259,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         from data.prepare import check_manual_dir
 
         check_manual_dir(d.name, d.manual_dir)
+    check_halving(config)
     if config.arms:
         check_arms(config)
         for arm in config.arms:
@@ -409,6 +411,7 @@ def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Co
     run: `configs/<dataset>_<arm>.py` with the same overrides)."""
     c = config.copy_and_resolve_references()  # a copy as locked and typed as the config
     c.arm, c.arms, c.lora.targets = arm, (), ARMS[arm]
+    c.train.halving.rungs = ()  # the joint run selects among its arms; an arm's own run trains to the end
     return c
 
 

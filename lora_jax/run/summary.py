@@ -37,6 +37,23 @@ def diverged_summary(found, last_checkpoint_step: int | None, fields: dict) -> d
     }
 
 
+def pruned_summary(step: int, rung: dict, results: dict, fields: dict) -> dict:
+    """summary.json of an arm successive halving stopped at a rung (lora_jax/run/halving.py): status
+    "pruned", its results at the rung and the rung's decision; its checkpoint at the rung is kept, no
+    adapter was exported."""
+    loss = results.get("loss", {})
+    return {
+        "status": "pruned",
+        "final_step": step,
+        "pruned_at": step,
+        "rung": rung,
+        "eval_loss": loss.get("eval_loss"),
+        "eval": {k: v for k, v in results.items() if k != "loss"},
+        "last_checkpoint_step": step,
+        **fields,
+    }
+
+
 def run_summary(config, spec, model_cfg, results, history, dropped, data_counts, fingerprint, start) -> dict:
     """A finished run's summary.json: what it scored, trained and was trained on."""
     loss = results.get("loss", {})
@@ -98,6 +115,10 @@ def print_arms_progress(done: int, total: int, names, losses, step_s) -> None:
 def print_arms_summary(root, names, workdirs, summaries) -> None:
     print(f"done: {len(names)} arms trained jointly in {root}")
     for name, w, s in zip(names, workdirs, summaries):
+        if s.get("status") == "pruned":
+            rung = s["rung"]
+            print(f"  {name:10s} pruned at step {s['pruned_at']} ({rung['metric']} {rung['score']:.4f})  -> {w}")
+            continue
         if s.get("status") == "diverged":
             print(f"  {name:10s} diverged at step {s['final_step']}: {s['divergence']['detail']}  -> {w}")
             continue

@@ -37,9 +37,12 @@ from etils import epath
 from flax import traverse_util
 
 from eval.evaluators import EvalContext, run_evaluators
+from eval.metrics import LOWER_IS_BETTER
 from lora_jax.errors import WorkdirError
 from lora_jax.io.checkpoints import all_finite
 from lora_jax.io.files import write_text_atomic
+from lora_jax.lora.bank import AdapterBank
+from lora_jax.model.arm_views import ArmViews
 from lora_jax.run.assemble import (
     SHARED_DIR,
     build_bank_model,
@@ -50,12 +53,14 @@ from lora_jax.run.assemble import (
     metric_writer,
     open_checkpoint_store,
     prepare_planted,
+    rebank_model,
     run_name,
     start_run,
     tokenizer_dir,
 )
 from lora_jax.run.config import arm_configs, lora_spec
 from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
+from lora_jax.run.halving import HalvingPlan, HalvingRecord, decide, make_arm_grad_norms, proxy_scores, write_proxy
 from lora_jax.run.summary import (
     diverged_summary,
     print_arms_progress,
@@ -63,6 +68,7 @@ from lora_jax.run.summary import (
     print_data_counts,
     print_progress,
     print_summary,
+    pruned_summary,
     run_summary,
     run_summary_fields,
 )
@@ -74,7 +80,7 @@ from lora_jax.train.trainer import build_trainer, export_adapter
 # -- the arms and where they write -----------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # arms are compared by identity
 class Arm:
     """One arm's bookkeeping (a single-arm run has one): what its own run would hold."""
 
@@ -107,6 +113,7 @@ class Layout:
     root: epath.Path
     shared: epath.Path
     joint: dict | None = None
+    halving: HalvingRecord | None = None  # a halving run's decisions (run/halving.py)
 
     @property
     def speed_prefix(self) -> str:
@@ -114,7 +121,10 @@ class Layout:
         return "joint_" if self.joint else ""
 
     def summary_fields(self) -> dict:
-        return {"joint": self.joint} if self.joint else {}
+        fields = {"joint": self.joint} if self.joint else {}
+        if self.halving:
+            fields["halving"] = dict(self.halving.plan.settings(), record=str(self.halving.path))
+        return fields
 
     def print_progress(self, done: int, total: int, arms: list[Arm], scalars: list[dict], step_s) -> None:
         if not self.joint:
@@ -128,7 +138,8 @@ class Layout:
 
     def finish(self, arms: list[Arm], cost: dict) -> None:
         """The run's last lines (process 0); a joint run also writes <root>/joint/summary.json, with
-        `cost` (wall-clock seconds and arm-steps: what an early selection is compared on)."""
+        `cost` (wall-clock seconds and arm-steps: what an early selection is compared on). arms: every
+        arm the run started with (a halving run's pruned ones included)."""
         if jax.process_index() != 0:
             return
         if not self.joint:
@@ -136,6 +147,13 @@ class Layout:
         self.shared.mkdir(parents=True, exist_ok=True)
         runs = [str(a.workdir) for a in arms]
         joint = {"arms": self.joint["arms"], "runs": runs, "diverged": [a.name for a in arms if a.divergence]}
+        if self.halving:
+            pruned = self.halving.pruned()
+            joint["halving"] = {
+                "record": str(self.halving.path),
+                "pruned": pruned,
+                "selected": [a.name for a in arms if a.name not in pruned and not a.divergence],
+            }
         joint["cost"] = cost
         (self.shared / "summary.json").write_text(json.dumps(joint, indent=2))
         print_arms_summary(self.root, [a.name for a in arms], [a.workdir for a in arms], [a.summary for a in arms])
@@ -143,19 +161,24 @@ class Layout:
 
 def start_arms(config: ml_collections.ConfigDict, workdir: str):
     """Every check before anything is written, then the mesh and the model: (layout, [(config, workdir)]
-    per arm, mesh, model, base fingerprint, ArmViews or None). One arm: the config itself in workdir;
-    config.arms: each arm's own config in <workdir>/<its run name>/, over one AdapterBank model."""
+    per arm, mesh, model, base fingerprint, ArmViews or None, [(config, workdir)] of arms a halving run
+    pruned before). One arm: the config itself in workdir; config.arms: each arm's own config in
+    <workdir>/<its run name>/, over one AdapterBank model of the arms still live."""
     if not config.arms:
         root, mesh, model, fingerprint = start_run(config, workdir)
-        return Layout(root, root), [(config, root)], mesh, model, fingerprint, None
+        return Layout(root, root), [(config, root)], mesh, model, fingerprint, None, []
     configs = arm_configs(config)  # every config check, each arm's included
     root = epath.Path(workdir)
     check_workdir_writable(root)
+    plan = HalvingPlan.from_config(config)
+    record = HalvingRecord(root / SHARED_DIR, plan) if plan else None
+    pruned = record.pruned() if record else {}  # decided before a kill: replayed, never re-made
+    live = [c for c in configs if c.arm not in pruned]
     mesh = make_mesh(config.mesh.shape)
-    names = [c.arm for c in configs]
-    model, fingerprint, views = build_bank_model(configs, names, mesh)
-    layout = Layout(root, root / SHARED_DIR, {"arms": names, "workdir": str(root)})
-    return layout, [(c, root / run_name(c)) for c in configs], mesh, model, fingerprint, views
+    model, fingerprint, views = build_bank_model(live, [c.arm for c in live], mesh)
+    layout = Layout(root, root / SHARED_DIR, {"arms": [c.arm for c in configs], "workdir": str(root)}, record)
+    gone = [(c, root / run_name(c)) for c in configs if c.arm in pruned]
+    return layout, [(c, root / run_name(c)) for c in live], mesh, model, fingerprint, views, gone
 
 
 def common_step(stores) -> int:
@@ -177,9 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     """Trains one arm, or config.arms jointly (resuming from the workdir's checkpoints), evaluates and
     exports each arm; returns their summaries (summary.json), one per arm."""
     began = time.perf_counter()
-    layout, arm_dirs, mesh, model, fingerprint, views = start_arms(config, workdir)
+    layout, arm_dirs, mesh, model, fingerprint, views, gone = start_arms(config, workdir)
     # each store refuses a foreign workdir before any write
     arms = [Arm(c, w, open_checkpoint_store(c, w, fingerprint), lora_spec(c)) for c, w in arm_dirs]
+    pruned_arms = [Arm(c, w, None, lora_spec(c)) for c, w in gone]  # their summary.json was written at the rung
     prepare_planted(config, layout.shared, mesh)  # a planted study's teacher data, before its tokenizer
     tok_dir = tokenizer_dir(config, layout.shared)
     trainer = build_trainer(model, config, mesh, views)
@@ -191,6 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     for arm, norm in zip(arms, trainer.adapter_norms(lora)):  # the fresh adapters' norms
         arm.detector = DivergenceDetector(limits, norm)
     start = common_step([a.store for a in arms])
+    if layout.halving:
+        layout.halving.check_resume(start)
     if start:
         targets = trainer.split(lora, opt_state)  # the arms' fresh states give the layout to restore onto
         restored = [a.store.restore(start, *targets[k]) for k, a in enumerate(arms)]
@@ -212,16 +238,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     context = model.config.max_position_embeddings
     evaluate = functools.partial(evaluate_arms, arms, layout, trainer, data, config, mesh, context)
+    plan = layout.halving.plan if layout.halving else None
+    if plan and plan.proxy_batches and start == 0:
+        step0_proxy(trainer, lora, frozen, data, config, mesh, [a.name for a in arms], n_trainable, layout.shared)
 
     timer = StepTimer()
     counts = []  # (target, real) token counts of the steps since the last log, on device until then
     for step in range(start, total):
+        if plan and step in plan.steps and not layout.halving.decided(step):
+            kept = halving_rung(step, arms, layout, trainer, lora, evaluate, config, model.config, fingerprint, start)
+            if len(kept) < len(arms):  # the program is rebuilt for the arms left
+                pruned_arms += [a for a in arms if a not in kept]
+                trainer, lora, opt_state = rebuild_trainer(trainer, lora, opt_state, arms, kept, config, mesh)
+                arms, frozen = kept, trainer.frozen
+                n_trainable = [sum(accounting.lora_params_per_target(model.config, a.spec).values()) for a in arms]
+                flops_per_step = sum(accounting.train_flops_per_step(model.config, a.spec, b, t) for a in arms)
+                evaluate = functools.partial(evaluate_arms, arms, layout, trainer, data, config, mesh, context)
+                timer = StepTimer()  # the next step compiles the new program: a fresh timing window
         batch = global_batch(next(data.train), batch_sh, b)
         lora, opt_state, metrics = trainer.train_step(lora, opt_state, frozen, batch, step)
         done = step + 1
         timer.tick(metrics)
         counts.append((metrics["target_tokens"], metrics["real_tokens"]))
-        is_log, is_ckpt, is_eval = step_events(config, done)
+        is_log, is_ckpt, is_eval = step_events(config, done, plan.steps if plan else ())
         if is_log or is_ckpt:
             host = jax.device_get(metrics)
             last = [trainer.arm_metrics(host, k) for k in range(len(arms))]
@@ -281,11 +320,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         arm.summary = summary | layout.summary_fields()
         if jax.process_index() == 0:
             (arm.workdir / "summary.json").write_text(json.dumps(arm.summary, indent=2))
-    layout.finish(arms, run_cost(began, trained, start, total, len(arms)))
-    return [a.summary for a in arms]
+    everyone = sorted(arms + pruned_arms, key=lambda a: layout.joint["arms"].index(a.name)) if layout.joint else arms
+    for arm in pruned_arms:
+        if arm.summary is None:  # pruned before a resume: its summary.json was written then
+            arm.summary = json.loads((arm.workdir / "summary.json").read_text())
+    arm_steps = layout.halving.arm_steps([a.name for a in everyone], total) if layout.halving else total * len(arms)
+    layout.finish(everyone, run_cost(began, trained, start, arm_steps))
+    return [a.summary for a in everyone]
 
 
-def run_cost(began: float, trained: float, start: int, total: int, num_arms: int) -> dict:
+def run_cost(began: float, trained: float, start: int, arm_steps: int) -> dict:
     """What the run cost this process: wall-clock seconds in all (model building, training,
     evaluation, export) and until training ended; arm-steps, the steps each arm trained summed over
     arms (from step 0, a resumed run's included). A resumed run's seconds are its last process's."""
@@ -293,17 +337,86 @@ def run_cost(began: float, trained: float, start: int, total: int, num_arms: int
     return {
         "wall_s": round(now - began, 3),
         "train_wall_s": round(trained - began, 3),
-        "arm_steps": total * num_arms,
+        "arm_steps": arm_steps,
         "resumed_from": start,
     }
+
+
+# -- successive halving ----------------------------------------------------------------------------
+
+
+def halving_rung(step, arms, layout, trainer, lora, evaluate, config, model_cfg, fingerprint, start) -> list[Arm]:
+    """The rung at `step` (run/halving.py): scores the live arms on the test split, writes the pruned
+    arms' summary.json, then the decision (after every live arm's checkpoint at `step` is complete);
+    returns the arms that go on. Diverged arms leave the bank here too."""
+    plan, record = layout.halving.plan, layout.halving
+    results = evaluate(lora, step, plan.evaluators(config.eval.evaluators))
+    live = [(a, r) for a, r in zip(arms, results) if not a.divergence]
+    if plan.metric == "loss":
+        scores, metric, hib = {a.name: r["loss"]["eval_loss"] for a, r in live}, "eval_loss", False
+    else:
+        metric = live[0][1]["generate"]["metric"]
+        scores, hib = {a.name: r["generate"]["score"] for a, r in live}, metric not in LOWER_IS_BETTER
+    kept, pruned = decide(scores, plan.eta, hib)
+    for arm in arms:
+        arm.store.wait()
+    rung = {"step": step, "metric": metric, "higher_is_better": hib, "scores": scores, "kept": kept, "pruned": pruned}
+    for arm, result in live:
+        if arm.name in pruned:
+            fields = run_summary_fields(arm.config, arm.spec, model_cfg, arm.history, fingerprint, start)
+            rung_of_arm = {"metric": metric, "score": scores[arm.name], "rank": sorted_rank(scores, arm.name, hib)}
+            arm.summary = pruned_summary(step, rung_of_arm, result, fields | layout.summary_fields())
+            arm.writer.close()
+            if jax.process_index() == 0:
+                write_text_atomic(arm.workdir / "summary.json", json.dumps(arm.summary, indent=2))
+    record.add(rung)
+    if jax.process_index() == 0:
+        shown = "  ".join(f"{n} {scores[n]:.4f}" for n in scores)
+        print(f"halving at step {step} ({metric}): {shown}; go on: {', '.join(kept)}", flush=True)
+    return [a for a in arms if a.name in kept]
+
+
+def sorted_rank(scores: dict, name: str, higher_is_better: bool) -> int:
+    """1-based rank of `name` among `scores` (1 = best)."""
+    ordered = sorted(scores, key=lambda n: -scores[n] if higher_is_better else scores[n])
+    return ordered.index(name) + 1
+
+
+def rebuild_trainer(trainer, lora, opt_state, arms: list[Arm], kept: list[Arm], config, mesh):
+    """A trainer (new program) for the kept arms over the same base, holding exactly their states."""
+    states = trainer.split(lora, opt_state)
+    keep = [k for k, a in enumerate(arms) if a in kept]
+    bank = AdapterBank(tuple(arms[k].name for k in keep), tuple(arms[k].spec for k in keep))
+    model = rebank_model(trainer.model(lora), bank, mesh)
+    new = build_trainer(model, config, mesh, ArmViews.build(model.config, bank, model.options))
+    lora, opt_state = new.stack(new.lora, new.opt_state, [states[k] for k in keep])
+    return new, lora, opt_state
+
+
+def step0_proxy(trainer, lora, frozen, data, config, mesh, names, params, shared) -> None:
+    """Writes <shared>/step0_proxy.json: each arm's normalised adapter gradient norm on the first
+    train.halving.proxy_batches training batches, before any step (run/halving.py)."""
+    n = config.train.halving.proxy_batches
+    fn = jax.jit(make_arm_grad_norms(trainer.graphdef, config.train.loss_chunk_tokens, trainer.views.bank, mesh))
+    it, b = data.train_iterator(), config.train.global_batch_size
+    norms = [
+        np.asarray(jax.device_get(fn(lora, frozen, global_batch(next(it), trainer.batch_sharding, b))))
+        for _ in range(n)
+    ]
+    out = write_proxy(shared, names, proxy_scores(np.stack(norms), params), n)
+    if jax.process_index() == 0:
+        print(f"step-0 proxy ({n} batches): " + ", ".join(out["ranking"]), flush=True)
 
 
 # -- evaluation and speed -------------------------------------------------------------------------
 
 
-def evaluate_arms(arms, layout, trainer, data, config, mesh, context: int, lora, step: int) -> list[dict | None]:
+def evaluate_arms(
+    arms, layout, trainer, data, config, mesh, context: int, lora, step: int, evaluators=None
+) -> list[dict | None]:
     """Every live arm's evaluators at `step` (None for a diverged arm), arm k through its own view;
-    the test loss and the completions of all arms in one pass each. context: the model's positions."""
+    the test loss and the completions of all arms in one pass each. context: the model's positions.
+    evaluators: the names to run (default: the config's)."""
     arm_loras = [x[0] for x in trainer.split(lora)]
     complete_all = completion_fn(
         lambda: trainer.model(lora), data.tokenizer, data.sft_options, mesh, num_arms=trainer.bank_arms
@@ -346,7 +459,7 @@ def evaluate_arms(arms, layout, trainer, data, config, mesh, context: int, lora,
             write_text=write_text_atomic,
             latency=latency_fn(functools.partial(trainer.arm_model, k, arm_loras[k]), arm.config, context),
         )
-        results.append(run_evaluators(ctx, step))
+        results.append(run_evaluators(ctx, step, evaluators))
     return results
 
 
@@ -436,10 +549,11 @@ class StepTimer:
         return seconds
 
 
-def step_events(config, done: int) -> tuple[bool, bool, bool]:
-    """(log, checkpoint, intermediate evaluation) after `done` steps; the last step logs and saves."""
+def step_events(config, done: int, rungs=()) -> tuple[bool, bool, bool]:
+    """(log, checkpoint, intermediate evaluation) after `done` steps; the last step and a halving rung's
+    step (`rungs`) log and save."""
     total = config.train.total_steps
-    is_log = done % config.train.log_every_steps == 0 or done == total
-    is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total
+    is_log = done % config.train.log_every_steps == 0 or done == total or done in rungs
+    is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total or done in rungs
     every = config.eval.eval_every_steps
     return is_log, is_ckpt, bool(every and done % every == 0 and done < total)

@@ -1,0 +1,279 @@
+"""The report's "Early selection" section: successive-halving runs (train.halving) beside the full
+ablation of the same dataset and base.
+
+A halving run is a joint run whose <run>/joint/halving.json records its rung decisions; its arms
+stop at different steps, so they never enter the study's table. Per halving run (one per seed):
+  - the winner (the arm left at the end) and its final score;
+  - its cost: arm-steps (the steps each arm trained, summed) and wall-clock seconds (joint/summary.json
+    "cost") relative to a full joint run of the same dataset and base (the same seed where there is one);
+  - tied: whether the full ablation's corrected test (the table's p_vs_best) does not find the winner
+    worse than the full ablation's best arm;
+  - how the rung-1 ranking and the step-0 proxy ranking (joint/step0_proxy.json) agree with the full
+    ablation's ranking (its arms' mean scores): `pairs`, the fraction of arm pairs both order the same
+    way (pairs tied in either are left out), and Spearman's rho over the arms both rank.
+Definitions of the halving and the proxy: lora_jax/run/halving.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from scipy import stats
+
+from eval.report_rows import BASE_ARM, Group
+
+HALVING_RECORD = os.path.join("joint", "halving.json")
+PROXY_FILE = os.path.join("joint", "step0_proxy.json")
+JOINT_SUMMARY = os.path.join("joint", "summary.json")
+
+
+@dataclasses.dataclass
+class JointRun:
+    """A joint run of a sweep's root, as the early-selection section reads it."""
+
+    name: str
+    dataset: str
+    base_model: str
+    seed: int
+    arms: list[str]
+    cost: dict | None  # joint/summary.json "cost": wall_s, train_wall_s, arm_steps
+    halving: dict | None = None  # joint/halving.json (None: a full run)
+    selected: list[str] = dataclasses.field(default_factory=list)
+    arm_summaries: dict = dataclasses.field(default_factory=dict)  # arm -> its summary.json
+    proxy: dict | None = None  # joint/step0_proxy.json
+    scores: dict = dataclasses.field(default_factory=dict)  # arm -> (metric, mean final score) of finished arms
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_halving_run(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, HALVING_RECORD))
+
+
+def read_joint_run(name: str, run_dir: str) -> JointRun | None:
+    """A finished joint run (its joint/summary.json is written), else None. Unreadable files raise
+    (OSError, ValueError, KeyError, TypeError): the caller lists the run under "Not in the table"."""
+    if not os.path.exists(os.path.join(run_dir, JOINT_SUMMARY)):
+        return None
+    joint = _read(os.path.join(run_dir, JOINT_SUMMARY))
+    summaries = {}
+    for d in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, d, "summary.json")
+        if d != "joint" and os.path.exists(path):
+            s = _read(path)
+            summaries[s["arm"]] = (d, s)
+    if not summaries:
+        return None
+    first = next(iter(summaries.values()))[1]
+    run = JointRun(
+        name=name,
+        dataset=first["dataset"],
+        base_model=str(first.get("base_model", "?")),
+        seed=int(first.get("seed", 0)),
+        arms=list(joint["arms"]),
+        cost=joint.get("cost"),
+        arm_summaries={a: s for a, (_, s) in summaries.items()},
+    )
+    if is_halving_run(run_dir):
+        run.halving = _read(os.path.join(run_dir, HALVING_RECORD))
+        run.selected = list(joint.get("halving", {}).get("selected", []))
+        if os.path.exists(os.path.join(run_dir, PROXY_FILE)):
+            run.proxy = _read(os.path.join(run_dir, PROXY_FILE))
+    for arm, (d, s) in summaries.items():
+        if s.get("status") != "done":
+            continue
+        eval_dir = os.path.join(run_dir, d, "eval")
+        for f in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
+            if f.endswith(".json") and f not in ("latency.json", "results.json"):
+                suite = _read(os.path.join(eval_dir, f))
+                values = [e["score"] for e in suite["examples"] if e.get("score") is not None]
+                run.scores[arm] = (suite["metric"], float(np.mean(values)) if values else float("nan"))
+    return run
+
+
+def agreement(full: dict[str, float], other: dict[str, float]) -> tuple[float | None, float | None, int]:
+    """(fraction of arm pairs ordered the same way, Spearman's rho, arms compared) of two rankings given
+    as goodness values (higher = better) over the arms both have; pairs tied in either are left out."""
+    arms = [a for a in full if a in other]
+    same = total = 0
+    for i, a in enumerate(arms):
+        for b in arms[i + 1 :]:
+            d1, d2 = full[a] - full[b], other[a] - other[b]
+            if d1 and d2:
+                total += 1
+                same += (d1 > 0) == (d2 > 0)
+    rho = None
+    if len(arms) >= 3:
+        r = stats.spearmanr([full[a] for a in arms], [other[a] for a in arms]).statistic
+        rho = None if np.isnan(r) else float(r)
+    return (same / total if total else None), rho, len(arms)
+
+
+def goodness(scores: dict[str, float], higher_is_better: bool) -> dict[str, float]:
+    return {a: (v if higher_is_better else -v) for a, v in scores.items() if v is not None and np.isfinite(v)}
+
+
+@dataclasses.dataclass
+class SelectionRow:
+    run: str
+    seed: int
+    winner: str
+    winner_score: float | None
+    tied: bool | None  # None: no full ablation row for the winner
+    p_vs_best: float | None
+    full_best: str | None
+    arm_steps: int | None
+    arm_steps_ratio: float | None
+    wall_s: float | None
+    wall_ratio: float | None
+    rung1_pairs: float | None
+    rung1_rho: float | None
+    proxy_pairs: float | None
+    proxy_rho: float | None
+    proxy_ranking: list[str] | None
+    pruned: dict  # arm -> (step, rung metric, its score)
+
+
+def selection_rows(halving: list[JointRun], full_runs: list[JointRun], group: Group | None) -> list[SelectionRow]:
+    """One row per halving run of a (dataset, base); `group`: the full ablation's table group, if any."""
+    full_scores = {}
+    if group is not None:
+        full_scores = goodness({a: float(m) for a, m in zip(group.arms, group.observed)}, group.higher_is_better)
+    rows_of = {r.arm: r for r in group.rows} if group is not None else {}
+    best = max(full_scores, key=full_scores.get) if full_scores else None
+    out = []
+    for run in halving:
+        winner = run.selected[0] if len(run.selected) == 1 else "+".join(run.selected) or "none"
+        row = rows_of.get(winner)
+        twin = [f for f in full_runs if f.seed == run.seed] or full_runs
+        full_cost = twin[0].cost if twin and twin[0].cost else None
+        cost = run.cost or {}
+        rungs = run.halving["rungs"]
+        r1 = rungs[0] if rungs else None
+        r1_pairs = r1_rho = p_pairs = p_rho = None
+        if r1 and full_scores:
+            r1_pairs, r1_rho, _ = agreement(full_scores, goodness(r1["scores"], r1["higher_is_better"]))
+        if run.proxy and full_scores:
+            p_pairs, p_rho, _ = agreement(full_scores, goodness(run.proxy["arms"], True))
+        pruned = {a: (r["step"], r["metric"], r["scores"][a]) for r in rungs for a in r["pruned"]}
+        out.append(
+            SelectionRow(
+                run=run.name,
+                seed=run.seed,
+                winner=winner,
+                winner_score=run.scores.get(winner, (None, None))[1],
+                tied=None if row is None else not row.significant,
+                p_vs_best=None if row is None else row.p_vs_best,
+                full_best=best,
+                arm_steps=cost.get("arm_steps"),
+                arm_steps_ratio=_ratio(cost.get("arm_steps"), full_cost and full_cost.get("arm_steps")),
+                wall_s=cost.get("wall_s"),
+                wall_ratio=_ratio(cost.get("wall_s"), full_cost and full_cost.get("wall_s")),
+                rung1_pairs=r1_pairs,
+                rung1_rho=r1_rho,
+                proxy_pairs=p_pairs,
+                proxy_rho=p_rho,
+                proxy_ranking=run.proxy["ranking"] if run.proxy else None,
+                pruned=pruned,
+            )
+        )
+    return out
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _f(x, digits=3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+COLUMNS = (
+    "run", "seed", "winner", "winner score", "tied with the full best (p_vs_best)", "arm-steps (x full)",
+    "wall-clock s (x full)", "rung 1: pairs as full", "rung 1: Spearman rho", "step-0 proxy: pairs as full",
+    "step-0 proxy: Spearman rho",
+)  # fmt: skip
+
+
+def section_markdown(label: str, halving: list[JointRun], rows: list[SelectionRow], has_full: bool) -> list[str]:
+    settings = halving[0].halving["settings"]
+    lines = [
+        f"## Early selection: {label}",
+        "",
+        f"Successive halving over one joint run per seed: rungs at {settings['rungs']} of the steps "
+        f"(steps {settings['steps']}), the best 1/{settings['eta']} go on, ranked on the test split's "
+        f"{'token loss' if settings['metric'] == 'loss' else 'suite score'}. "
+        + (
+            "Compared with the full ablation above (its arms' mean scores, its corrected test)."
+            if has_full
+            else "No full ablation of this dataset and base is in the report: nothing to compare with."
+        ),
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---" * len(COLUMNS) + "|",
+    ]
+    for r in rows:
+        tied = "–" if r.tied is None else f"{_f(r.tied)} ({_f(r.p_vs_best, 4)})"
+        steps = f"{_f(r.arm_steps)} ({_f(r.arm_steps_ratio)})"
+        wall = f"{_f(r.wall_s, 0)} ({_f(r.wall_ratio)})"
+        cells = [r.run, str(r.seed), r.winner, _f(r.winner_score, 4), tied, steps, wall]
+        cells += [_f(r.rung1_pairs), _f(r.rung1_rho), _f(r.proxy_pairs), _f(r.proxy_rho)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in rows:
+        pruned = ", ".join(f"{a} at step {s} ({m} {v:.4f})" for a, (s, m, v) in r.pruned.items())
+        lines.append(f"- {r.run}: pruned {pruned or 'none'}")
+        if r.proxy_ranking:
+            lines.append(f"  step-0 proxy ranking: {', '.join(r.proxy_ranking)}")
+    lines += [
+        "",
+        "arm-steps: the steps each arm trained, summed over arms; x full: over a full joint run's of the same "
+        "seed. wall-clock: the whole run (model building, training, evaluation). pairs: the fraction of arm "
+        "pairs ordered as the full ablation orders them; Spearman rho over every arm both rank.",
+        "",
+    ]
+    return lines
+
+
+def early_selection(
+    root: str, names_dirs: list[tuple[str, str]], groups: list[Group]
+) -> tuple[list[str], list[tuple[str, str]], list[SelectionRow]]:
+    """(markdown lines, (run, why) for runs it could not read, every row) over the sweep's joint runs
+    (`names_dirs`: (name, directory) of each run directory directly under the root)."""
+    halving, full, missing = [], [], []
+    for name, path in names_dirs:
+        try:
+            run = read_joint_run(name, path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if is_halving_run(path):
+                missing.append((name, f"unreadable halving run ({type(e).__name__}: {e})"))
+            continue
+        if run is None:
+            if is_halving_run(path):
+                missing.append((name, "halving run not finished (no joint/summary.json)"))
+            continue
+        (halving if run.halving else full).append(run)
+    lines, all_rows = [], []
+    for dataset, base in sorted({(r.dataset, r.base_model) for r in halving}):
+        runs = sorted([r for r in halving if (r.dataset, r.base_model) == (dataset, base)], key=lambda r: r.seed)
+        twins = [r for r in full if (r.dataset, r.base_model) == (dataset, base)]
+        group = next((g for g in groups if (g.dataset, g.base_model) == (dataset, base)), None)
+        if group is not None and not [a for a in group.arms if a != BASE_ARM]:
+            group = None
+        rows = selection_rows(runs, twins, group)
+        label = group.label if group is not None else dataset
+        lines += section_markdown(label, runs, rows, group is not None)
+        all_rows += rows
+    return lines, missing, all_rows
