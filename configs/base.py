@@ -134,6 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.weight_decay = 0.0  # AdamW decoupled weight decay on LoRA weights
     o.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
     o.grad_accum_steps = 1  # micro-batches summed inside one jitted step
+    # Learning-rate multipliers (lora_jax/train/step.py LrScale): per target, on both A and B; and LoRA+
+    # (Hayou et al. 2024; PEFT's create_loraplus_optimizer): B's learning rate = loraplus_ratio x A's. 1 = off.
+    o.lr_per_target = ml_collections.ConfigDict({t: 1.0 for t in TARGETS})
+    o.loraplus_ratio = 1.0
 
     config.train = t = ml_collections.ConfigDict()
     t.total_steps = 1000  # optimizer updates

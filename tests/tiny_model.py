@@ -31,8 +31,11 @@ def sample_batches(tmp, n: int, max_seq_len: int, rows: int = 8) -> list[dict]:
 def set_keys(config, changes: dict):
     """config with {"section.name": value} set (keys as --config.section.name would name them)."""
     for key, value in changes.items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:  # "optim.lr_per_target.fc1": nested sections
+            node = node[section]
+        node[name] = value
     return config
 
 

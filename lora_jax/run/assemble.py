@@ -283,7 +283,8 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
     for key in RESUMABLE_CHANGES:
         if "." in key:
             section, name = key.split(".")
-            identity[key] = config[section][name]
+            value = config[section][name]
+            identity[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
     return json.loads(json.dumps(identity))  # as it reads back from the checkpoint's JSON
 
 

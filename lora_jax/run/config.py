@@ -15,7 +15,7 @@ from etils import epath
 
 from data.datasets import DATASETS, IMAGE_DATASETS
 from lora_jax.errors import CheckpointError, ConfigError, MissingFileError
-from lora_jax.lora.arms import ARMS, arm_name, validate_targets
+from lora_jax.lora.arms import ARMS, TARGETS, arm_name, parse_arm, validate_targets
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.attention import get_attention_impl
 from lora_jax.model.config import ModelConfig
@@ -24,6 +24,7 @@ from lora_jax.run.halving import check_halving
 from lora_jax.run.planted import check_planted
 from lora_jax.sharding import check_serving_mesh, resolve_mesh_shape
 from lora_jax.train.accounting import budget_rank
+from lora_jax.train.step import LrScale
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -33,6 +34,12 @@ def _dtype(name: str, key: str):
     if name not in DTYPES:
         raise ConfigError(f"{key}={name!r} is unknown; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def lr_scale(config: ml_collections.ConfigDict) -> LrScale:
+    """The arm's learning-rate multipliers (optim.lr_per_target, optim.loraplus_ratio)."""
+    o = config.optim
+    return LrScale(tuple((t, float(o.lr_per_target[t])) for t in TARGETS), float(o.loraplus_ratio))
 
 
 def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
@@ -111,11 +118,17 @@ def check_hf_conflicts(config: ml_collections.ConfigDict, hf: ModelConfig, sourc
             raise ConfigError(f"model.{key}={ours} conflicts with {source}/config.json ({getattr(hf, key)})")
 
 
-def _check_range(config: ml_collections.ConfigDict, key: str, low, high=None) -> None:
+def _section(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """("train.divergence.patience") -> (config.train.divergence, "patience"): nested sections."""
     *sections, name = key.split(".")
-    for section in sections:  # "train.divergence.patience": nested sections
+    for section in sections:
         config = config[section]
-    value = config[name]
+    return config, name
+
+
+def _check_range(config: ml_collections.ConfigDict, key: str, low, high=None) -> None:
+    section, name = _section(config, key)
+    value = section[name]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
     if ok and high is not None:
         ok = value < high
@@ -132,6 +145,8 @@ RANGES = {
     "data.max_seq_len": (8,),
     "data.max_target_tokens": (1,),
     "optim.learning_rate": (1e-12,),
+    "optim.loraplus_ratio": (1e-12,),
+    **{f"optim.lr_per_target.{t}": (1e-12,) for t in TARGETS},
     "optim.warmup_steps": (0,),
     "optim.weight_decay": (0,),
     "optim.grad_clip_norm": (0,),
@@ -172,6 +187,8 @@ RESUMABLE_CHANGES = (
     "optim.weight_decay",
     "optim.grad_clip_norm",
     "optim.grad_accum_steps",
+    "optim.lr_per_target",
+    "optim.loraplus_ratio",
     "train.total_steps",
     "train.global_batch_size",
     "train.seed",
@@ -331,6 +348,13 @@ def check_arm_label(config: ml_collections.ConfigDict) -> None:
     name on other targets would file one checkpoint under two arms. Other names label the config's own
     targets as given."""
     arm = config.arm
+    if "@" in str(arm) and str(arm).split("@")[0] in ARMS:  # a variant: its settings are the config's
+        study_arm, settings = parse_arm(arm)
+        for key, value in settings.items():
+            section, name = _section(config, key)
+            if section[name] != value:
+                raise ConfigError(f"config.arm={arm!r} names {key}={value:g}, but the config has {section[name]!r}")
+        arm = study_arm
     if arm in ARMS and validate_targets(ARMS[arm]) != validate_targets(config.lora.targets):
         raise ConfigError(
             f"config.arm={arm!r} is the study arm of targets {tuple(ARMS[arm])}, but lora.targets="
@@ -388,9 +412,11 @@ def check_arms(config: ml_collections.ConfigDict) -> None:
     """config.arms (a joint run): known, distinct study arms of a text dataset, trained with checkpoints
     a kill between two arms' saves cannot leave without a common step."""
     arms = tuple(config.arms)
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if str(a).split("@")[0] not in ARMS]
     if unknown:
         raise ConfigError(f"config.arms has {', '.join(map(str, unknown))}; valid arms: {', '.join(ARMS)}")
+    for arm in arms:
+        parse_arm(arm)  # a variant's settings (arm@lp=16)
     if len(set(arms)) != len(arms):
         raise ConfigError(f"config.arms lists an arm twice: {arms}")
     if config.data.name in IMAGE_DATASETS:
@@ -410,7 +436,11 @@ def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Co
     """The config of one arm of a joint run: the config as given, with that arm's targets (the arm's own
     run: `configs/<dataset>_<arm>.py` with the same overrides)."""
     c = config.copy_and_resolve_references()  # a copy as locked and typed as the config
-    c.arm, c.arms, c.lora.targets = arm, (), ARMS[arm]
+    study_arm, settings = parse_arm(arm)  # a variant (arm@lp=16) sets its optimizer settings
+    c.arm, c.arms, c.lora.targets = arm, (), ARMS[study_arm]
+    for key, value in settings.items():
+        section, name = _section(c, key)
+        section[name] = value
     c.train.halving.rungs = ()  # the joint run selects among its arms; an arm's own run trains to the end
     return c
 

@@ -58,7 +58,7 @@ from lora_jax.run.assemble import (
     start_run,
     tokenizer_dir,
 )
-from lora_jax.run.config import arm_configs, lora_spec
+from lora_jax.run.config import arm_configs, lora_spec, lr_scale
 from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
 from lora_jax.run.halving import HalvingPlan, HalvingRecord, decide, make_arm_grad_norms, proxy_scores, write_proxy
 from lora_jax.run.summary import (
@@ -206,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     pruned_arms = [Arm(c, w, None, lora_spec(c)) for c, w in gone]  # their summary.json was written at the rung
     prepare_planted(config, layout.shared, mesh)  # a planted study's teacher data, before its tokenizer
     tok_dir = tokenizer_dir(config, layout.shared)
-    trainer = build_trainer(model, config, mesh, views)
+    trainer = build_trainer(model, config, mesh, views, [lr_scale(a.config) for a in arms])
     lora, frozen, opt_state, batch_sh = trainer.lora, trainer.frozen, trainer.opt_state, trainer.batch_sharding
     images = image_inputs(model, config)
     data = data_iterators(config, layout.shared, tok_dir, model.config.vocab_size, batch_sh, images)
@@ -388,7 +388,8 @@ def rebuild_trainer(trainer, lora, opt_state, arms: list[Arm], kept: list[Arm], 
     keep = [k for k, a in enumerate(arms) if a in kept]
     bank = AdapterBank(tuple(arms[k].name for k in keep), tuple(arms[k].spec for k in keep))
     model = rebank_model(trainer.model(lora), bank, mesh)
-    new = build_trainer(model, config, mesh, ArmViews.build(model.config, bank, model.options))
+    scales = [lr_scale(arms[k].config) for k in keep]
+    new = build_trainer(model, config, mesh, ArmViews.build(model.config, bank, model.options), scales)
     lora, opt_state = new.stack(new.lora, new.opt_state, [states[k] for k in keep])
     return new, lora, opt_state
 

@@ -32,11 +32,31 @@ class StepOptions:
     use_dropout: bool = False
 
 
-def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_clip_norm, bank=None):
+@dataclasses.dataclass(frozen=True)
+class LrScale:
+    """An arm's learning-rate multipliers: one per target (on A and B), and LoRA+'s ratio (B's learning
+    rate = ratio x A's, as PEFT's create_loraplus_optimizer sets it). A multiplier scales the whole
+    AdamW update of the leaf (its decoupled weight decay included), exactly what a parameter group
+    with that learning rate does."""
+
+    per_target: tuple[tuple[str, float], ...] = ()
+    loraplus_ratio: float = 1.0
+
+    def factor(self, target: str, kind: str) -> float:
+        return dict(self.per_target).get(target, 1.0) * (self.loraplus_ratio if kind == "lora_b" else 1.0)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.loraplus_ratio == 1.0 and all(m == 1.0 for _, m in self.per_target)
+
+
+def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_clip_norm, bank=None, lr_scales=None):
     """AdamW with linear warmup + cosine decay, after global-norm clipping. Returns (tx, schedule).
 
     With an AdapterBank each arm is clipped by its own norm; AdamW is elementwise, so every arm is
-    updated exactly as its own optimizer would update it."""
+    updated exactly as its own optimizer would update it. lr_scales: each arm's LrScale (one for a
+    plain model; None = all 1); in a bank a target's arms share its slot axis, so the multipliers of
+    a leaf are a per-slot scale."""
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps, decay_steps=max(total_steps, 1)
@@ -48,7 +68,27 @@ def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_
         else:
             parts.append(clip_by_arm_global_norm(grad_clip_norm, bank))
     parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    if lr_scales and not all(s.is_identity for s in lr_scales):
+        parts.append(scale_by_lr_scale(lr_scales, bank))
     return optax.chain(*parts), schedule
+
+
+def scale_by_lr_scale(lr_scales, bank=None) -> optax.GradientTransformation:
+    """Multiplies each LoRA leaf's update by its arm's LrScale factor (per slot in a bank)."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def scale(path, u):
+            target, kind = target_kind(path)
+            if bank is None:
+                return (u * lr_scales[0].factor(target, kind)).astype(u.dtype)
+            factors = jnp.asarray([lr_scales[k].factor(target, kind) for k in bank.members(target)], u.dtype)
+            return u * factors.reshape((1, -1) + (1,) * (u.ndim - 2))
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):

@@ -125,18 +125,19 @@ class Trainer:
 
 
 def build_trainer(
-    model: Transformer, config: ml_collections.ConfigDict, mesh, views: ArmViews | None = None
+    model: Transformer, config: ml_collections.ConfigDict, mesh, views: ArmViews | None = None, lr_scales=None
 ) -> Trainer:
     """Splits the model into LoRA / frozen states and jits the steps with explicit shardings on `mesh`.
     A model with an AdapterBank trains its K arms jointly (metrics "loss", "grad_norm", "adapter_norm"
-    are then [K]); views: its ArmViews (built here when not given)."""
+    are then [K]); views: its ArmViews (built here when not given). lr_scales: each arm's
+    train.step.LrScale (run.config.lr_scale of its config; None: all 1)."""
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
     bank = model.lora if isinstance(model.lora, AdapterBank) else None  # K arms trained jointly
     if bank is not None and views is None:
         views = ArmViews.build(model.config, bank, model.options)
     o = config.optim
     tx, schedule = make_optimizer(
-        o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm, bank
+        o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm, bank, lr_scales
     )
     # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
     # replicated — left to itself it lands on one device and clashes in jit ("incompatible devices").

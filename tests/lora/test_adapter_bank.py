@@ -15,7 +15,7 @@ from lora_jax.lora.delta import lora_delta
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import Transformer
 from lora_jax.run.assemble import build_bank_model, build_model
-from lora_jax.run.config import lora_spec
+from lora_jax.run.config import lora_spec, lr_scale
 from lora_jax.serve.generate import GenerationOptions, generate, left_pad
 from lora_jax.sharding import global_batch, make_mesh
 from lora_jax.train.trainer import build_trainer
@@ -52,18 +52,27 @@ def train_steps(trainer, batches):
 
 def separate_run(config, mesh, batches):
     model, _ = build_model(config, mesh)
-    return train_steps(build_trainer(model, config, mesh), batches)
+    return train_steps(build_trainer(model, config, mesh, lr_scales=[lr_scale(config)]), batches)
 
 
 def joint_run(configs, arms, mesh, batches):
     model, _, views = build_bank_model(configs, list(arms), mesh)
-    losses, lora, opt = train_steps(build_trainer(model, configs[0], mesh), batches)
+    trainer = build_trainer(model, configs[0], mesh, views, [lr_scale(c) for c in configs])
+    losses, lora, opt = train_steps(trainer, batches)
     return losses, lora, opt, views
+
+
+# Each arm its own learning-rate multipliers and LoRA+ ratio: in the bank they are per-slot scales.
+LR_SETTINGS = {
+    "oproj": {"optim.loraplus_ratio": 4.0},
+    "qkv_fc1": {"optim.lr_per_target.fc1": 3.0},
+    "all": {"optim.lr_per_target.o_proj": 0.5, "optim.loraplus_ratio": 2.0},
+}
 
 
 @pytest.fixture(scope="module")
 def joint_one_device(batches):
-    configs = [arm_config(a, **{"lora.dropout": 0.1}) for a in ARMS]
+    configs = [arm_config(a, **{"lora.dropout": 0.1}, **LR_SETTINGS[a]) for a in ARMS]
     return configs, joint_run(configs, ARMS, one_device(), batches)
 
 
