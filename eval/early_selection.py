@@ -207,6 +207,26 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def arms_table(run: JointRun, row: SelectionRow) -> list[str]:
+    """A row per arm (and setting: an arm variant is an arm) of one halving run: the steps it trained,
+    its score at every rung it reached, its final score (the arms left), its step-0 proxy value."""
+    rungs = run.halving["rungs"]
+    metric = next((m for m, _ in run.scores.values()), "final score")
+    head = ["arm", "steps"] + [f"rung {i + 1} (step {r['step']}) {r['metric']}" for i, r in enumerate(rungs)]
+    head += [metric, "step-0 proxy"]
+    lines = [f"{run.name}:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    proxy = (run.proxy or {}).get("arms", {})
+    total = run.halving["settings"]["steps"][-1]
+    for arm in run.arms:
+        stopped = row.pruned.get(arm, (None,))[0]
+        summary = run.arm_summaries.get(arm, {})
+        steps = stopped if stopped is not None else summary.get("final_step", total)
+        cells = [arm, str(steps)] + [_f(r["scores"].get(arm), 4) if arm in r["scores"] else "" for r in rungs]
+        cells += [_f(run.scores[arm][1], 4) if arm in run.scores else "pruned", _f(proxy.get(arm), 5)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def section_markdown(label: str, halving: list[JointRun], rows: list[SelectionRow], has_full: bool) -> list[str]:
     settings = halving[0].halving["settings"]
     lines = [
@@ -232,11 +252,8 @@ def section_markdown(label: str, halving: list[JointRun], rows: list[SelectionRo
         cells += [_f(r.rung1_pairs), _f(r.rung1_rho), _f(r.proxy_pairs), _f(r.proxy_rho)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for r in rows:
-        pruned = ", ".join(f"{a} at step {s} ({m} {v:.4f})" for a, (s, m, v) in r.pruned.items())
-        lines.append(f"- {r.run}: pruned {pruned or 'none'}")
-        if r.proxy_ranking:
-            lines.append(f"  step-0 proxy ranking: {', '.join(r.proxy_ranking)}")
+    for run, r in zip(halving, rows):
+        lines += arms_table(run, r)
     lines += [
         "",
         "arm-steps: the steps each arm trained, summed over arms; x full: over a full joint run's of the same "

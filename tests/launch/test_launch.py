@@ -37,6 +37,38 @@ def test_study_sweep_is_the_study_grid():
     ]
 
 
+def test_halving_sweeps_name_their_runs_and_settings():
+    """The planted sweep's halving runs sit beside the full ones; the lr_targets sweep trains every arm
+    at every setting as arm variants in one joint run per seed, each a config every check passes."""
+    from configs import base
+    from lora_jax.run.config import arm_configs
+
+    runs = sweep.load("configs/sweeps/planted.py:planted=qkv+fc1,seeds=2,halving=1")
+    assert [r.name for r in runs] == [
+        "planted_qkv+fc1_s0",
+        "planted_qkv+fc1_s0_halving",
+        "planted_qkv+fc1_s1",
+        "planted_qkv+fc1_s1_halving",
+    ]
+    halving = dict(runs[1].overrides)
+    assert halving["train.halving.rungs"] == (0.2, 0.4) and halving["train.halving.metric"] == "score"
+    assert "train.halving.rungs" not in dict(runs[0].overrides)
+    (run,) = sweep.load("configs/sweeps/lr_targets.py:dataset=cocohd,arms=qkv+fc2,lp=1/8,lr=fc2:1/2")
+    arms = dict(run.overrides)["arms"]
+    assert arms == ("qkv", "qkv@lp=8", "fc2", "fc2@lr_fc2=2", "fc2@lp=8", "fc2@lp=8@lr_fc2=2")
+    config = base.arm_config("cocohd", "all", "runlocal")
+    for key, value in run.overrides:
+        section, _, name = key.rpartition(".")
+        node = config
+        for part in section.split(".") if section else ():
+            node = node[part]
+        node[name] = value
+    settings = {c.arm: (c.optim.loraplus_ratio, c.optim.lr_per_target.fc2) for c in arm_configs(config)}
+    assert settings["fc2@lp=8@lr_fc2=2"] == (8.0, 2.0) and settings["qkv@lp=8"] == (8.0, 1.0)
+    with pytest.raises(sweep.SweepError, match="give one of dataset"):
+        sweep.load("configs/sweeps/lr_targets.py:lp=4")
+
+
 def _sweep_file(tmp_path, runs):
     path = tmp_path / "my_sweep.py"
     path.write_text(f"def get_sweep(arg=None):\n    return {runs!r}\n")
