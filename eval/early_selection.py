@@ -23,7 +23,7 @@ import os
 import numpy as np
 from scipy import stats
 
-from eval.report_rows import BASE_ARM, Group
+from eval.report_rows import BASE_ARM, Group, fmt
 
 HALVING_RECORD = os.path.join("joint", "halving.json")
 PROXY_FILE = os.path.join("joint", "step0_proxy.json")
@@ -191,13 +191,7 @@ def _ratio(a, b):
 
 
 def _f(x, digits=3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+    return fmt(x, digits, missing="–")
 
 
 COLUMNS = (

@@ -42,7 +42,7 @@ import numpy as np
 from eval import metrics
 from eval.early_selection import early_selection, is_halving_run
 from eval.events import EventWriter
-from eval.report_rows import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, pareto
+from eval.report_rows import BASE_ARM, PROCEDURE, SIGNIFICANCE, Group, Row, RunResult, fmt, pareto
 from eval.report_stats import (
     RESAMPLES,
     compare_with_best,
@@ -388,14 +388,7 @@ _DATASET_COLUMNS = [
 ]
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+_fmt = fmt  # the report's cells: 4 places, empty when missing
 
 
 def write_csv(rows: list[Row], path: str) -> None:

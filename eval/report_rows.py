@@ -94,6 +94,17 @@ class Group:
     examples: dict = dataclasses.field(default_factory=dict)  # arm -> examples its mean is over
 
 
+def fmt(value, digits: int = 4, missing: str = "") -> str:
+    """A table cell: `missing` for None or NaN, yes/no for a bool, floats to `digits` places."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return missing
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
 def pareto(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
     """Indices of the points no other point beats on both (lower x; higher y, or lower y when
     lower is better), sorted by x."""

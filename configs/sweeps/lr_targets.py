@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 
+from configs.sweeps.options import parse_options
 from configs.sweeps.study import STUDY_ARMS
 from lora_jax.lora.arms import ARMS
 
@@ -30,15 +31,7 @@ TARGET_TOKENS = {"qkv": "lr_qkv", "o_proj": "lr_oproj", "fc1": "lr_fc1", "fc2": 
 
 
 def _options(arg: str | None) -> dict:
-    out = {}
-    for part in (arg or "").split(","):
-        part = part.strip()
-        if part:
-            key, _, value = part.partition("=")
-            out[key] = value if value else True
-    unknown = set(out) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown sweep option(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIONS)}")
+    out = parse_options(arg, OPTIONS)
     if ("dataset" in out) == ("planted" in out):
         raise ValueError("give one of dataset=<name> or planted=<target>[+<target>…]")
     return out

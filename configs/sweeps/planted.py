@@ -24,20 +24,14 @@ of P; a study that works ranks every such arm above every arm that does not.
 
 from __future__ import annotations
 
+from configs.sweeps.options import parse_options
+
 OPTIONS = ("planted", "seeds", "steps", "rank", "norm", "hf_dir", "halving", "eta", "halving_metric")
 DEFAULT_RUNGS = (0.2, 0.4)
 
 
 def _options(arg: str | None) -> dict:
-    out = {}
-    for part in (arg or "").split(","):
-        part = part.strip()
-        if part:
-            key, _, value = part.partition("=")
-            out[key] = value if value else True
-    unknown = set(out) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown sweep option(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIONS)}")
+    out = parse_options(arg, OPTIONS)
     if not isinstance(out.get("planted"), str):
         raise ValueError("planted=<target>[+<target>…] is required, e.g. planted=fc2 or planted=qkv+fc1")
     return out

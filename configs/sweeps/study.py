@@ -15,6 +15,8 @@ the workdir name}. Plain values only; launch/sweep.py checks and expands them.
 
 from __future__ import annotations
 
+from configs.sweeps.options import parse_options
+
 # The arms each dataset has a config file for: the study's grid, 55 runs with one seed (40 text, 15 image).
 STUDY_ARMS = {
     "fincot": ("qkv", "oproj", "fc1", "fc2", "oproj_fc1", "qkv_fc1", "oproj_fc2", "qkv_fc2", "all"),
@@ -28,19 +30,7 @@ STUDY_ARMS = {
 
 
 def _options(arg: str | None) -> dict:
-    out = {}
-    for part in (arg or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, _, value = part.partition("=")
-        out[key] = value if value else True
-    unknown = set(out) - {"dataset", "arms", "seeds", "steps", "runlocal"}
-    if unknown:
-        raise ValueError(
-            f"unknown sweep option(s) {', '.join(sorted(unknown))}; valid: dataset, arms, seeds, steps, runlocal"
-        )
-    return out
+    return parse_options(arg, ("dataset", "arms", "seeds", "steps", "runlocal"))
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
