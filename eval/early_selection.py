@@ -23,6 +23,7 @@ import os
 import numpy as np
 from scipy import stats
 
+from eval.metrics import LOWER_IS_BETTER
 from eval.report_rows import BASE_ARM, Group, fmt
 
 HALVING_RECORD = os.path.join("joint", "halving.json")
@@ -45,6 +46,24 @@ class JointRun:
     arm_summaries: dict = dataclasses.field(default_factory=dict)  # arm -> its summary.json
     proxy: dict | None = None  # joint/step0_proxy.json
     scores: dict = dataclasses.field(default_factory=dict)  # arm -> (metric, mean final score) of finished arms
+    steps: int | None = None  # train.total_steps: the finished arms' final step
+
+    @property
+    def winner(self) -> str | None:
+        """The arm left at the end; with several left, the best by final score (all trained to the end)."""
+        if len(self.selected) <= 1:
+            return self.selected[0] if self.selected else None
+        scored = [a for a in self.selected if a in self.scores and np.isfinite(self.scores[a][1])]
+        if not scored:
+            return self.selected[0]
+        sign = -1.0 if self.scores[scored[0]][0] in LOWER_IS_BETTER else 1.0
+        return max(scored, key=lambda a: (sign * self.scores[a][1], -self.selected.index(a)))
+
+    def compares_with(self, full: JointRun) -> bool:
+        """A full joint run this halving run's cost and ranking are compared with: same dataset, base and
+        steps, and every arm of this run among its arms."""
+        same = (full.dataset, full.base_model, full.steps) == (self.dataset, self.base_model, self.steps)
+        return same and set(self.arms) <= set(full.arms)
 
 
 def _read(path):
@@ -85,6 +104,8 @@ def read_joint_run(name: str, run_dir: str) -> JointRun | None:
         run.selected = list(joint.get("halving", {}).get("selected", []))
         if os.path.exists(os.path.join(run_dir, PROXY_FILE)):
             run.proxy = _read(os.path.join(run_dir, PROXY_FILE))
+    done = [s["final_step"] for s in run.arm_summaries.values() if s.get("status") == "done"]
+    run.steps = max(done) if done else None
     for arm, (d, s) in summaries.items():
         if s.get("status") != "done":
             continue
@@ -129,6 +150,8 @@ class SelectionRow:
     p_vs_best: float | None
     full_best: str | None
     arm_steps: int | None
+    proxy_arm_steps: int | None  # the step-0 proxy's forward+backward passes (batches x arms), not in arm_steps
+    resumed: bool  # either run was resumed: its wall-clock is only its last process's
     arm_steps_ratio: float | None
     wall_s: float | None
     wall_ratio: float | None
@@ -144,14 +167,16 @@ def selection_rows(halving: list[JointRun], full_runs: list[JointRun], group: Gr
     """One row per halving run of a (dataset, base); `group`: the full ablation's table group, if any."""
     full_scores = {}
     if group is not None:
-        full_scores = goodness({a: float(m) for a, m in zip(group.arms, group.observed)}, group.higher_is_better)
+        means = {a: float(m) for a, m in zip(group.arms, group.observed) if a != BASE_ARM}
+        full_scores = goodness(means, group.higher_is_better)
     rows_of = {r.arm: r for r in group.rows} if group is not None else {}
     best = max(full_scores, key=full_scores.get) if full_scores else None
     out = []
     for run in halving:
-        winner = run.selected[0] if len(run.selected) == 1 else "+".join(run.selected) or "none"
+        winner = run.winner or "none"
         row = rows_of.get(winner)
-        twin = [f for f in full_runs if f.seed == run.seed] or full_runs
+        twins = [f for f in full_runs if run.compares_with(f)]
+        twin = [f for f in twins if f.seed == run.seed] or twins
         full_cost = twin[0].cost if twin and twin[0].cost else None
         cost = run.cost or {}
         rungs = run.halving["rungs"]
@@ -172,6 +197,8 @@ def selection_rows(halving: list[JointRun], full_runs: list[JointRun], group: Gr
                 p_vs_best=None if row is None else row.p_vs_best,
                 full_best=best,
                 arm_steps=cost.get("arm_steps"),
+                proxy_arm_steps=cost.get("proxy_arm_steps"),
+                resumed=bool(cost.get("resumed_from")) or bool(full_cost and full_cost.get("resumed_from")),
                 arm_steps_ratio=_ratio(cost.get("arm_steps"), full_cost and full_cost.get("arm_steps")),
                 wall_s=cost.get("wall_s"),
                 wall_ratio=_ratio(cost.get("wall_s"), full_cost and full_cost.get("wall_s")),
@@ -240,8 +267,10 @@ def section_markdown(label: str, halving: list[JointRun], rows: list[SelectionRo
     ]
     for r in rows:
         tied = "–" if r.tied is None else f"{_f(r.tied)} ({_f(r.p_vs_best, 4)})"
-        steps = f"{_f(r.arm_steps)} ({_f(r.arm_steps_ratio)})"
-        wall = f"{_f(r.wall_s, 0)} ({_f(r.wall_ratio)})"
+        steps = f"{_f(r.arm_steps)} ({_f(r.arm_steps_ratio)})" + (
+            f" + proxy {r.proxy_arm_steps}" if r.proxy_arm_steps else ""
+        )
+        wall = f"{_f(r.wall_s, 0)} ({_f(r.wall_ratio)})" + (" resumed" if r.resumed else "")
         cells = [r.run, str(r.seed), r.winner, _f(r.winner_score, 4), tied, steps, wall]
         cells += [_f(r.rung1_pairs), _f(r.rung1_rho), _f(r.proxy_pairs), _f(r.proxy_rho)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -251,8 +280,11 @@ def section_markdown(label: str, halving: list[JointRun], rows: list[SelectionRo
     lines += [
         "",
         "arm-steps: the steps each arm trained, summed over arms; x full: over a full joint run's of the same "
-        "seed. wall-clock: the whole run (model building, training, evaluation). pairs: the fraction of arm "
-        "pairs ordered as the full ablation orders them; Spearman rho over every arm both rank.",
+        "seed (same steps, its arms a superset); + proxy: the step-0 proxy's forward and backward passes "
+        "(batches x arms, no update), not in the ratio. wall-clock: the whole run (model building, training, "
+        "evaluation; the proxy included); resumed: only the last process's. pairs: the fraction of arm pairs "
+        "ordered as the full ablation orders them; Spearman rho over every arm both rank. Rungs score the "
+        "test split, the split the winner's final score is on: a validation split would not flatter it.",
         "",
     ]
     return lines

@@ -116,11 +116,21 @@ def _manager(directory: epath.Path, max_to_keep: int, create: bool) -> ocp.Check
 class CheckpointStore:
     _pending: int | None = None  # the step of the last save started (the one a failed write belongs to)
 
-    def __init__(self, workdir: str, max_to_keep: int, identity: dict, allowed_changes: tuple[str, ...] = ()):
-        """identity: JSON-able values a checkpoint must agree with to be resumed (but allowed_changes)."""
+    def __init__(
+        self,
+        workdir: str,
+        max_to_keep: int,
+        identity: dict,
+        allowed_changes: tuple[str, ...] = (),
+        absent: dict | None = None,
+    ):
+        """identity: JSON-able values a checkpoint must agree with to be resumed (but allowed_changes).
+        absent: for keys added to the identity later, the value a checkpoint without the key had (a
+        key without one matches any value)."""
         self.dir = epath.Path(workdir) / "checkpoints"
         self.identity = identity
         self.allowed_changes = allowed_changes
+        self.absent = absent or {}
         self._check_workdir()
         self.manager = _manager(self.dir, max_to_keep, create=True)
 
@@ -134,7 +144,9 @@ class CheckpointStore:
         if step is None:
             return
         meta = existing.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        # A key the checkpoint does not record matches: it was written before that key joined the identity.
+        # A key the checkpoint does not record was written before that key joined the identity: it had
+        # the key's `absent` value, or (none given) it matches.
+        meta = {k: self.absent[k] for k in self.absent if k not in meta} | meta
         differ = [
             k for k in self.identity if k not in self.allowed_changes and k in meta and meta[k] != self.identity[k]
         ]

@@ -71,7 +71,7 @@ def parse_arm(name: str) -> tuple[str, dict[str, float]]:
             number = float(value)
         except ValueError:
             number = float("nan")
-        if not number > 0:
+        if not 0 < number < float("inf"):
             raise ConfigError(f"arm {name!r}: {key}={value!r} must be a number > 0")
         if VARIANT_SETTINGS[key] in out:
             raise ConfigError(f"arm {name!r}: {key} is set twice")

@@ -20,6 +20,7 @@ from data.datasets import IMAGE_DATASETS
 from eval.events import EventWriter, LoggingWriter
 from lora_jax.errors import WorkdirError
 from lora_jax.io.hf_checkpoint import HFCheckpoint, load_hf_model
+from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.lora.delta import init_adapters
 from lora_jax.model import init as initial
@@ -288,6 +289,10 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
     return json.loads(json.dumps(identity))  # as it reads back from the checkpoint's JSON
 
 
+# What a checkpoint saved before these keys joined the run identity trained with.
+IDENTITY_BEFORE = {"optim.loraplus_ratio": 1.0, "optim.lr_per_target": {t: 1.0 for t in TARGETS}}
+
+
 @dataclasses.dataclass
 class RunData:
     train: object  # PackedBatchIterator over the training split (shuffled, endless)
@@ -364,6 +369,7 @@ def open_checkpoint_store(config, workdir: epath.Path, fingerprint: str):
             config.train.max_to_keep,
             identity,
             allowed_changes=tuple(config.train.allow_changed_on_resume),
+            absent=IDENTITY_BEFORE,
         )
     except WorkdirMismatchError as e:
         recorded = workdir / "data_source.json"

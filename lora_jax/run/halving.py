@@ -34,8 +34,9 @@ from etils import epath
 
 from lora_jax.errors import ConfigError, WorkdirError
 from lora_jax.io.files import write_text_atomic
+from lora_jax.model.arm_views import target_kind
 from lora_jax.sharding import under_mesh
-from lora_jax.train.step import arm_grad_norms, batch_loss_sums
+from lora_jax.train.step import arm_grad_norms, batch_loss_sums, micro_batches
 
 RECORD = "halving.json"
 PROXY = "step0_proxy.json"
@@ -100,16 +101,23 @@ def check_halving(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('train.halving.metric="score" ranks on the suite: eval.evaluators must include "generate"')
 
 
-def decide(scores: dict[str, float], eta: int, higher_is_better: bool) -> tuple[list[str], list[str]]:
-    """(kept, pruned): the best max(1, n // eta) arms by score go on; ties keep the earlier arm (the
-    order of `scores`). A non-finite score ranks last."""
+def decide(
+    scores: dict[str, float], eta: int, higher_is_better: bool, tiebreak: dict[str, float] | None = None
+) -> tuple[list[str], list[str]]:
+    """(kept, pruned): the best max(1, n // eta) arms by score go on. Ties (a coarse score such as a
+    fraction of tokens ties easily) go to the lower `tiebreak` (the test loss), then to the earlier
+    arm (the order of `scores`). A non-finite score ranks last."""
     names = list(scores)
+    tiebreak = tiebreak or {}
+
+    def finite(v) -> bool:
+        return v is not None and math.isfinite(v)
 
     def badness(i: int) -> tuple:
-        v = scores[names[i]]
-        if v is None or not math.isfinite(v):
-            return (1, 0.0, i)
-        return (0, -v if higher_is_better else v, i)
+        v, t = scores[names[i]], tiebreak.get(names[i])
+        if not finite(v):
+            return (1, 0.0, 0.0, i)
+        return (0, -v if higher_is_better else v, t if finite(t) else math.inf, i)
 
     order = sorted(range(len(names)), key=badness)
     keep = max(1, len(names) // eta)
@@ -144,6 +152,14 @@ class HalvingRecord:
         """arm -> the step it was pruned at, over every recorded rung."""
         return {a: r["step"] for r in self.rungs for a in r["pruned"]}
 
+    def dropped(self) -> dict[str, int]:
+        """arm -> the step it stopped at, for arms that diverged before a rung (they left the bank there)."""
+        return {a: step for r in self.rungs for a, step in r.get("dropped", {}).items()}
+
+    def gone(self) -> set[str]:
+        """Arms no longer in the bank: pruned, or diverged before a decided rung."""
+        return set(self.pruned()) | set(self.dropped())
+
     def check_resume(self, start: int) -> None:
         """A run resumed at `start` has every rung before it decided (else its arms are not the ones an
         uninterrupted run would have at `start`)."""
@@ -159,10 +175,11 @@ class HalvingRecord:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps({"settings": self.plan.settings(), "rungs": self.rungs}, indent=1))
 
-    def arm_steps(self, names: list[str], total: int) -> int:
-        """Steps trained summed over the arms: a pruned arm's stop at its rung, the others' at `total`."""
-        pruned = self.pruned()
-        return sum(pruned.get(n, total) for n in names)
+    def arm_steps(self, names: list[str], total: int, stopped: dict[str, int] | None = None) -> int:
+        """Steps trained summed over the arms: a pruned arm's stop at its rung, a diverged arm's where it
+        stopped (`stopped`, or the record's), the others' at `total`."""
+        ends = {n: total for n in names} | self.dropped() | (stopped or {}) | self.pruned()
+        return sum(ends[n] for n in names)
 
 
 # -- the step-0 proxy ----------------------------------------------------------------------------
@@ -170,28 +187,44 @@ class HalvingRecord:
 
 PROXY_DEFINITION = (
     "mean over the first batches of training of ||grad of the batch's mean token loss w.r.t. the arm's "
-    "adapters||_2 / sqrt(the arm's trainable parameters), at the fresh adapters (step 0, no dropout); "
-    "higher ranks first"
+    "adapters||_2 / sqrt(the arm's lora_B parameters), at the fresh adapters (step 0, no dropout; B = 0 "
+    "there, so only B has a gradient): an RMS gradient per B parameter; higher ranks first"
 )
 
 
-def make_arm_grad_norms(graphdef, chunk: int, bank, mesh=None):
-    """(lora, frozen, batch) -> [K]: each arm's gradient norm of the batch's mean token loss (no dropout)."""
+def make_arm_grad_norms(graphdef, chunk: int, bank, accum: int = 1, mesh=None):
+    """(lora, frozen, batch) -> [K]: each arm's gradient norm of the batch's mean token loss (no dropout),
+    summed over `accum` micro-batches as the train step does (the same memory)."""
 
     def fn(lora, frozen, batch):
-        def loss(lo):
-            nll, n = batch_loss_sums(graphdef, lo, frozen, batch, chunk, None)
-            return jnp.sum(nll) / jnp.maximum(n, 1.0)  # each arm's mean loss; arms touch only their rows
+        def loss(lo, mb):
+            nll, n = batch_loss_sums(graphdef, lo, frozen, mb, chunk, None)
+            return jnp.sum(nll), n  # arms touch only their own rows: each arm's gradient is its own
 
-        return arm_grad_norms(jax.grad(loss)(lora), bank)
+        def accumulate(carry, mb):
+            grads, count = carry
+            (_, n), g = jax.value_and_grad(loss, has_aux=True)(lora, mb)
+            return (jax.tree.map(jnp.add, grads, g), count + n), None
+
+        init = (jax.tree.map(jnp.zeros_like, lora), jnp.zeros((), jnp.float32))
+        (grads, count), _ = jax.lax.scan(accumulate, init, micro_batches(batch, accum))
+        return arm_grad_norms(jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads), bank)
 
     return fn if mesh is None else under_mesh(fn, mesh)
 
 
+def b_parameters(views) -> list[int]:
+    """Each arm's lora_B parameter count (its own rank, no bank padding)."""
+    return [
+        sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(t)[0] if target_kind(p)[1] == "lora_b")
+        for t in views.templates
+    ]
+
+
 def proxy_scores(grad_norms: np.ndarray, params: list[int]) -> np.ndarray:
-    """[batches, K] gradient norms and each arm's trainable parameter count -> [K] proxy values: the
-    mean norm over batches divided by sqrt(params) (an RMS gradient per adapter parameter, so an arm
-    is not ranked up merely for carrying more adapters)."""
+    """[batches, K] gradient norms and each arm's lora_B parameter count -> [K] proxy values: the mean
+    norm over batches divided by sqrt(params) (an RMS gradient per B parameter, so an arm is not ranked
+    up merely for carrying more adapters)."""
     return np.mean(np.asarray(grad_norms, np.float64), axis=0) / np.sqrt(np.asarray(params, np.float64))
 
 

@@ -60,7 +60,16 @@ from lora_jax.run.assemble import (
 )
 from lora_jax.run.config import arm_configs, lora_spec, lr_scale
 from lora_jax.run.eval_hooks import completion_fn, latency_fn, loss_on_test_split
-from lora_jax.run.halving import HalvingPlan, HalvingRecord, decide, make_arm_grad_norms, proxy_scores, write_proxy
+from lora_jax.run.halving import RECORD as HALVING_RECORD
+from lora_jax.run.halving import (
+    HalvingPlan,
+    HalvingRecord,
+    b_parameters,
+    decide,
+    make_arm_grad_norms,
+    proxy_scores,
+    write_proxy,
+)
 from lora_jax.run.summary import (
     diverged_summary,
     print_arms_progress,
@@ -171,8 +180,13 @@ def start_arms(config: ml_collections.ConfigDict, workdir: str):
     root = epath.Path(workdir)
     check_workdir_writable(root)
     plan = HalvingPlan.from_config(config)
+    if not plan and (root / SHARED_DIR / HALVING_RECORD).exists():  # would bring its pruned arms back
+        raise WorkdirError(
+            f"{root / SHARED_DIR / HALVING_RECORD}: this workdir holds a successive-halving run; resume it "
+            "with its train.halving settings, or use a fresh --workdir"
+        )
     record = HalvingRecord(root / SHARED_DIR, plan) if plan else None
-    pruned = record.pruned() if record else {}  # decided before a kill: replayed, never re-made
+    pruned = record.gone() if record else set()  # decided before a kill: replayed, never re-made
     live = [c for c in configs if c.arm not in pruned]
     mesh = make_mesh(config.mesh.shape)
     model, fingerprint, views = build_bank_model(live, [c.arm for c in live], mesh)
@@ -240,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     evaluate = functools.partial(evaluate_arms, arms, layout, trainer, data, config, mesh, context)
     plan = layout.halving.plan if layout.halving else None
     if plan and plan.proxy_batches and start == 0:
-        step0_proxy(trainer, lora, frozen, data, config, mesh, [a.name for a in arms], n_trainable, layout.shared)
+        step0_proxy(trainer, lora, frozen, data, config, mesh, [a.name for a in arms], layout.shared)
 
     timer = StepTimer()
     counts = []  # (target, real) token counts of the steps since the last log, on device until then
@@ -324,20 +338,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     for arm in pruned_arms:
         if arm.summary is None:  # pruned before a resume: its summary.json was written then
             arm.summary = json.loads((arm.workdir / "summary.json").read_text())
-    arm_steps = layout.halving.arm_steps([a.name for a in everyone], total) if layout.halving else total * len(arms)
-    layout.finish(everyone, run_cost(began, trained, start, arm_steps))
+    stopped = {a.name: a.summary["final_step"] for a in everyone if a.summary and a.summary["status"] == "diverged"}
+    names = [a.name for a in everyone]
+    arm_steps = layout.halving.arm_steps(names, total, stopped) if layout.halving else total * len(arms)
+    proxy = len(names) * plan.proxy_batches if plan else 0  # a forward and backward per arm and batch
+    layout.finish(everyone, run_cost(began, trained, start, arm_steps, proxy))
     return [a.summary for a in everyone]
 
 
-def run_cost(began: float, trained: float, start: int, arm_steps: int) -> dict:
+def run_cost(began: float, trained: float, start: int, arm_steps: int, proxy_arm_steps: int = 0) -> dict:
     """What the run cost this process: wall-clock seconds in all (model building, training,
     evaluation, export) and until training ended; arm-steps, the steps each arm trained summed over
-    arms (from step 0, a resumed run's included). A resumed run's seconds are its last process's."""
+    arms (from step 0, a resumed run's included); proxy_arm_steps, the step-0 proxy's batches x arms
+    (a forward and backward each, no update: about a training step's work). A resumed run's seconds
+    are its last process's."""
     now = time.perf_counter()
     return {
         "wall_s": round(now - began, 3),
         "train_wall_s": round(trained - began, 3),
         "arm_steps": arm_steps,
+        "proxy_arm_steps": proxy_arm_steps,
         "resumed_from": start,
     }
 
@@ -352,15 +372,17 @@ def halving_rung(step, arms, layout, trainer, lora, evaluate, config, model_cfg,
     plan, record = layout.halving.plan, layout.halving
     results = evaluate(lora, step, plan.evaluators(config.eval.evaluators))
     live = [(a, r) for a, r in zip(arms, results) if not a.divergence]
+    losses = {a.name: r["loss"]["eval_loss"] for a, r in live}
     if plan.metric == "loss":
-        scores, metric, hib = {a.name: r["loss"]["eval_loss"] for a, r in live}, "eval_loss", False
+        scores, metric, hib = losses, "eval_loss", False
     else:
         metric = live[0][1]["generate"]["metric"]
         scores, hib = {a.name: r["generate"]["score"] for a, r in live}, metric not in LOWER_IS_BETTER
-    kept, pruned = decide(scores, plan.eta, hib)
+    kept, pruned = decide(scores, plan.eta, hib, tiebreak=losses)
     for arm in arms:
         arm.store.wait()
     rung = {"step": step, "metric": metric, "higher_is_better": hib, "scores": scores, "kept": kept, "pruned": pruned}
+    rung["dropped"] = {a.name: a.summary["final_step"] for a in arms if a.divergence}  # diverged: leave too
     for arm, result in live:
         if arm.name in pruned:
             fields = run_summary_fields(arm.config, arm.spec, model_cfg, arm.history, fingerprint, start)
@@ -394,17 +416,18 @@ def rebuild_trainer(trainer, lora, opt_state, arms: list[Arm], kept: list[Arm], 
     return new, lora, opt_state
 
 
-def step0_proxy(trainer, lora, frozen, data, config, mesh, names, params, shared) -> None:
+def step0_proxy(trainer, lora, frozen, data, config, mesh, names, shared) -> None:
     """Writes <shared>/step0_proxy.json: each arm's normalised adapter gradient norm on the first
     train.halving.proxy_batches training batches, before any step (run/halving.py)."""
     n = config.train.halving.proxy_batches
-    fn = jax.jit(make_arm_grad_norms(trainer.graphdef, config.train.loss_chunk_tokens, trainer.views.bank, mesh))
+    accum, chunk = config.optim.grad_accum_steps, config.train.loss_chunk_tokens
+    fn = jax.jit(make_arm_grad_norms(trainer.graphdef, chunk, trainer.views.bank, accum, mesh))
     it, b = data.train_iterator(), config.train.global_batch_size
     norms = [
         np.asarray(jax.device_get(fn(lora, frozen, global_batch(next(it), trainer.batch_sharding, b))))
         for _ in range(n)
     ]
-    out = write_proxy(shared, names, proxy_scores(np.stack(norms), params), n)
+    out = write_proxy(shared, names, proxy_scores(np.stack(norms), b_parameters(trainer.views)), n)
     if jax.process_index() == 0:
         print(f"step-0 proxy ({n} batches): " + ", ".join(out["ranking"]), flush=True)
 
@@ -557,4 +580,5 @@ def step_events(config, done: int, rungs=()) -> tuple[bool, bool, bool]:
     is_log = done % config.train.log_every_steps == 0 or done == total or done in rungs
     is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total or done in rungs
     every = config.eval.eval_every_steps
-    return is_log, is_ckpt, bool(every and done % every == 0 and done < total)
+    # a rung step is evaluated by its rung (before the next step), not twice
+    return is_log, is_ckpt, bool(every and done % every == 0 and done < total and done not in rungs)

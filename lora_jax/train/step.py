@@ -67,28 +67,31 @@ def make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, grad_
             parts.append(optax.clip_by_global_norm(grad_clip_norm))
         else:
             parts.append(clip_by_arm_global_norm(grad_clip_norm, bank))
-    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    adamw = optax.adamw(schedule, weight_decay=weight_decay)
     if lr_scales and not all(s.is_identity for s in lr_scales):
-        parts.append(scale_by_lr_scale(lr_scales, bank))
+        adamw = scaled_by_lr_scale(adamw, lr_scales, bank)
+    parts.append(adamw)
     return optax.chain(*parts), schedule
 
 
-def scale_by_lr_scale(lr_scales, bank=None) -> optax.GradientTransformation:
-    """Multiplies each LoRA leaf's update by its arm's LrScale factor (per slot in a bank)."""
+def scaled_by_lr_scale(inner: optax.GradientTransformation, lr_scales, bank=None) -> optax.GradientTransformation:
+    """`inner` (AdamW) with each LoRA leaf's update multiplied by its arm's LrScale factor (per slot in a
+    bank). Its state is inner's own: a checkpoint has the same layout whatever the settings, so arms
+    of different settings stack in one bank, split into their own runs' states, and resume runs
+    saved before these settings existed."""
+
+    def scale(path, u):
+        target, kind = target_kind(path)
+        if bank is None:
+            return (u * lr_scales[0].factor(target, kind)).astype(u.dtype)
+        factors = jnp.asarray([lr_scales[k].factor(target, kind) for k in bank.members(target)], u.dtype)
+        return u * factors.reshape((1, -1) + (1,) * (u.ndim - 2))
 
     def update(updates, state, params=None):
-        del params
-
-        def scale(path, u):
-            target, kind = target_kind(path)
-            if bank is None:
-                return (u * lr_scales[0].factor(target, kind)).astype(u.dtype)
-            factors = jnp.asarray([lr_scales[k].factor(target, kind) for k in bank.members(target)], u.dtype)
-            return u * factors.reshape((1, -1) + (1,) * (u.ndim - 2))
-
+        updates, state = inner.update(updates, state, params)
         return jax.tree_util.tree_map_with_path(scale, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(inner.init, update)
 
 
 def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
@@ -118,7 +121,7 @@ def _bank_loss_sums(model, batch, chunk, key):
     return nll, jnp.sum(mask.astype(jnp.float32))
 
 
-def _micro_batches(batch: dict, n: int) -> dict:
+def micro_batches(batch: dict, n: int) -> dict:
     """[B, T] -> [n, B/n, T] taking rows i::n, so every micro-batch stays spread over the data axes."""
     return {k: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1) for k, v in batch.items()}
 
@@ -140,7 +143,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         batch = dict(batch)
         if opts.use_dropout:  # per-row keys travel with their rows into the micro-batches
             batch["dropout_keys"] = row_dropout_keys(dropout_key(opts.seed, step), batch["tokens"].shape[0])
-        micro = _micro_batches(batch, opts.grad_accum_steps)
+        micro = micro_batches(batch, opts.grad_accum_steps)
 
         def accumulate(carry, mb):
             grads_sum, nll_sum, count = carry

@@ -33,7 +33,7 @@ def arm_config(arm, **changes):
 
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
-    return sample_batches(tmp_path_factory.mktemp("bank"), 2, max_seq_len=256)
+    return sample_batches(tmp_path_factory.mktemp("bank"), 3, max_seq_len=256)
 
 
 def one_device():
@@ -62,17 +62,20 @@ def joint_run(configs, arms, mesh, batches):
     return losses, lora, opt, views
 
 
-# Each arm its own learning-rate multipliers and LoRA+ ratio: in the bank they are per-slot scales.
+# Each arm its own learning-rate multipliers and LoRA+ ratio (qkv_fc1 plain): in the bank they are
+# per-slot scales of the AdamW update, weight decay included, and every arm's optimizer state keeps its
+# own run's layout. No warmup: every one of the three steps updates A and B.
 LR_SETTINGS = {
     "oproj": {"optim.loraplus_ratio": 4.0},
-    "qkv_fc1": {"optim.lr_per_target.fc1": 3.0},
-    "all": {"optim.lr_per_target.o_proj": 0.5, "optim.loraplus_ratio": 2.0},
+    "qkv_fc1": {},
+    "all": {"optim.lr_per_target.o_proj": 0.5, "optim.lr_per_target.fc1": 3.0, "optim.loraplus_ratio": 2.0},
 }
+SCHEDULE = {"optim.warmup_steps": 0, "optim.weight_decay": 0.1}
 
 
 @pytest.fixture(scope="module")
 def joint_one_device(batches):
-    configs = [arm_config(a, **{"lora.dropout": 0.1}, **LR_SETTINGS[a]) for a in ARMS]
+    configs = [arm_config(a, **{"lora.dropout": 0.1}, **SCHEDULE, **LR_SETTINGS[a]) for a in ARMS]
     return configs, joint_run(configs, ARMS, one_device(), batches)
 
 
@@ -97,7 +100,10 @@ def check_equal_to_separate_runs(configs, mesh, batches, joint_losses, arm_state
         joint_lora, joint_opt = arm_states[k]
         for x, y in zip(jax.tree.leaves((lora, opt)), jax.tree.leaves((joint_lora, joint_opt))):
             assert x.shape == y.shape
-            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-5)
+            # float rounding of the batched matmuls, which Adam's normalisation amplifies on near-zero
+            # gradients (README: "A caveat on equal"): up to 2e-5 seen after three steps of lr 0.02; a
+            # wrong per-slot multiplier or decay moves an element by a sizeable part of 0.02
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=5e-5, rtol=1e-5)
         assert jax.tree.structure(opt) == jax.tree.structure(joint_opt)  # a separate run could resume it
 
 

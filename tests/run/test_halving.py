@@ -30,9 +30,11 @@ def test_the_best_n_over_eta_go_on_in_either_direction():
     assert decide(scores, 2, higher_is_better=True) == (["a", "e", "f"], ["b", "c", "d"])
 
 
-def test_at_least_one_arm_goes_on_ties_keep_the_earlier_and_nan_ranks_last():
+def test_at_least_one_arm_goes_on_ties_go_to_the_lower_loss_then_the_earlier_and_nan_ranks_last():
     assert decide({"a": 1.0, "b": 2.0}, 3, higher_is_better=True) == (["b"], ["a"])
     assert decide({"a": 1.0, "b": 1.0, "c": 1.0}, 3, higher_is_better=True) == (["a"], ["b", "c"])
+    tied = {"a": 0.5, "b": 0.5, "c": 0.5}
+    assert decide(tied, 3, higher_is_better=True, tiebreak={"a": 2.0, "b": 1.0, "c": 1.5}) == (["b"], ["a", "c"])
     assert decide({"a": float("nan"), "b": 5.0, "c": float("inf")}, 3, higher_is_better=False) == (["b"], ["a", "c"])
 
 
@@ -78,11 +80,11 @@ def test_the_record_is_replayed_only_with_its_own_settings(tmp_path):
     plan = HalvingPlan.from_config(_joint(rungs=(0.25, 0.5), eta=2))
     assert plan.steps == (5, 10)
     record = HalvingRecord(tmp_path, plan)
-    record.add({"step": 5, "scores": {"oproj": 1.0, "fc2": 2.0}, "kept": ["oproj"], "pruned": ["fc2", "qkv"]})
+    record.add({"step": 5, "scores": {"oproj": 1.0}, "kept": ["oproj"], "pruned": ["fc2"], "dropped": {"qkv": 2}})
     again = HalvingRecord(tmp_path, plan)
     assert again.decided(5) and not again.decided(10)
-    assert again.pruned() == {"fc2": 5, "qkv": 5}
-    assert again.arm_steps(["oproj", "fc2", "qkv"], 20) == 20 + 5 + 5
+    assert again.pruned() == {"fc2": 5} and again.gone() == {"fc2", "qkv"}  # qkv diverged at step 2
+    assert again.arm_steps(["oproj", "fc2", "qkv"], 20) == 20 + 5 + 2
     again.check_resume(10)  # the rung at 5 is decided; the one at 10 comes next
     with pytest.raises(WorkdirError, match="no decision recorded for the rung at step 10, resumed at 15"):
         again.check_resume(15)
@@ -112,7 +114,7 @@ def test_agreement_counts_pairs_and_takes_spearman_from_scipy():
 
 JOINT = "configs/cocohd_all_arms.py:runlocal"
 HALVING = (
-    "--config.arms=('oproj_fc2','oproj','qkv')",
+    "--config.arms=('oproj_fc2','oproj@lp=0.25','qkv')",  # a variant of other settings leaves the bank too
     "--config.train.halving.rungs=(0.25,)",  # step 5 of 20; eta 3: one arm goes on
     "--config.eval.evaluators=('loss',)",
 )
@@ -135,7 +137,7 @@ def test_the_arm_left_trains_as_its_own_run_and_the_pruned_keep_their_rung(halvi
     root, stdout = halving_run
     record = json.loads((root / "joint/halving.json").read_text())
     (rung,) = record["rungs"]
-    assert rung["step"] == 5 and rung["kept"] == ["oproj_fc2"] and sorted(rung["pruned"]) == ["oproj", "qkv"]
+    assert rung["step"] == 5 and rung["kept"] == ["oproj_fc2"] and sorted(rung["pruned"]) == ["oproj@lp=0.25", "qkv"]
     assert min(rung["scores"], key=rung["scores"].get) == "oproj_fc2" and rung["higher_is_better"] is False
     survivor, ref_dir = root / "cocohd_oproj_fc2_s0", reference_run[0]
     a, b = _adapter(ref_dir), _adapter(survivor)
@@ -145,7 +147,7 @@ def test_the_arm_left_trains_as_its_own_run_and_the_pruned_keep_their_rung(halvi
     assert set(ours_loss) == set(ref_loss) | {5}  # the rung logs too
     assert all(ours_loss[step] == pytest.approx(v, rel=1e-5) for step, v in ref_loss.items())
     assert ours["status"] == "done" and ours["halving"]["steps"] == [5]
-    for arm in ("oproj", "qkv"):
+    for arm in ("oproj@lp=0.25", "qkv"):
         d = root / f"cocohd_{arm}_s0"
         s = json.loads((d / "summary.json").read_text())
         assert s["status"] == "pruned" and s["pruned_at"] == 5 and s["eval_loss"] == rung["scores"][arm]
@@ -154,7 +156,8 @@ def test_the_arm_left_trains_as_its_own_run_and_the_pruned_keep_their_rung(halvi
     joint = json.loads((root / "joint/summary.json").read_text())
     assert joint["halving"]["selected"] == ["oproj_fc2"] and joint["cost"]["arm_steps"] == 20 + 5 + 5
     proxy = json.loads((root / "joint/step0_proxy.json").read_text())
-    assert sorted(proxy["ranking"]) == ["oproj", "oproj_fc2", "qkv"] and proxy["batches"] == 4
+    assert sorted(proxy["ranking"]) == ["oproj@lp=0.25", "oproj_fc2", "qkv"] and proxy["batches"] == 4
+    assert joint["cost"]["proxy_arm_steps"] == 3 * 4
     assert "halving at step 5 (eval_loss)" in stdout and "pruned at step 5" in stdout
     # the report keeps the arms out of the study's table and shows the run under Early selection
     built = report.build(str(root), str(root / "report"))
@@ -173,8 +176,8 @@ def test_a_kill_between_the_decision_and_the_next_step_resumes_the_decision(halv
         shutil.rmtree(survivor / "checkpoints" / step)
     shutil.rmtree(survivor / "adapter")
     for path in (survivor / "summary.json", root / "joint/summary.json", root / "report"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    pruned = {a: (root / f"cocohd_{a}_s0/summary.json").read_bytes() for a in ("oproj", "qkv")}
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    pruned = {a: (root / f"cocohd_{a}_s0/summary.json").read_bytes() for a in ("oproj@lp=0.25", "qkv")}
     out = run_main_ok(root, *HALVING, config=JOINT).stdout
     assert "halving at step" not in out  # replayed, not decided again
     after = _adapter(survivor)
@@ -183,3 +186,35 @@ def test_a_kill_between_the_decision_and_the_next_step_resumes_the_decision(halv
     assert {a: (root / f"cocohd_{a}_s0/summary.json").read_bytes() for a in pruned} == pruned
     joint = json.loads((root / "joint/summary.json").read_text())
     assert joint["halving"]["selected"] == ["oproj_fc2"] and joint["cost"]["arm_steps"] == 30
+
+
+def test_a_kill_before_the_decision_was_recorded_decides_again_the_same_way(halving_run, tmp_path):
+    """As if killed after every arm saved step 5 and before halving.json: the resumed run builds all
+    three arms from step 5, decides the rung again from the same checkpoints, and ends the same."""
+    root = tmp_path / "run"
+    shutil.copytree(halving_run[0], root)
+    survivor = root / "cocohd_oproj_fc2_s0"
+    before, record = _adapter(survivor), (root / "joint/halving.json").read_text()
+    for step in ("10", "20"):
+        shutil.rmtree(survivor / "checkpoints" / step)
+    shutil.rmtree(survivor / "adapter")
+    for arm in ("oproj_fc2", "oproj@lp=0.25", "qkv"):
+        (root / f"cocohd_{arm}_s0/summary.json").unlink()
+    for path in (root / "joint/summary.json", root / "joint/halving.json", root / "report"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out = run_main_ok(root, *HALVING, config=JOINT).stdout
+    assert "halving at step 5" in out
+    assert json.loads((root / "joint/halving.json").read_text()) == json.loads(record)
+    after = _adapter(survivor)
+    assert max(float(np.abs(after[k] - before[k]).max()) for k in after) <= 1e-6
+
+
+def test_a_halving_workdir_resumed_without_halving_is_refused(halving_run, tmp_path):
+    from lora_jax.run.train_loop import start_arms
+
+    config = base.arm_config("cocohd", "all", "runlocal")
+    config.arms = ("oproj_fc2", "oproj@lp=0.25", "qkv")
+    root = tmp_path / "run"
+    shutil.copytree(halving_run[0] / "joint", root / "joint")
+    with pytest.raises(WorkdirError, match="holds a successive-halving run; resume it with its train.halving"):
+        start_arms(config, str(root))

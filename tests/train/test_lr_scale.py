@@ -119,6 +119,7 @@ def test_an_arm_variant_sets_its_settings_and_a_label_must_match_them():
     for bad, message in [
         ("oproj@lp=0", "must be a number > 0"),
         ("oproj@lp=x", "must be a number > 0"),
+        ("oproj@lp=inf", "must be a number > 0"),
         ("oproj@beta=2", "unknown setting 'beta'"),
         ("oproj@lp=2@lp=4", "lp is set twice"),
         ("up@lp=2", "'up' is not a study arm"),
@@ -157,4 +158,31 @@ def test_the_resume_identity_holds_both_keys(tmp_path):
         with pytest.raises(WorkdirMismatchError, match=key):
             open_checkpoint_store(changed, tmp_path, "random-0")
         changed.train.allow_changed_on_resume = (key,)  # a change on purpose resumes
-        assert open_checkpoint_store(changed, tmp_path, "random-0").latest_step() == 1
+        resumed = open_checkpoint_store(changed, tmp_path, "random-0")
+        assert resumed.restore(1, {"a": jnp.ones(2)}, {"m": jnp.ones(2)})[0]["a"].tolist() == [0.0, 0.0]
+
+
+def test_a_checkpoint_from_before_the_keys_resumes_only_with_their_defaults(tmp_path):
+    """A workdir saved before the keys existed trained with ratio 1 and multipliers 1: it resumes with
+    those, and a run asking for LoRA+ is refused (not switched mid-run)."""
+    from lora_jax.io.checkpoints import CheckpointStore
+
+    config = base.arm_config("cocohd", "oproj", "runlocal")
+    old = {k: v for k, v in run_identity(config, "random-0", "bundled:cocohd").items() if not k.startswith("optim.l")}
+    store = CheckpointStore(str(tmp_path), 3, old)
+    store.save(1, {"a": jnp.zeros(2)}, {"m": jnp.zeros(2)}, {}, {})
+    store.wait()
+    assert open_checkpoint_store(config, tmp_path, "random-0").latest_step() == 1
+    config.optim.loraplus_ratio = 16.0
+    with pytest.raises(WorkdirMismatchError, match="optim.loraplus_ratio=1.0, this run has 16.0"):
+        open_checkpoint_store(config, tmp_path, "random-0")
+
+
+def test_the_optimizer_state_has_one_layout_whatever_the_settings():
+    """Arms of different settings stack in one bank and split into states their own runs resume."""
+    import jax
+
+    params = {"layers": {"o_proj": {"lora_a": jnp.zeros((2, 3)), "lora_b": jnp.zeros((3, 2))}}}
+    plain = make_optimizer(LR, WARMUP, TOTAL, WD, 1.0, None, [LrScale()])[0].init(params)
+    plus = make_optimizer(LR, WARMUP, TOTAL, WD, 1.0, None, [LrScale(loraplus_ratio=8.0)])[0].init(params)
+    assert jax.tree.structure(plain) == jax.tree.structure(plus)
