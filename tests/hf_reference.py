@@ -47,7 +47,48 @@ VARIANTS = {
         tie_word_embeddings=False,
         rope_parameters=dict(rope_type="default", rope_theta=1e6),
     ),
+    # head_dim 16 with hidden 32 / 4 heads: Qwen3's head_dim is its own setting.
+    "qwen3": dict(model_type="qwen3", head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    # One sliding layer (window 8) and one global, each with its own RoPE (the global one linearly
+    # scaled), a query scale that is not head_dim's, and a soft cap small enough to bite.
+    "gemma3": dict(
+        model_type="gemma3_text",
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+            "sliding_attention": dict(rope_type="default", rope_theta=1e4),
+        },
+        final_logit_softcapping=1.5,
+    ),
 }
+GEMMA3_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+
+
+def gemma3_multimodal_config():
+    """A gemma3 (image-text) config whose language model is the "gemma3" variant above."""
+    import transformers
+
+    text = dict(TINY, **VARIANTS["gemma3"])
+    text.pop("model_type")
+    return transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(**text),
+        vision_config=transformers.SiglipVisionConfig(**{k: v for k, v in GEMMA3_VISION.items() if k != "model_type"}),
+        mm_tokens_per_image=4,
+        image_token_id=96,
+        boi_token_id=94,
+        eoi_token_id=95,
+    )
 
 
 def make_hf_model(variant: str, seed: int = 0):
@@ -55,12 +96,17 @@ def make_hf_model(variant: str, seed: int = 0):
     import torch
     import transformers
 
-    kwargs = dict(TINY, **VARIANTS[variant])
-    model_type = kwargs.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    if variant == "gemma3_mm":
+        config = gemma3_multimodal_config()
+        model_class = transformers.AutoModelForImageTextToText
+    else:
+        kwargs = dict(TINY, **VARIANTS[variant])
+        model_type = kwargs.pop("model_type")
+        config = transformers.AutoConfig.for_model(model_type, **kwargs)
+        model_class = transformers.AutoModelForCausalLM
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    model = model_class.from_config(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -78,12 +124,23 @@ def saved_hf_dir(variant: str) -> str:
     return d
 
 
+def _auto_class(hf_dir: str):
+    """transformers' class for the checkpoint: the image-text class for a multimodal gemma3."""
+    import json
+
+    import transformers
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        multimodal = json.load(f)["model_type"] == "gemma3"
+    return transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
+
+
 def hf_logits(hf_dir: str, tokens, attention_mask=None, adapter_dir: str | None = None):
     import numpy as np
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    model = _auto_class(hf_dir).from_pretrained(hf_dir, attn_implementation="eager").float().eval()
     if adapter_dir is not None:
         import peft
 

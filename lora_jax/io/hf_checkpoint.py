@@ -31,8 +31,26 @@ from lora_jax.sharding import variable_sharding
 _LAYER = "model.layers.{}."
 
 
+def hf_norm_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our per-layer norms -> their tensor names after 'model.layers.i.'. Gemma's post_attention_layernorm
+    norms the attention output (our post_attn_norm); Llama's is the norm before the MLP (our mlp_norm)."""
+    if cfg.gemma_norms:
+        names = {
+            "attn_norm": "input_layernorm.weight",
+            "post_attn_norm": "post_attention_layernorm.weight",
+            "mlp_norm": "pre_feedforward_layernorm.weight",
+            "post_mlp_norm": "post_feedforward_layernorm.weight",
+        }
+    else:
+        names = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+    if cfg.qk_norm:
+        names.update({"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"})
+    return names
+
+
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of this config holds, with its shape."""
+    """Every tensor a Hugging Face checkpoint of this config holds, with its shape (the decoder's
+    tensors by their causal-LM names: see `canonical_name` for a multimodal wrapper's)."""
     e, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hd, kd = cfg.num_heads * d, cfg.num_kv_heads * d
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, e), "model.norm.weight": (e,)}
@@ -40,10 +58,10 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, e)
     for i in range(cfg.num_layers):
         p = _LAYER.format(i)
+        for ours, name in hf_norm_names(cfg).items():
+            shapes[p + name] = (d,) if ours in ("q_norm", "k_norm") else (e,)
         shapes.update(
             {
-                p + "input_layernorm.weight": (e,),
-                p + "post_attention_layernorm.weight": (e,),
                 p + "self_attn.q_proj.weight": (hd, e),
                 p + "self_attn.k_proj.weight": (kd, e),
                 p + "self_attn.v_proj.weight": (kd, e),
@@ -75,11 +93,15 @@ def canonical_name(key: str) -> str:
     return key.replace("vision_tower.vision_model.", "vision_tower.", 1)
 
 
+WRAPPER_MODEL_TYPES = ("llava", "gemma3")  # a vision tower + a decoder under model.language_model
+
+
 class HFCheckpoint:
     """A local Hugging Face checkpoint directory: config.json + *.safetensors (optionally indexed).
 
-    A LLaVA checkpoint (model_type "llava") is read as its language model (config.json's text_config);
-    its tensors are addressed by `canonical_name`, and `is_llava` says that the vision side is there."""
+    A LLaVA or a multimodal Gemma 3 checkpoint is read as its language model (config.json's
+    text_config); its tensors are addressed by `canonical_name`, and `is_llava` says that the LLaVA
+    vision side is there (Gemma 3's vision tower is not read, only passed through a merged export)."""
 
     def __init__(self, hf_dir: str):
         self.dir = str(hf_dir)
@@ -89,6 +111,7 @@ class HFCheckpoint:
         with open(os.path.join(self.dir, "config.json")) as f:
             self.raw_config = json.load(f)
         self.is_llava = self.raw_config.get("model_type") == "llava"
+        self.is_wrapped = self.raw_config.get("model_type") in WRAPPER_MODEL_TYPES
         index = os.path.join(self.dir, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -117,7 +140,7 @@ class HFCheckpoint:
         for fname, f in self.files.items():
             for key in f.keys():
                 if weight_map is None or weight_map.get(key) == fname:
-                    name = canonical_name(key) if self.is_llava else key
+                    name = canonical_name(key) if self.is_wrapped else key
                     self.location[name], self.real_name[name] = f, key
         self._validate()
 
@@ -148,7 +171,7 @@ class HFCheckpoint:
         """Identifies the base weights cheaply: config + every tensor's name, shape, dtype and a few bytes."""
         h = hashlib.sha256(json.dumps(self.raw_config, sort_keys=True).encode())
         for name in sorted(self.real_name.values()):
-            f = self.location[canonical_name(name) if self.is_llava else name]
+            f = self.location[canonical_name(name) if self.is_wrapped else name]
             h.update(f"{name}{f.shape(name)}{f.dtype(name)}".encode())
             shape = f.shape(name)
             row = math.prod(shape[1:]) if shape else 1
@@ -183,10 +206,9 @@ def _slice_reader(ckpt: HFCheckpoint, cfg: ModelConfig, path: tuple[str, ...]):
     if path == ("final_norm",):
         return lambda _, s: r("model.norm.weight", s[0])
     name = path[1:]
-    if name == ("attn_norm",):
-        return lambda i, s: r(_LAYER.format(i) + "input_layernorm.weight", s[0])
-    if name == ("mlp_norm",):
-        return lambda i, s: r(_LAYER.format(i) + "post_attention_layernorm.weight", s[0])
+    norms = hf_norm_names(cfg)
+    if len(name) == 1 and name[0] in norms:
+        return lambda i, s: r(_LAYER.format(i) + norms[name[0]], s[0])
     if name == ("qkv", "kernel"):
 
         def qkv(i, s):
@@ -301,12 +323,15 @@ def hf_tensors_of_layer(cfg: ModelConfig, kernels: dict[str, np.ndarray]) -> dic
 def export_merged(model: Transformer, out_dir: str, source_dir: str) -> None:
     """Writes a full HF checkpoint with adapters merged, one tensor at a time, in the source dtype.
 
-    config.json and tokenizer files are copied from `source_dir`. Call on process 0.
+    config.json and tokenizer files are copied from `source_dir`. The decoder's tensors keep the
+    source's names (a multimodal Gemma 3's under model.language_model); every other tensor of the
+    source (its vision tower and projector) is copied unchanged. Call on process 0.
     """
     src = HFCheckpoint(source_dir)
     cfg, dtype = src.config, src.source_dtype()
     os.makedirs(out_dir, exist_ok=True)
     shapes = hf_tensor_shapes(cfg)
+    norms = {name: ours for ours, name in hf_norm_names(cfg).items()}
     g = cfg.q_per_kv
     cache: dict[int, dict[str, np.ndarray]] = {}
 
@@ -320,10 +345,8 @@ def export_merged(model: Transformer, out_dir: str, source_dir: str) -> None:
             return get(model.final_norm.get_value())
         i = int(name.split(".")[2])
         suffix = name[len(_LAYER.format(i)) :]
-        if suffix == "input_layernorm.weight":
-            return get(model.layers.attn_norm[i])
-        if suffix == "post_attention_layernorm.weight":
-            return get(model.layers.mlp_norm[i])
+        if suffix in norms:
+            return get(getattr(model.layers, norms[suffix])[i])
         if suffix.endswith(".bias"):
             bias = get(model.layers.qkv.bias[i])
             part = {"q_proj": bias[:, :g], "k_proj": bias[:, g], "v_proj": bias[:, g + 1]}[suffix.split(".")[1]]
@@ -333,11 +356,23 @@ def export_merged(model: Transformer, out_dir: str, source_dir: str) -> None:
             cache[i] = hf_tensors_of_layer(cfg, merged_layer_kernels(model, i))
         return cache[i][suffix]
 
-    specs = [(n, s, dtype) for n, s in shapes.items()]
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), specs, produce)
+    real = {src.real_name.get(n, n): n for n in shapes}  # the name in the source file -> ours
+    specs = [(r, shapes[n], dtype) for r, n in real.items()]
+    passed = {r: n for n, r in src.real_name.items() if n not in shapes and not _tied_head(cfg, n)}
+    specs += [(r, src.shape(n), src.location[n].dtype(r)) for r, n in passed.items()]
+
+    def tensor(name: str) -> np.ndarray:
+        return produce(real[name]) if name in real else src.read(passed[name])
+
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), specs, tensor)
     for fname in os.listdir(source_dir):
         if fname.endswith((".json", ".model", ".txt", ".jinja")) and fname != "model.safetensors.index.json":
             shutil.copy(os.path.join(source_dir, fname), os.path.join(out_dir, fname))
+
+
+def _tied_head(cfg: ModelConfig, name: str) -> bool:
+    """A tied LM head that a checkpoint stores anyway is the embedding: written as such, not copied."""
+    return cfg.tie_word_embeddings and name == "lm_head.weight"
 
 
 def load_hf_model_config(path: str) -> ModelConfig:

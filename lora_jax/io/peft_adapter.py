@@ -87,13 +87,16 @@ def check_adapter_base(adapter_dir: str, base_fingerprint: str) -> None:
 def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str = "") -> None:
     """Writes the model's adapters in PEFT format (each file atomically). Call on process 0.
 
-    A Llava's adapters (on its language model) are named as PEFT names them on transformers'
-    LlavaForConditionalGeneration, and target_modules is a regex over the language model's modules
-    only (the vision tower also has q/k/v_proj), with the layers in it (PEFT refuses
-    layers_to_transform beside a regex)."""
+    A Llava's adapters (on its language model), and a multimodal Gemma 3's, are named as PEFT names
+    them on transformers' LlavaForConditionalGeneration / Gemma3ForConditionalGeneration, and
+    target_modules is a regex over the language model's modules only (the vision tower also has
+    q/k/v_proj), with the layers in it (PEFT refuses layers_to_transform beside a regex)."""
     llava = hasattr(model, "llava_config")
     model = model.language if llava else model
     spec, cfg = model.lora, model.config
+    # A multimodal Gemma 3's decoder sits under model.language_model as a LLaVA's does, beside a
+    # vision tower with its own q/k/v_proj and fc1/fc2: the same keys and the same scoped regex.
+    wrapped = llava or cfg.hf_prefix == "model.language_model."
     if spec is None or not spec.targets:
         raise ValueError("the model has no LoRA adapters to export")
     if model.merged:
@@ -108,7 +111,7 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         for layer in spec.layers or range(cfg.num_layers):
             for module, (la, lb) in _hf_factors(cfg, target, a_all[layer], b_all[layer]).items():
                 block = MODULE_BLOCK[module]
-                key = _LLAVA_KEY if llava else _KEY
+                key = _LLAVA_KEY if wrapped else _KEY
                 tensors[key.format(layer=layer, block=block, module=module, ab="A")] = la
                 tensors[key.format(layer=layer, block=block, module=module, ab="B")] = lb
     specs = [(k, v.shape, np.float32) for k, v in sorted(tensors.items())]
@@ -128,14 +131,14 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.use_rslora,
-        "target_modules": _llava_modules(modules, spec.layers) if llava else modules,
+        "target_modules": _llava_modules(modules, spec.layers) if wrapped else modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": False,
         "modules_to_save": None,
-        "layers_to_transform": None if llava else (list(spec.layers) or None),
+        "layers_to_transform": None if wrapped else (list(spec.layers) or None),
         "init_lora_weights": True,
         "inference_mode": True,
     }

@@ -126,6 +126,10 @@ class Llava(nnx.Module):
     def lm_head_kernel(self):
         return self.language.lm_head_kernel()
 
+    @property
+    def logit_softcap(self):
+        return self.language.logit_softcap
+
     def logits_from_hidden(self, hidden):
         return self.language.logits_from_hidden(hidden)
 

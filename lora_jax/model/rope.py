@@ -15,6 +15,8 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if rope.rope_type == "default":
         return inv_freq.astype(np.float32)
+    if rope.rope_type == "linear":  # positions divided by factor, i.e. every frequency
+        return (inv_freq / rope.factor).astype(np.float32)
     # llama3: long wavelengths are divided by `factor`, short kept, the middle band interpolated.
     old_len = rope.original_max_position_embeddings
     low_freq_wavelen = old_len / rope.low_freq_factor

@@ -1,4 +1,8 @@
-"""Llama-family decoder (Llama 3, Qwen2/2.5, Mistral) in Flax NNX with per-submodule LoRA.
+"""Decoder LMs (Llama 3, Qwen2/2.5, Mistral, Qwen3, Gemma 3) in Flax NNX with per-submodule LoRA.
+
+The families differ only in switches of `ModelConfig`: q/k norms, Gemma's (1 + w) norms before and
+after attention and the MLP, the MLP activation, scaled embeddings, the attention scale, per-layer
+sliding windows with a RoPE of their own, and final logit soft-capping.
 
 Parameters of all layers are stacked on a leading `layers` axis and the layers run under
 `jax.lax.scan`, so the compiled program does not grow with depth. NNX modules hold the variables
@@ -15,6 +19,7 @@ Fused layouts keep heads whole under a tensor-parallel split of the kv-head axis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -119,9 +124,21 @@ class DecoderLayers(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoraSpec | AdapterBank | None, param_dtype, rngs: nnx.Rngs):
         n = cfg.num_layers
-        ones = initial.constant(1.0, (n, cfg.hidden_size), param_dtype)
+        unit = norm_identity(cfg)
+        ones = initial.constant(unit, (n, cfg.hidden_size), param_dtype)
         self.attn_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
         self.mlp_norm = nnx.Param(ones, logical_axes=("layers", "norm"))
+        # Gemma 3: the attention output and the MLP output are normed too, before the residual add.
+        self.post_attn_norm = self.post_mlp_norm = None
+        if cfg.gemma_norms:
+            self.post_attn_norm = nnx.data(nnx.Param(ones, logical_axes=("layers", "norm")))
+            self.post_mlp_norm = nnx.data(nnx.Param(ones, logical_axes=("layers", "norm")))
+        # Qwen3, Gemma 3: RMSNorm over head_dim of every query and key head, before RoPE.
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            head = initial.constant(unit, (n, cfg.head_dim), param_dtype)
+            self.q_norm = nnx.data(nnx.Param(head, logical_axes=("layers", "head_dim")))
+            self.k_norm = nnx.data(nnx.Param(head, logical_axes=("layers", "head_dim")))
         for name, (in_dims, out_dims, in_axes, out_axes) in target_shapes(cfg).items():
             slots = 0
             if isinstance(lora, AdapterBank):
@@ -145,18 +162,36 @@ class DecoderLayers(nnx.Module):
             setattr(self, name, proj)
 
     def arrays(self) -> dict[str, Any]:
-        return {
-            "attn_norm": self.attn_norm.get_value(),
-            "mlp_norm": self.mlp_norm.get_value(),
-            **{name: getattr(self, name).arrays() for name in ("qkv", "o_proj", "fc1", "fc2")},
-        }
+        norms = {n: getattr(self, n).get_value() for n in NORMS if getattr(self, n) is not None}
+        return {**norms, **{name: getattr(self, name).arrays() for name in ("qkv", "o_proj", "fc1", "fc2")}}
 
 
-def rms_norm(x, weight, eps):
-    """As transformers: statistics in float32, normalised value cast back before the weight."""
+NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
+
+
+def norm_identity(cfg: ModelConfig) -> float:
+    """The norm weight that scales by 1: Gemma's norms multiply by (1 + w), the others by w."""
+    return 0.0 if cfg.gemma_norms else 1.0
+
+
+def rms_norm(x, weight, eps, plus_one: bool = False):
+    """As transformers: statistics in float32. Llama/Qwen cast the normalised value back before the
+    weight; Gemma multiplies by (1 + w) in float32 and casts after."""
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def softcap(logits, cap: float | None):
+    """cap * tanh(logits / cap) (Gemma's final logit soft-capping); logits unchanged when cap is None."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def mlp_activation(name: str):
+    # transformers' gelu_pytorch_tanh is the tanh approximation of GELU.
+    return jax.nn.silu if name == "silu" else functools.partial(jax.nn.gelu, approximate=True)
 
 
 class Transformer(nnx.Module):
@@ -178,7 +213,8 @@ class Transformer(nnx.Module):
         emb = initial.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt, cfg.initializer_range)
         self.embed = nnx.Param(emb, logical_axes=("vocab", "embed"))
         self.layers = DecoderLayers(cfg, lora, pdt, rngs)
-        self.final_norm = nnx.Param(initial.constant(1.0, (cfg.hidden_size,), pdt), logical_axes=("norm",))
+        final = initial.constant(norm_identity(cfg), (cfg.hidden_size,), pdt)
+        self.final_norm = nnx.Param(final, logical_axes=("norm",))
         self.lm_head = None  # tied: the transposed embedding
         if not cfg.tie_word_embeddings:
             head = initial.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt, cfg.initializer_range)
@@ -190,10 +226,16 @@ class Transformer(nnx.Module):
         """[embed, vocab], in the parameter dtype (the transposed embedding when tied)."""
         return self.embed.get_value().T if self.lm_head is None else self.lm_head.get_value()
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma's final soft-capping of the logits (None: none); the loss applies it too."""
+        return self.config.final_logit_softcap
+
     def logits_from_hidden(self, hidden_btd: jax.Array) -> jax.Array:
         """float32 logits [batch, time, vocab]. For training use `loss.chunked_cross_entropy` instead."""
         w = self.lm_head_kernel().astype(hidden_btd.dtype)
-        return jnp.einsum("btd,dv->btv", hidden_btd, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", hidden_btd, w, preferred_element_type=jnp.float32)
+        return softcap(logits, self.logit_softcap)
 
     def check_length(self, length: int) -> None:
         if length > self.config.max_position_embeddings:
@@ -233,6 +275,9 @@ class Transformer(nnx.Module):
         h = self.embed_tokens(tokens) if embeds is None else embeds
         h = constrain(h.astype(cdt), RESIDUAL)
         cos, sin = rope_angles(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
+        local_rope = None
+        if cfg.rope_local is not None:  # Gemma 3: the sliding layers rotate with their own base
+            local_rope = rope_angles(positions, inverse_frequencies(cfg.rope_local, cfg.head_dim))
         if cache is not None:
             # Slots written by this call take the tokens' positions and segments; then all layers
             # read the same slot metadata.
@@ -242,9 +287,6 @@ class Transformer(nnx.Module):
                 positions=jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, idx, axis=1),
                 segment_ids=jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, idx, axis=1),
             )
-        windows = None
-        if cfg.has_sliding_window:
-            windows = jnp.asarray([w if w is not None else 2**30 for w in cfg.sliding_windows], jnp.int32)
         ctx = _LayerContext(
             cfg=cfg,
             lora=None if self.merged else self.lora,
@@ -258,11 +300,12 @@ class Transformer(nnx.Module):
             dropout_key=dropout_key,
             fused_lora_matmul=opts.fused_lora_matmul,
             adapter_ids=adapter_ids,
+            local_rope=local_rope,
         )
         params = self.layers.arrays()
         xs = {"params": params, "layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
-        if windows is not None:
-            xs["window"] = windows
+        if len(cfg.window_kinds) > 1:  # layers of several window kinds: each picks its own (make_layer_fn)
+            xs["kind"] = jnp.asarray([cfg.window_kind_of_layer(i) for i in range(cfg.num_layers)], jnp.int32)
         if cache is not None:
             xs["k"], xs["v"] = cache["k"], cache["v"]
 
@@ -280,15 +323,20 @@ class Transformer(nnx.Module):
                 h, y = body(h, jax.tree.map(lambda x, i=i: x[i], xs))
                 outs.append(y)
             ys = jax.tree.map(lambda *x: jnp.stack(x), *outs) if cache is not None else None
-        h = rms_norm(h, self.final_norm.get_value(), cfg.rms_norm_eps)
+        h = rms_norm(h, self.final_norm.get_value(), cfg.rms_norm_eps, cfg.gemma_norms)
         new_cache = None
         if cache is not None:
             new_cache = dict(cache, k=ys["k"], v=ys["v"], index=cache["index"] + t)
         return h, new_cache
 
     def embed_tokens(self, tokens) -> jax.Array:
-        """[batch, time] -> the input embeddings [batch, time, embed] in the parameter dtype."""
-        return jnp.take(self.embed.get_value(), tokens, axis=0)
+        """[batch, time] -> the input embeddings [batch, time, embed] in the parameter dtype (Gemma:
+        times sqrt(hidden), that factor rounded to the parameter dtype first, as transformers does)."""
+        table = self.embed.get_value()
+        h = jnp.take(table, tokens, axis=0)
+        if self.config.embed_scale:
+            h = h * jnp.asarray(self.config.hidden_size**0.5, jnp.float32).astype(table.dtype)
+        return h
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
         """float32 logits [batch, time, vocab] (no cache)."""
@@ -310,6 +358,7 @@ class _LayerContext:
     dropout_key: jax.Array | None
     fused_lora_matmul: bool = True
     adapter_ids: jax.Array | None = None  # an AdapterBank's per-row adapter (None = grouped rows)
+    local_rope: tuple[jax.Array, jax.Array] | None = None  # (cos, sin) of the sliding layers (Gemma 3)
 
 
 def _fusing_pays(x, w, n_in: int) -> bool:
@@ -373,20 +422,48 @@ def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
     return y
 
 
+def _attend(ctx: _LayerContext, kind, q, keys, values, kv_pos, kv_seg):
+    """Attention with the layer's window. Layers of one window kind share a branch compiled with that
+    window as a Python int, so a kernel can leave out the key blocks outside it (a traced window
+    could only mask them); with several kinds the scan's per-layer `kind` picks the branch."""
+    cfg = ctx.cfg
+
+    def branch(window):
+        def run(q, keys, values):
+            return ctx.attn(
+                q, keys, values, ctx.positions, kv_pos, ctx.segment_ids, kv_seg, window=window, scale=cfg.attention_scale
+            )
+
+        return run
+
+    branches = [branch(w) for w in cfg.window_kinds]
+    if len(branches) == 1:
+        return branches[0](q, keys, values)
+    return jax.lax.switch(kind, branches, q, keys, values)
+
+
 def make_layer_fn(ctx: _LayerContext):
     """The scan body: one decoder layer, (h, per-layer xs) -> (h, per-layer ys)."""
     cfg = ctx.cfg
     g = cfg.q_per_kv
+    gemma, eps = cfg.gemma_norms, cfg.rms_norm_eps
+    act_fn = mlp_activation(cfg.hidden_act)
 
     def layer(h, xs):
         p, idx = xs["params"], xs["layer"]
-        window = xs.get("window")
-        x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+        kind = xs.get("kind")
+        x = rms_norm(h, p["attn_norm"], eps, gemma)
         qkv = _project(x, p["qkv"], "qkv", 1, ctx, idx)  # [b, t, kv, g+2, d]
         qkv = constrain(qkv, ("act_batch", "act_len", "act_kv_heads", None, None))
-        q = apply_rope(qkv[..., :g, :], ctx.cos, ctx.sin)
-        k = apply_rope(qkv[..., g, :], ctx.cos, ctx.sin)
-        v = qkv[..., g + 1, :]
+        q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps, gemma), rms_norm(k, p["k_norm"], eps, gemma)
+        cos, sin = ctx.cos, ctx.sin
+        if ctx.local_rope is not None:
+            flags = [w is not None for w in cfg.window_kinds]
+            local = flags[0] if kind is None else jnp.asarray(flags)[kind]
+            cos, sin = (jnp.where(local, lo, gl) for lo, gl in zip(ctx.local_rope, (cos, sin)))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ys = {}
         if ctx.cache is None:
             kv_pos, kv_seg, keys, values = ctx.positions, ctx.segment_ids, k, v
@@ -397,16 +474,20 @@ def make_layer_fn(ctx: _LayerContext):
             kv_pos, kv_seg = ctx.cache["positions"], ctx.cache["segment_ids"]
             ys = {"k": keys, "v": values}
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        attn = ctx.attn(
-            q, keys, values, ctx.positions, kv_pos, ctx.segment_ids, kv_seg, window=window, scale=cfg.head_dim**-0.5
-        )
+        attn = _attend(ctx, kind, q, keys, values, kv_pos, kv_seg)
         attn = constrain(attn, ("act_batch", "act_len", "act_kv_heads", None, None))
-        h = constrain(h + _project(attn, p["o_proj"], "o_proj", 3, ctx, idx), RESIDUAL)
-        x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
+        out = _project(attn, p["o_proj"], "o_proj", 3, ctx, idx)
+        if gemma:
+            out = rms_norm(out, p["post_attn_norm"], eps, True)
+        h = constrain(h + out, RESIDUAL)
+        x = rms_norm(h, p["mlp_norm"], eps, gemma)
         gate_up = _project(x, p["fc1"], "fc1", 1, ctx, idx)  # [b, t, 2, mlp]
         gate_up = constrain(gate_up, ("act_batch", "act_len", None, "act_mlp"))
-        act = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        h = constrain(h + _project(act, p["fc2"], "fc2", 1, ctx, idx), RESIDUAL)
+        act = act_fn(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        out = _project(act, p["fc2"], "fc2", 1, ctx, idx)
+        if gemma:
+            out = rms_norm(out, p["post_mlp_norm"], eps, True)
+        h = constrain(h + out, RESIDUAL)
         return h, ys
 
     return layer

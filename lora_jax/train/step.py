@@ -104,7 +104,8 @@ def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
     hidden, _ = model.hidden_states(
         batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key, **images
     )
-    return chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk)
+    w, cap = model.lm_head_kernel(), model.logit_softcap
+    return chunked_cross_entropy(hidden, w, batch["targets"], batch["loss_mask"], chunk, cap)
 
 
 def _bank_loss_sums(model, batch, chunk, key):
@@ -117,7 +118,8 @@ def _bank_loss_sums(model, batch, chunk, key):
     hidden, _ = model.hidden_states(tokens, positions, segments, dropout_key=key)
     hidden = hidden.reshape((b, k) + hidden.shape[1:])
     w, targets, mask = model.lm_head_kernel(), batch["targets"], batch["loss_mask"]
-    nll = jnp.stack([chunked_cross_entropy(hidden[:, a], w, targets, mask, chunk)[0] for a in range(k)])
+    cap = model.logit_softcap
+    nll = jnp.stack([chunked_cross_entropy(hidden[:, a], w, targets, mask, chunk, cap)[0] for a in range(k)])
     return nll, jnp.sum(mask.astype(jnp.float32))
 
 
