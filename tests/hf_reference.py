@@ -138,7 +138,6 @@ def _auto_class(hf_dir: str):
 def hf_logits(hf_dir: str, tokens, attention_mask=None, adapter_dir: str | None = None):
     import numpy as np
     import torch
-    import transformers
 
     model = _auto_class(hf_dir).from_pretrained(hf_dir, attn_implementation="eager").float().eval()
     if adapter_dir is not None:

@@ -431,7 +431,15 @@ def _attend(ctx: _LayerContext, kind, q, keys, values, kv_pos, kv_seg):
     def branch(window):
         def run(q, keys, values):
             return ctx.attn(
-                q, keys, values, ctx.positions, kv_pos, ctx.segment_ids, kv_seg, window=window, scale=cfg.attention_scale
+                q,
+                keys,
+                values,
+                ctx.positions,
+                kv_pos,
+                ctx.segment_ids,
+                kv_seg,
+                window=window,
+                scale=cfg.attention_scale,
             )
 
         return run

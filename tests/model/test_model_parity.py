@@ -40,7 +40,9 @@ def nnx_jit_call(model, tokens, positions=None, segment_ids=None):
     return _call(model, tokens, positions, segment_ids)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "mistral_sw8", "qwen2_sw8", "qwen3", "gemma3", "gemma3_mm"])
+@pytest.mark.parametrize(
+    "variant", ["llama", "qwen2", "mistral", "mistral_sw8", "qwen2_sw8", "qwen3", "gemma3", "gemma3_mm"]
+)
 def test_logits_match_transformers_with_and_without_cache(variant, mesh):
     d = saved_hf_dir(variant)
     ref = hf_logits(d, TOKENS)
