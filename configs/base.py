@@ -60,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = m = ml_collections.ConfigDict()
     m.hf_dir = config_dict.placeholder(str)  # local Hugging Face checkpoint dir; None = random init below
+    # Random init only: the family of the random model (lora_jax/run/config.py FAMILIES): "llama" (also
+    # Qwen2/Mistral's block) | "qwen3" (q/k norms) | "gemma3" (Gemma 3's block, a sliding layer then a
+    # global one, window 64). With model.hf_dir, config.json's model_type decides.
+    m.family = "llama"
     m.vocab_size = config_dict.placeholder(int)  # random init only; must agree with config.json when hf_dir is set
     m.hidden_size = config_dict.placeholder(int)  # "
     m.intermediate_size = config_dict.placeholder(int)  # "

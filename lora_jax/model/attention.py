@@ -49,8 +49,26 @@ def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, s
     return out.astype(q.dtype)
 
 
+def causal_block_schedule(t: int, block: int, window) -> list[tuple[int, int, int]]:
+    """(first query, first key, end) of each query block: the keys [first key, end) it computes.
+
+    Above the diagonal nothing is computed. With a static window W a query at index i sees keys
+    i - W + 1 .. i of its own segment (positions advance by one per index within a segment: packed
+    rows, left padding), so the key blocks wholly before the block's first query's window are left
+    out too: a sliding layer's work grows with W, not with the row. A traced window (an array)
+    cannot decide slices, so it only masks."""
+    static = window is not None and not isinstance(window, jax.Array)
+    out = []
+    for i in range(t // block):
+        lo, hi = i * block, (i + 1) * block
+        first = (max(0, lo - int(window) + 1) // block) * block if static else 0
+        out.append((lo, first, hi))
+    return out
+
+
 def causal_block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, scale=1.0, block=64):
-    """Dense attention that skips the key blocks above the diagonal (fast fwd+bwd at moderate lengths).
+    """Dense attention that skips the key blocks above the diagonal (fast fwd+bwd at moderate lengths)
+    and, for a sliding layer, those before its window (`causal_block_schedule`).
 
     Valid when queries and keys are the same sequence (training, scoring): a key after its query in
     the row is always masked (causal within a segment, other segments masked), so query block i
@@ -64,15 +82,15 @@ def causal_block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None
     qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [b, kv, g, t, d]
     kh_, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, kv, t, d]
     outs = []
-    for i in range(t // block):
-        lo, hi = i * block, (i + 1) * block
+    for lo, first, hi in causal_block_schedule(t, block, window):
+        n = hi - first
         qi = qh[:, :, :, lo:hi].reshape(b, kh, g * block, d)
-        s = jnp.einsum("bkqd,bksd->bkqs", qi, kh_[:, :, :hi], preferred_element_type=jnp.float32) * scale
-        mask = attention_mask(q_pos[:, lo:hi], kv_pos[:, :hi], q_seg[:, lo:hi], kv_seg[:, :hi], window)
-        s = jnp.where(mask, s.reshape(b, kh, g, block, hi), _NEG)
+        s = jnp.einsum("bkqd,bksd->bkqs", qi, kh_[:, :, first:hi], preferred_element_type=jnp.float32) * scale
+        mask = attention_mask(q_pos[:, lo:hi], kv_pos[:, first:hi], q_seg[:, lo:hi], kv_seg[:, first:hi], window)
+        s = jnp.where(mask, s.reshape(b, kh, g, block, n), _NEG)
         p = jax.nn.softmax(s, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
-        p = p.reshape(b, kh, g * block, hi).astype(v.dtype)
-        o = jnp.einsum("bkqs,bksd->bkqd", p, vh[:, :, :hi], preferred_element_type=jnp.float32)
+        p = p.reshape(b, kh, g * block, n).astype(v.dtype)
+        o = jnp.einsum("bkqs,bksd->bkqd", p, vh[:, :, first:hi], preferred_element_type=jnp.float32)
         outs.append(o.reshape(b, kh, g, block, d))
     return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).astype(q.dtype)
 

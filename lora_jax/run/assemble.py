@@ -69,9 +69,11 @@ def _random_fingerprint(prefix: str, cfg, opts) -> str:
     """A random base is decided by its shape, RANDOM_BASE_SEED, the dtype its weights are drawn in and
     how they are drawn (model/init.py's DRAW_RULE: a workdir or adapter of an earlier rule is refused)."""
     decided_by = f"{cfg}{RANDOM_BASE_SEED}{opts.param_dtype}{initial.DRAW_RULE}"
-    std = getattr(cfg, "text", cfg).initializer_range  # a LlavaConfig's language model draws with it
-    if std != 0.02:  # the default draws keep the fingerprints they always had
-        decided_by += f" initializer_range={std}"
+    text = getattr(cfg, "text", cfg)  # a LlavaConfig's language model
+    if text.initializer_range != 0.02:  # the default draws keep the fingerprints they always had
+        decided_by += f" initializer_range={text.initializer_range}"
+    if text.family_repr:  # a Qwen3 / Gemma 3 random base (model.family); a Llama one keeps its fingerprint
+        decided_by += f" {text.family_repr}"
     return prefix + hashlib.sha256(decided_by.encode()).hexdigest()[:16]
 
 

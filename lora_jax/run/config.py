@@ -18,7 +18,7 @@ from lora_jax.errors import CheckpointError, ConfigError, MissingFileError
 from lora_jax.lora.arms import ARMS, TARGETS, arm_name, parse_arm, validate_targets
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.attention import get_attention_impl
-from lora_jax.model.config import ModelConfig
+from lora_jax.model.config import ModelConfig, RopeConfig
 from lora_jax.model.transformer import REMAT_POLICIES, RuntimeOptions
 from lora_jax.run.halving import check_halving
 from lora_jax.run.planted import check_planted
@@ -88,6 +88,35 @@ def runtime_options(config: ml_collections.ConfigDict) -> RuntimeOptions:
     )
 
 
+RANDOM_GEMMA3_WINDOW = 64  # a random Gemma 3's sliding window: shorter than runlocal's rows, so it bites
+
+
+def _family_features(family: str, m: ml_collections.ConfigDict) -> dict:
+    """The ModelConfig switches of a random model of `family` (model.family)."""
+    if family == "qwen3":
+        return dict(model_type="qwen3", qk_norm=True)
+    if family == "gemma3":
+        n = int(m.num_layers)
+        # Gemma 3 alternates 5 sliding layers with a global one; a tiny model alternates 1 and 1.
+        windows = tuple(RANDOM_GEMMA3_WINDOW if i % 2 == 0 else None for i in range(n))
+        return dict(
+            model_type="gemma3_text",
+            qk_norm=True,
+            gemma_norms=True,
+            hidden_act="gelu_pytorch_tanh",
+            embed_scale=True,
+            query_pre_attn_scalar=float(m.head_dim),
+            tie_word_embeddings=True,
+            sliding_windows=windows,
+            rope=RopeConfig(theta=1_000_000.0),
+            rope_local=RopeConfig(theta=10_000.0),
+        )
+    return {}
+
+
+FAMILIES = ("llama", "qwen3", "gemma3")
+
+
 def random_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     m = config.model
     missing = [k for k in MODEL_DIMS if m[k] is None]
@@ -102,16 +131,24 @@ def random_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"{', '.join(small)}: model dimensions must be >= 1")
     if not m.initializer_range > 0:
         raise ConfigError(f"model.initializer_range={m.initializer_range} must be > 0")
+    if m.family not in FAMILIES:
+        raise ConfigError(f"model.family={m.family!r} is unknown; valid: {', '.join(FAMILIES)}")
     return ModelConfig(
         **{k: int(m[k]) for k in MODEL_DIMS},
         max_position_embeddings=m.max_position_embeddings,
         rms_norm_eps=1e-6,
         initializer_range=float(m.initializer_range),
+        **_family_features(m.family, m),
     )
 
 
 def check_hf_conflicts(config: ml_collections.ConfigDict, hf: ModelConfig, source: str) -> None:
     """When model.hf_dir is set its config.json is the truth; a different value in our config is an error."""
+    if config.model.family != "llama":
+        raise ConfigError(
+            f"model.family={config.model.family!r} is for a random model; with model.hf_dir, "
+            f"{source}/config.json's model_type ({hf.model_type}) decides the family"
+        )
     for key in MODEL_DIMS:
         ours = config.model[key]
         if ours is not None and ours != getattr(hf, key):
