@@ -58,8 +58,12 @@ def render_chat(
     add_generation_prompt: bool,
     special_tokens: dict,
     render_date: str = DEFAULT_RENDER_DATE,
+    enable_thinking: bool | None = None,
 ) -> str:
-    """Renders messages ([{role, content, (reasoning_content)}]) to the prompt text, "today" being render_date."""
+    """Renders messages ([{role, content, (reasoning_content)}]) to the prompt text, "today" being
+    render_date. enable_thinking is passed to the template (Qwen3's switch) unless None, as
+    `apply_chat_template(..., enable_thinking=...)` does: None leaves it undefined."""
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     today = parse_render_date(render_date)
     return compile_template(source).render(
         messages=messages,
@@ -69,4 +73,5 @@ def render_chat(
         strftime_now=today.strftime,  # never the wall clock
         date_string=today.strftime("%d %b %Y"),  # what transformers users pass to pin Llama 3.x's date
         **special_tokens,
+        **extra,
     )

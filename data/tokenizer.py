@@ -24,10 +24,18 @@ def _token_text(value):
 class Tokenizer:
     """Text <-> ids, chat rendering, and the special ids the SFT pipeline needs."""
 
-    def __init__(self, tokenizer_dir: str, reasoning_traces: bool = False, render_date: str = DEFAULT_RENDER_DATE):
-        """render_date: the "today" a template may write into the prompt (YYYY-MM-DD; see chat_template)."""
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        reasoning_traces: bool = False,
+        render_date: str = DEFAULT_RENDER_DATE,
+        enable_thinking: bool | None = None,
+    ):
+        """render_date: the "today" a template may write into the prompt (YYYY-MM-DD; see chat_template);
+        enable_thinking: the template variable of that name (Qwen3's), None = left undefined."""
         parse_render_date(render_date)
         self.render_date = render_date
+        self.enable_thinking = enable_thinking
         d = epath.Path(tokenizer_dir)
         self.dir = str(d)
         config_path = d / "tokenizer_config.json"
@@ -106,7 +114,9 @@ class Tokenizer:
         return self._hf.decode(list(ids), skip_special_tokens=False) if self._hf else self._sp.decode(list(ids))
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return render_chat(self.template, messages, add_generation_prompt, self.special_tokens, self.render_date)
+        return render_chat(
+            self.template, messages, add_generation_prompt, self.special_tokens, self.render_date, self.enable_thinking
+        )
 
     def check_vocab(self, ids, model_vocab_size: int, where: str) -> None:
         bad = [i for i in ids if not 0 <= i < model_vocab_size]
@@ -179,8 +189,13 @@ class IdsTokenizer:
     check_vocab = Tokenizer.check_vocab
 
 
-def load_tokenizer(tokenizer_dir: str, reasoning_traces: bool = False, render_date: str = DEFAULT_RENDER_DATE):
+def load_tokenizer(
+    tokenizer_dir: str,
+    reasoning_traces: bool = False,
+    render_date: str = DEFAULT_RENDER_DATE,
+    enable_thinking: bool | None = None,
+):
     """The directory's tokenizer: token ids as text where it holds ids_tokenizer.json, else Tokenizer."""
     if (epath.Path(tokenizer_dir) / IDS_TOKENIZER_FILE).exists():
         return IdsTokenizer(tokenizer_dir, reasoning_traces, render_date)
-    return Tokenizer(tokenizer_dir, reasoning_traces=reasoning_traces, render_date=render_date)
+    return Tokenizer(tokenizer_dir, reasoning_traces, render_date, enable_thinking)

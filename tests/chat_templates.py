@@ -10,6 +10,7 @@ opens a <think> block itself.
 """
 
 import json
+import pathlib
 
 QWEN25_STYLE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -165,6 +166,29 @@ REASONING_FAMILIES = {
         eot=DEEPSEEK_SPECIALS[1],
     ),
 }
+# The real templates (tests/templates/*.jinja, byte for byte; their sha256 is pinned in
+# tests/data/test_real_chat_templates.py):
+#   qwen3.jinja:  Qwen/Qwen3-0.6B's tokenizer_config.json chat_template (as llama.cpp keeps it in
+#                 models/templates/Qwen-Qwen3-0.6B.jinja): the thinking template, `enable_thinking`.
+#   gemma3.jinja: google/gemma-3-*-it's chat_template (transformers' gemma3 conversion script,
+#                 convert_gemma3_weights.py _CHAT_TEMPLATE): <start_of_turn> turns, the system message
+#                 folded into the first user turn.
+TEMPLATES = pathlib.Path(__file__).parent / "templates"
+REAL_FAMILIES = {
+    "qwen3": dict(
+        template=(TEMPLATES / "qwen3.jinja").read_text(),
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        config={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None},
+        eot="<|im_end|>",
+    ),
+    "gemma3": dict(
+        template=(TEMPLATES / "gemma3.jinja").read_text(),
+        specials=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        config={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
+        eot="<end_of_turn>",
+        prepends_bos="<bos>",  # like the real tokenizer: encoding with special tokens prepends <bos>
+    ),
+}
 CORPUS = ["What is the net change in revenue?", "The answer is 42 million.", "Summarize the report below."] * 20
 
 
@@ -181,10 +205,10 @@ def make_tokenizer_dir(tmp_path, family, families=FAMILIES):
         vocab_size=400, special_tokens=spec["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    if family.startswith("llama"):  # like the real one: the tokenizer itself prepends BOS
-        bos = tok.token_to_id("<|begin_of_text|>")
+    bos = "<|begin_of_text|>" if family.startswith("llama") else spec.get("prepends_bos")
+    if bos:  # like the real one: the tokenizer itself prepends BOS
         tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
         )
     d = tmp_path / family
     d.mkdir()

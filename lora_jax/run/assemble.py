@@ -292,7 +292,11 @@ def run_identity(config, fingerprint: str, data_source: str) -> dict:
 
 
 # What a checkpoint saved before these keys joined the run identity trained with.
-IDENTITY_BEFORE = {"optim.loraplus_ratio": 1.0, "optim.lr_per_target": {t: 1.0 for t in TARGETS}}
+IDENTITY_BEFORE = {
+    "optim.loraplus_ratio": 1.0,
+    "optim.lr_per_target": {t: 1.0 for t in TARGETS},
+    "data.enable_thinking": None,
+}
 
 
 @dataclasses.dataclass
@@ -328,7 +332,7 @@ def data_iterators(config, workdir: epath.Path, tokenizer_dir: str, vocab_size: 
         prepare(d.name, manual, data_dir, bad_images=d.bad_images)
     multihost_utils.sync_global_devices("tfds prepared")
     sources = open_sources(d.name, data_dir, bad_images=d.bad_images)
-    tok = load_tokenizer(tokenizer_dir, reasoning_traces=d.reasoning_traces, render_date=d.render_date)
+    tok = load_tokenizer(tokenizer_dir, d.reasoning_traces, d.render_date, d.enable_thinking)
     opts = SFTOptions(
         d.max_seq_len, d.max_target_tokens, d.truncation, d.reasoning_traces, vocab_size, **(images or {})
     )

@@ -216,6 +216,7 @@ RESUMABLE_CHANGES = (
     "data.pack",
     "data.reasoning_traces",
     "data.render_date",
+    "data.enable_thinking",
     "data.bad_images",
     "data_source",
     "lora.dropout",
@@ -269,6 +270,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         parse_render_date(d.render_date)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if d.enable_thinking is False and d.reasoning_traces:
+        raise ConfigError(
+            "data.enable_thinking=False with data.reasoning_traces=True: the non-thinking prompt already holds an "
+            "empty <think> block, so a trace cannot follow it; set one of them otherwise"
+        )
     if d.bad_images not in BAD_IMAGE_POLICIES:
         raise ConfigError(f"data.bad_images={d.bad_images!r} is unknown; valid: {', '.join(BAD_IMAGE_POLICIES)}")
     if d.max_target_tokens >= d.max_seq_len:
