@@ -172,7 +172,7 @@ def test_our_adapter_loads_in_peft_and_greedy_decoding_is_token_for_token(varian
     np.testing.assert_array_equal(out, ref)
 
 
-@pytest.mark.parametrize("variant", ["gemma3", "gemma3_mm"])
+@pytest.mark.parametrize("variant", ["qwen3", "gemma3", "gemma3_mm"])
 def test_a_peft_trained_adapter_imports_with_equal_logits(variant, mesh, tmp_path):
     import peft
     import torch
