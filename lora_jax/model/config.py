@@ -172,7 +172,13 @@ def _gemma3_ropes(cfg: dict[str, Any], source: str) -> tuple[RopeConfig, RopeCon
         local = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", GEMMA3_LOCAL_THETA)}
     return (
         _rope_from_params(full, cfg, f"{source} (full_attention)", 1_000_000.0),
-        _rope_from_params(local, {}, f"{source} (sliding_attention)", GEMMA3_LOCAL_THETA),
+        # a sliding_attention entry without rope_theta takes rope_local_base_freq, as transformers' setdefault does
+        _rope_from_params(
+            local,
+            {"rope_theta": cfg.get("rope_local_base_freq", GEMMA3_LOCAL_THETA)},
+            f"{source} (sliding_attention)",
+            GEMMA3_LOCAL_THETA,
+        ),
     )
 
 

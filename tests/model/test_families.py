@@ -211,3 +211,60 @@ def test_merged_export_loads_in_transformers(variant, mesh, tmp_path):
         assert set(out.keys()) == set(src.keys())
         for key in (k for k in src.keys() if k.startswith(("vision_tower.", "multi_modal_projector."))):
             np.testing.assert_array_equal(out.get_tensor(key), src.get_tensor(key))
+
+
+# gemma-3-4b-it's config.json as the Hub has it: its text_config names only what differs from
+# transformers' Gemma3TextConfig defaults, in the legacy RoPE keys.
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": False},
+}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        GEMMA3_4B["text_config"],
+        dict(GEMMA3_4B["text_config"], rope_theta=2e6, rope_local_base_freq=5e3, sliding_window_pattern=4),
+        dict(
+            GEMMA3_4B["text_config"],
+            rope_scaling=None,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {}},
+            rope_local_base_freq=5e3,
+        ),
+    ],
+)
+def test_a_sparse_hub_gemma3_config_reads_as_transformers_reads_it(text):
+    import transformers
+
+    from lora_jax.model.config import model_config_from_hf
+
+    ours = model_config_from_hf(dict(GEMMA3_4B, text_config=text))
+    theirs = transformers.Gemma3Config(**dict(GEMMA3_4B, text_config=text)).text_config
+    assert (ours.hidden_size, ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        theirs.hidden_size,
+        theirs.num_hidden_layers,
+        theirs.num_attention_heads,
+        theirs.num_key_value_heads,
+        theirs.head_dim,
+    )
+    assert ours.vocab_size == theirs.vocab_size and ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+    windows = tuple(theirs.sliding_window if t == "sliding_attention" else None for t in theirs.layer_types)
+    assert ours.sliding_windows == windows
+    full, local = theirs.rope_parameters["full_attention"], theirs.rope_parameters["sliding_attention"]
+    assert (ours.rope.rope_type, ours.rope.theta, ours.rope.factor) == (
+        full["rope_type"],
+        full["rope_theta"],
+        full.get("factor", 1.0),
+    )
+    assert (ours.rope_local.rope_type, ours.rope_local.theta) == (local["rope_type"], local["rope_theta"])
+    assert ours.tie_word_embeddings and ours.hidden_act == theirs.hidden_activation
