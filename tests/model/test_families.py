@@ -109,16 +109,23 @@ def test_the_causal_block_schedule_leaves_out_the_blocks_before_the_window():
 
 
 def _compiled_flops(cfg: ModelConfig, t: int) -> float:
-    model = Transformer(cfg, None, RuntimeOptions(attention_impl="causal_blocks"), rngs=nnx.Rngs(0))
-    cost = nnx.jit(lambda m, x: m(x)).lower(model, jnp.zeros((1, t), jnp.int32)).compile().cost_analysis()
+    """XLA's cost analysis of a compiled training step's forward and backward (the gradient of a loss
+    on the logits with respect to every LoRA parameter)."""
+    spec = LoraSpec(targets=("qkv", "o_proj"), rank=2, alpha=4)
+    model = Transformer(cfg, spec, RuntimeOptions(attention_impl="causal_blocks"), rngs=nnx.Rngs(0))
+
+    def step(m, x):
+        return nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
+
+    cost = nnx.jit(step).lower(model, jnp.zeros((1, t), jnp.int32)).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def test_the_compiled_program_of_sliding_layers_skips_the_blocks_outside_the_window():
-    """XLA's own cost analysis of the compiled forward: with every layer sliding (window 16, row 512,
-    blocks of 64) the attention's key blocks before each window are not in the program. (With sliding
-    and global layers mixed, the scan picks a branch per layer (lax.switch), and the cost analysis
-    cannot tell which branch runs; the branches are the same kernels with a static window.)"""
+def test_the_compiled_step_of_sliding_layers_skips_the_blocks_outside_the_window():
+    """With every layer sliding (window 16, rows of 512, blocks of 64) the key blocks before each
+    window are in neither the forward nor the backward of the compiled step. (With sliding and global
+    layers mixed, the scan picks a branch per layer (lax.switch), and the cost analysis cannot tell
+    which branch runs; the branches are the same kernels with a static window.)"""
     cfg = ModelConfig(97, 32, 48, 2, 4, 2, 16, max_position_embeddings=512, qk_norm=True, gemma_norms=True)
     full = _compiled_flops(cfg, 512)
     sliding = _compiled_flops(dataclasses.replace(cfg, sliding_windows=(16, 16)), 512)
