@@ -223,3 +223,17 @@ def write_llama_dir(d, *, vocab, hidden, intermediate, layers, heads, kv_heads, 
         path.write_bytes(data[: len(data) // 2])
     samples.write_tiny_tokenizer(d)
     return d
+
+
+def with_random_b(model, seed=0, scale=0.1):
+    """The model with every adapter's B drawn N(0, scale²) (B starts at 0: the adapters then matter)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for t in model.lora.targets:
+        var = getattr(model.layers, t).lora_b
+        value = rng.normal(size=var.get_value().shape) * scale
+        var.set_value(jax.device_put(jnp.asarray(value, jnp.float32), var.get_value().sharding))
+    return model

@@ -9,19 +9,12 @@ import pytest
 from data.sft import SFTOptions, tokenize_example
 from data.tokenizer import Tokenizer
 from tests.chat_templates import REAL_FAMILIES, TEMPLATES, make_tokenizer_dir
+from tests.data.test_tokenizer_sft import RECORD
 
 # sha256 of tests/templates/<family>.jinja: a template edited by accident fails here, not silently.
 SHA256 = {
     "qwen3": "87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5",
     "gemma3": "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
-}
-RECORD = {
-    "id": "x",
-    "instruction": "Summarize the report below.",
-    "document": "What is the net change in revenue? " * 3,
-    "target": "The answer is 42 million.",
-    "reasoning": "",
-    "answer": "42",
 }
 CASES = {  # (family, enable_thinking): what the template writes between the prompt and the answer
     ("qwen3", None): "<think>\n\n</think>\n\n",  # thinking mode: the reply opens with an (empty) think block

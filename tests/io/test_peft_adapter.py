@@ -13,7 +13,7 @@ from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.sharding import make_mesh
-from tests.hf_reference import hf_logits, saved_hf_dir
+from tests.hf_reference import hf_logits, saved_hf_dir, with_random_b
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 
@@ -26,15 +26,6 @@ def mesh():
 @jax.jit
 def _fwd(model, tokens):
     return model(tokens)
-
-
-def _with_random_b(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for t in model.lora.targets:
-        var = getattr(model.layers, t).lora_b
-        value = rng.normal(size=var.get_value().shape) * 0.1
-        var.set_value(jax.device_put(jnp.asarray(value, jnp.float32), var.get_value().sharding))
-    return model
 
 
 SPECS = {
@@ -53,7 +44,7 @@ SPECS = {
 @pytest.mark.parametrize("name", list(SPECS))
 def test_export_loads_in_peft_with_matching_logits(name, mesh, tmp_path):
     d = saved_hf_dir("qwen2")
-    model = _with_random_b(load_hf_model(d, SPECS[name], RuntimeOptions(), mesh))
+    model = with_random_b(load_hf_model(d, SPECS[name], RuntimeOptions(), mesh))
     ours = np.asarray(_fwd(model, jnp.asarray(TOKENS)))
     export_peft(model, str(tmp_path), d)
     ref = hf_logits(d, TOKENS, adapter_dir=str(tmp_path))
@@ -102,7 +93,7 @@ def test_peft_made_adapter_imports_exactly(mesh, tmp_path):
 
 def test_merged_export_loads_in_transformers(mesh, tmp_path):
     d = saved_hf_dir("llama")
-    model = _with_random_b(load_hf_model(d, LoraSpec(targets=TARGETS, rank=4, alpha=8), RuntimeOptions(), mesh))
+    model = with_random_b(load_hf_model(d, LoraSpec(targets=TARGETS, rank=4, alpha=8), RuntimeOptions(), mesh))
     export_merged(model, str(tmp_path), d)
     np.testing.assert_allclose(
         hf_logits(str(tmp_path), TOKENS), np.asarray(_fwd(model, jnp.asarray(TOKENS))), atol=1e-4

@@ -18,7 +18,7 @@ from lora_jax.model.config import ModelConfig
 from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.serve.generate import GenerationOptions, generate
 from lora_jax.sharding import make_mesh
-from tests.hf_reference import hf_logits, saved_hf_dir
+from tests.hf_reference import hf_logits, saved_hf_dir, with_random_b
 
 TOKENS = np.random.default_rng(0).integers(0, 94, size=(2, 32))  # 94..96: the gemma3_mm image tokens
 
@@ -135,15 +135,6 @@ def test_the_compiled_step_of_sliding_layers_skips_the_blocks_outside_the_window
 # -- PEFT, both ways, and greedy decoding -----------------------------------------------------------
 
 
-def _with_random_b(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for t in model.lora.targets:
-        var = getattr(model.layers, t).lora_b
-        value = rng.normal(size=var.get_value().shape) * 0.3
-        var.set_value(jax.device_put(jnp.asarray(value, jnp.float32), var.get_value().sharding))
-    return model
-
-
 @pytest.mark.parametrize(
     "variant, targets",
     [("qwen3", ("o_proj", "fc2")), ("gemma3", ("o_proj", "fc2")), ("gemma3_mm", ("qkv", "o_proj", "fc2"))],
@@ -157,7 +148,9 @@ def test_our_adapter_loads_in_peft_and_greedy_decoding_is_token_for_token(varian
     from tests.hf_reference import _auto_class
 
     d = saved_hf_dir(variant)
-    model = _with_random_b(load_hf_model(d, LoraSpec(targets=targets, rank=4, alpha=8), RuntimeOptions(), mesh))
+    model = with_random_b(
+        load_hf_model(d, LoraSpec(targets=targets, rank=4, alpha=8), RuntimeOptions(), mesh), scale=0.3
+    )
     export_peft(model, str(tmp_path), d)
     np.testing.assert_allclose(_logits(model), hf_logits(d, TOKENS, adapter_dir=str(tmp_path)), atol=1e-4)
     assert np.abs(_logits(model) - hf_logits(d, TOKENS)).max() > 1e-2  # the adapter matters
@@ -211,7 +204,7 @@ def test_merged_export_loads_in_transformers(variant, mesh, tmp_path):
 
     d = saved_hf_dir(variant)
     spec = LoraSpec(targets=("qkv", "o_proj", "fc1", "fc2"), rank=4, alpha=8)
-    model = _with_random_b(load_hf_model(d, spec, RuntimeOptions(), mesh))
+    model = with_random_b(load_hf_model(d, spec, RuntimeOptions(), mesh), scale=0.3)
     export_merged(model, str(tmp_path), d)
     np.testing.assert_allclose(hf_logits(str(tmp_path), TOKENS), _logits(model), atol=1e-4)
     with safe_open(f"{d}/model.safetensors", "np") as src, safe_open(f"{tmp_path}/model.safetensors", "np") as out:
