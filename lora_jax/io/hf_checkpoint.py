@@ -8,6 +8,7 @@ no full host copy of the model is made.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -391,5 +392,6 @@ def load_hf_model_config(path: str) -> ModelConfig:
     if cfg.get("model_type") == "llava":  # the language model of a LLaVA checkpoint (lora_jax/model/llava.py)
         if not isinstance(cfg.get("text_config"), dict):
             raise CheckpointError(f"{p}: a llava config needs a text_config object")
-        return model_config_from_hf(cfg["text_config"], source=f"{p} text_config")
+        text = model_config_from_hf(cfg["text_config"], source=f"{p} text_config")
+        return dataclasses.replace(text, hf_prefix="model.language_model.")  # PEFT's module names on the decoder
     return model_config_from_hf(cfg, source=str(p))

@@ -227,7 +227,7 @@ def read_peft_adapter(adapter_dir: str, cfg: ModelConfig, base_spec: LoraSpec | 
     alpha_pat = config.get("alpha_pattern") or {}
 
     def module_scale(module, layer, rank):
-        path = f"model.layers.{layer}.{MODULE_BLOCK[module]}.{module}"
+        path = f"{cfg.hf_prefix}layers.{layer}.{MODULE_BLOCK[module]}.{module}"  # PEFT's module name
         alpha = float(_pattern_value(alpha_pat, path, alpha0))  # ranks come from the tensor shapes
         return alpha / (math.sqrt(rank) if rslora else rank)
 

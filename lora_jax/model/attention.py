@@ -25,7 +25,8 @@ _NO_WINDOW = 2**30
 
 
 class AttentionFn(Protocol):
-    """`window` is None, a Python int, or an int32 scalar array (per-layer, traced under the scan)."""
+    """`window` is None or a Python int (the model compiles each window kind with its window static:
+    transformer._attend); an int32 scalar array is accepted too, and then only masks."""
 
     def __call__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window, scale: float) -> jax.Array: ...
 

@@ -158,27 +158,21 @@ def _rope_from_hf(cfg: dict[str, Any], source: str) -> RopeConfig:
 
 
 def _gemma3_ropes(cfg: dict[str, Any], source: str) -> tuple[RopeConfig, RopeConfig]:
-    """(full-attention RoPE, sliding-layer RoPE), as transformers' Gemma3TextConfig reads them: the
-    per-layer-type `rope_parameters` (transformers 5), or the legacy rope_theta (+ rope_scaling) for the
-    global layers and rope_local_base_freq for the local ones."""
+    """(full-attention RoPE, sliding-layer RoPE) merged in the order transformers' Gemma3TextConfig
+    (convert_rope_params_to_dict) merges them: the per-layer-type `rope_parameters` (a flat one is
+    ignored), a legacy `rope_scaling` updating the full-attention entry, then rope_theta and
+    rope_local_base_freq as each entry's default theta."""
     params, legacy = _rope_dicts(cfg, source)
-    if params and any(isinstance(v, dict) for v in params.values()):
-        unknown = set(params) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise CheckpointError(f"{source}: rope_parameters for unknown layer types {sorted(unknown)}")
-        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-    else:
-        full = dict(legacy or {}, **(params or {}))
-        local = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", GEMMA3_LOCAL_THETA)}
+    params = params or {}
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    if legacy:
+        full.update(legacy)
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", cfg.get("rope_local_base_freq", GEMMA3_LOCAL_THETA))
     return (
-        _rope_from_params(full, cfg, f"{source} (full_attention)", 1_000_000.0),
-        # a sliding_attention entry without rope_theta takes rope_local_base_freq, as transformers' setdefault does
-        _rope_from_params(
-            local,
-            {"rope_theta": cfg.get("rope_local_base_freq", GEMMA3_LOCAL_THETA)},
-            f"{source} (sliding_attention)",
-            GEMMA3_LOCAL_THETA,
-        ),
+        _rope_from_params(full, {}, f"{source} (full_attention)", 1_000_000.0),
+        _rope_from_params(local, {}, f"{source} (sliding_attention)", GEMMA3_LOCAL_THETA),
     )
 
 
@@ -235,7 +229,20 @@ GEMMA3_TEXT_DEFAULTS = {
     "query_pre_attn_scalar": 256,
     "sliding_window": 4096,
 }
-QWEN3_DEFAULTS = {"head_dim": 128}  # Qwen3Config's: head_dim is independent of hidden_size / heads
+# transformers' Qwen3Config defaults (head_dim is its own setting, not hidden_size / heads).
+QWEN3_DEFAULTS = {
+    "vocab_size": 151_936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "head_dim": 128,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "sliding_window": 4096,
+    "max_window_layers": 28,
+}
 
 
 def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -256,7 +263,11 @@ def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Mo
         parsed = model_config_from_hf(dict(text, model_type="gemma3_text"), f"{source} text_config")
         # transformers' Gemma3ForConditionalGeneration never soft-caps its logits (only Gemma3ForCausalLM
         # does; Hub checkpoints leave the cap null anyway): the wrapper's logits are uncapped here too.
-        return dataclasses.replace(parsed, hf_prefix="model.language_model.", final_logit_softcap=None)
+        # It ties the LM head as the top-level config says (Gemma3Config.tie_word_embeddings), not text_config.
+        tied = bool(cfg.get("tie_word_embeddings", True))
+        return dataclasses.replace(
+            parsed, hf_prefix="model.language_model.", final_logit_softcap=None, tie_word_embeddings=tied
+        )
     if model_type == "gemma3_text":
         cfg = {**GEMMA3_TEXT_DEFAULTS, **cfg}
     elif model_type == "qwen3":
@@ -284,6 +295,8 @@ def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Mo
         raise CheckpointError(f"{source}: attn_logit_softcapping is not supported (Gemma 3 checkpoints leave it null)")
     if gemma and cfg.get("use_bidirectional_attention"):
         raise CheckpointError(f"{source}: use_bidirectional_attention=true (an encoder) is not supported")
+    if gemma and cfg.get("query_pre_attn_scalar") is None:
+        raise CheckpointError(f"{source}: query_pre_attn_scalar must be a number, got null")
     qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
     rope, rope_local = _gemma3_ropes(cfg, source) if gemma else (_rope_from_hf(cfg, source), None)
     softcap = cfg.get("final_logit_softcapping")

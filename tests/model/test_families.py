@@ -14,7 +14,7 @@ from lora_jax.io.hf_checkpoint import HFCheckpoint, export_merged, load_hf_model
 from lora_jax.io.peft_adapter import export_peft, load_hf_model_with_adapter
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model import attention as attention_lib
-from lora_jax.model.config import ModelConfig
+from lora_jax.model.config import ModelConfig, RopeConfig
 from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.serve.generate import GenerationOptions, generate
 from lora_jax.sharding import make_mesh
@@ -49,7 +49,8 @@ def _load_as(d, mesh, **changes):
     [
         ("qwen3", {"qk_norm": False}),
         ("gemma3", {"qk_norm": False}),
-        ("gemma3", {"sliding_windows": ()}),
+        ("gemma3", {"sliding_windows": (100, None)}),  # the mask alone: still a local layer (its RoPE)
+        ("gemma3", {"rope": RopeConfig(theta=1e6)}),  # the global RoPE's linear scaling alone
         ("gemma3", {"rope_local": None}),
         ("gemma3", {"final_logit_softcap": None}),
         ("gemma3", {"query_pre_attn_scalar": None}),
@@ -121,6 +122,36 @@ def _compiled_flops(cfg: ModelConfig, t: int) -> float:
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
+def test_a_sliding_branch_compiles_without_the_blocks_outside_its_window():
+    """What a sliding layer of a mixed (Gemma 3) model runs: its window-kind branch, the attention with a
+    static window. Rows of 512, blocks of 64, window 16: each query block computes 1 or 2 key blocks,
+    not all those up to the diagonal."""
+
+    def flops(window):
+        q, k, v, pos, seg = _qkv(512)
+        fn = jax.jit(lambda q, k, v: attention_lib.causal_block_attention(q, k, v, pos, pos, seg, seg, window=window))
+        cost = fn.lower(q, k, v).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    # 8 query blocks: 1 + 2 + ... + 8 = 36 (query, key) block pairs up to the diagonal; 1 + 7 x 2 = 15 in the window
+    assert flops(16) / flops(None) == pytest.approx(15 / 36, rel=0.05)
+
+
+@pytest.mark.parametrize("impl", ["causal_blocks", "chunked"])
+def test_gemma3_logits_through_the_block_schedules_match_transformers(impl, mesh):
+    """128 tokens in blocks of 16: the sliding layer's skipped blocks and the global layer's full
+    schedule, through each kernel, against transformers."""
+    import functools
+
+    name = f"{impl}_16"
+    kw = {"block": 16} if impl == "causal_blocks" else {"q_block": 16, "kv_block": 16}
+    attention_lib.register_attention_impl(name, functools.partial(attention_lib.get_attention_impl(impl), **kw))
+    d = saved_hf_dir("gemma3")
+    tokens = np.random.default_rng(1).integers(0, 94, size=(1, 128))
+    model = load_hf_model(d, None, RuntimeOptions(attention_impl=name), mesh)
+    np.testing.assert_allclose(_logits(model, tokens), hf_logits(d, tokens), atol=1e-4)
+
+
 def test_the_compiled_step_of_sliding_layers_skips_the_blocks_outside_the_window():
     """With every layer sliding (window 16, rows of 512, blocks of 64) the key blocks before each
     window are in neither the forward nor the backward of the compiled step. (With sliding and global
@@ -182,7 +213,11 @@ def test_a_peft_trained_adapter_imports_with_equal_logits(variant, mesh, tmp_pat
     d = saved_hf_dir(variant)
     hf = _auto_class(d).from_pretrained(d).float()
     # o_proj/down_proj are language-model names only (SigLIP's are out_proj and fc2)
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["o_proj", "down_proj", "q_proj"])
+    # one layer's down_proj scaled otherwise, named by its full module path (PEFT matches the suffix)
+    prefix = "language_model." if variant == "gemma3_mm" else "model."
+    alpha_pattern = {f"{prefix}layers.1.mlp.down_proj": 5}
+    targets = ["o_proj", "down_proj", "q_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, alpha_pattern=alpha_pattern)
     if variant == "gemma3_mm":
         config.target_modules = r".*language_model.*\.(o_proj|down_proj|q_proj)"
     pm = peft.get_peft_model(hf, config)
@@ -197,7 +232,7 @@ def test_a_peft_trained_adapter_imports_with_equal_logits(variant, mesh, tmp_pat
     np.testing.assert_allclose(_logits(model), hf_logits(d, TOKENS, adapter_dir=str(tmp_path)), atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "gemma3_mm"])
+@pytest.mark.parametrize("variant", ["qwen3", "gemma3", "gemma3_mm"])
 def test_merged_export_loads_in_transformers(variant, mesh, tmp_path):
     """A gemma3 checkpoint's vision tower and projector are copied through untouched."""
     from safetensors import safe_open
