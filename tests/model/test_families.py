@@ -303,3 +303,28 @@ def test_a_sparse_hub_gemma3_config_reads_as_transformers_reads_it(text):
     )
     assert (ours.rope_local.rope_type, ours.rope_local.theta) == (local["rope_type"], local["rope_theta"])
     assert ours.tie_word_embeddings and ours.hidden_act == theirs.hidden_activation
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 64},
+        {"model_type": "qwen3", "num_key_value_heads": None, "use_sliding_window": True, "num_hidden_layers": 30},
+    ],
+)
+def test_a_sparse_qwen3_config_reads_as_transformers_reads_it(cfg):
+    import transformers
+
+    from lora_jax.model.config import model_config_from_hf
+
+    ours, theirs = model_config_from_hf(cfg), transformers.Qwen3Config(**cfg)
+    assert (ours.vocab_size, ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        theirs.vocab_size,
+        theirs.num_hidden_layers,
+        theirs.num_attention_heads,
+        theirs.num_key_value_heads,
+        theirs.head_dim,
+    )
+    assert ours.max_position_embeddings == theirs.max_position_embeddings and ours.qk_norm
+    windows = tuple(theirs.sliding_window if t == "sliding_attention" else None for t in theirs.layer_types)
+    assert ours.sliding_windows == (windows if any(windows) else ())
