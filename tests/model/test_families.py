@@ -138,14 +138,15 @@ def test_a_sliding_branch_compiles_without_the_blocks_outside_its_window():
 
 
 @pytest.mark.parametrize("impl", ["causal_blocks", "chunked"])
-def test_gemma3_logits_through_the_block_schedules_match_transformers(impl, mesh):
+def test_gemma3_logits_through_the_block_schedules_match_transformers(impl, mesh, monkeypatch):
     """128 tokens in blocks of 16: the sliding layer's skipped blocks and the global layer's full
     schedule, through each kernel, against transformers."""
     import functools
 
     name = f"{impl}_16"
     kw = {"block": 16} if impl == "causal_blocks" else {"q_block": 16, "kv_block": 16}
-    attention_lib.register_attention_impl(name, functools.partial(attention_lib.get_attention_impl(impl), **kw))
+    # registered for this test only (the registry is global: other tests list its names)
+    monkeypatch.setitem(attention_lib._IMPLS, name, functools.partial(attention_lib.get_attention_impl(impl), **kw))
     d = saved_hf_dir("gemma3")
     tokens = np.random.default_rng(1).integers(0, 94, size=(1, 128))
     model = load_hf_model(d, None, RuntimeOptions(attention_impl=name), mesh)
