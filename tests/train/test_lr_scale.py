@@ -75,7 +75,7 @@ def test_two_steps_with_multipliers_equal_adamw_by_hand():
 def test_loraplus_equals_peft_create_loraplus_optimizer_on_the_parameters():
     """PEFT groups lora_B parameters at lr x loraplus_lr_ratio (torch AdamW); its learning rate is set
     to the schedule's value at each step. After two steps the parameters agree."""
-    torch = pytest.importorskip("torch")
+    import torch  # the test extras (README): CI fails, not skips, without the reference
     from peft.optimizers import create_loraplus_optimizer
 
     rng = np.random.default_rng(1)
