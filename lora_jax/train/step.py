@@ -20,7 +20,7 @@ from flax import nnx
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.lora.delta import dropout_key, row_dropout_keys
 from lora_jax.model.arm_views import key_names, target_kind
-from lora_jax.sharding import under_mesh
+from lora_jax.sharding import batch_sharding, under_mesh
 from lora_jax.train.loss import chunked_cross_entropy
 
 
@@ -232,3 +232,44 @@ def arm_grad_norms(grads, bank: AdapterBank) -> jax.Array:
         per_slot = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(i for i in range(g.ndim) if i != 1))
         sq = sq.at[members].add(per_slot)
     return jnp.sqrt(sq)
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    """A model split for training and its jitted steps (see `compile_steps`)."""
+
+    graphdef: Any
+    lora: Any  # the trained leaves (nnx.LoRAParam)
+    frozen: Any  # everything else, never differentiated
+    opt_state: Any
+    train_step: Any  # (lora, opt_state, frozen, batch, step) -> (lora, opt_state, metrics); lora, opt_state donated
+    eval_step: Any  # (lora, frozen, batch) -> {"nll_sum", "target_tokens"}
+    batch_sharding: Any
+
+
+def compile_steps(model, tx: optax.GradientTransformation, schedule, opts: StepOptions, mesh) -> CompiledSteps:
+    """Splits `model` (plain or with an AdapterBank) into LoRA / frozen states, initialises `tx` on the
+    LoRA leaves and jits the train and eval steps with explicit shardings on `mesh`. Needs no run
+    config: the trainer and the device benchmark suite both build their steps here."""
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    bank = model.lora if isinstance(model.lora, AdapterBank) else None
+    # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
+    # replicated — left to itself it lands on one device and clashes in jit ("incompatible devices").
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    lora_leaf_sh = jax.tree.map(lambda x: x.sharding, lora)
+    opt_out_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, jax.eval_shape(tx.init, lora), lora_leaf_sh, transform_non_params=lambda _: replicated
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_out_sh)(lora)
+    shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, opts, schedule, mesh, bank),
+        in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
+        out_shardings=(lora_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+    eval_step = jax.jit(
+        make_eval_step(graphdef, opts.loss_chunk_tokens, mesh), in_shardings=(lora_sh, frozen_sh, batch_sh)
+    )
+    return CompiledSteps(graphdef, lora, frozen, opt_state, train_step, eval_step, batch_sh)

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from etils import epath
 from flax import nnx
 
@@ -24,8 +23,7 @@ from lora_jax.io.peft_adapter import BASE_FILE, export_peft
 from lora_jax.lora.bank import AdapterBank
 from lora_jax.model.arm_views import ArmViews
 from lora_jax.model.transformer import Transformer
-from lora_jax.sharding import batch_sharding
-from lora_jax.train.step import StepOptions, adapter_norm, make_eval_step, make_optimizer, make_train_step
+from lora_jax.train.step import StepOptions, adapter_norm, compile_steps, make_optimizer
 
 
 def export_adapter(graphdef, lora, frozen, workdir: epath.Path, base_name: str, base_fingerprint: str = "") -> None:
@@ -131,7 +129,6 @@ def build_trainer(
     A model with an AdapterBank trains its K arms jointly (metrics "loss", "grad_norm", "adapter_norm"
     are then [K]); views: its ArmViews (built here when not given). lr_scales: each arm's
     train.step.LrScale (run.config.lr_scale of its config; None: all 1)."""
-    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
     bank = model.lora if isinstance(model.lora, AdapterBank) else None  # K arms trained jointly
     if bank is not None and views is None:
         views = ArmViews.build(model.config, bank, model.options)
@@ -139,29 +136,13 @@ def build_trainer(
     tx, schedule = make_optimizer(
         o.learning_rate, o.warmup_steps, config.train.total_steps, o.weight_decay, o.grad_clip_norm, bank, lr_scales
     )
-    # Explicit out_shardings: moments like their LoRA leaf, everything else (the step counter)
-    # replicated — left to itself it lands on one device and clashes in jit ("incompatible devices").
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    lora_leaf_sh = jax.tree.map(lambda x: x.sharding, lora)
-    opt_out_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, jax.eval_shape(tx.init, lora), lora_leaf_sh, transform_non_params=lambda _: replicated
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_out_sh)(lora)
     step_opts = StepOptions(
         o.grad_accum_steps,
         config.train.loss_chunk_tokens,
         config.train.seed,
         use_dropout=model.lora is not None and model.lora.dropout > 0,
     )
-    shard_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    lora_sh, opt_sh, frozen_sh, batch_sh = shard_of(lora), shard_of(opt_state), shard_of(frozen), batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(graphdef, tx, step_opts, schedule, mesh, bank),
-        in_shardings=(lora_sh, opt_sh, frozen_sh, batch_sh, None),
-        out_shardings=(lora_sh, opt_sh, None),
-        donate_argnums=(0, 1),
+    c = compile_steps(model, tx, schedule, step_opts, mesh)
+    return Trainer(
+        c.graphdef, c.lora, c.frozen, c.opt_state, c.train_step, c.eval_step, c.batch_sharding, views if bank else None
     )
-    eval_step = jax.jit(
-        make_eval_step(graphdef, config.train.loss_chunk_tokens, mesh), in_shardings=(lora_sh, frozen_sh, batch_sh)
-    )
-    return Trainer(graphdef, lora, frozen, opt_state, train_step, eval_step, batch_sh, views if bank else None)

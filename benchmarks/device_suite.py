@@ -1,0 +1,427 @@
+"""The accelerator figures in one command: writes JSON and prints a table.
+
+    python benchmarks/device_suite.py [--out device_suite.json] [--shape 1b|tiny] [--sections train,decode,joint,overhead]
+
+Sections (each on one device, random weights, Llama shape):
+  train     training tok/s and MFU of the arms o_proj, o_proj+fc2 and all (LoRA rank 16), median
+            of the timed steps after one compiled warm-up step;
+  decode    TTFT and TPOT p50/p95 of the base model, the o_proj+fc2 adapters unmerged, and merged,
+            at batch 1 and 16 (requests interleaved variant by variant, lora_jax.serve.latency);
+  joint     one step of the study's nine arms trained jointly (an AdapterBank over one base) against
+            one step of the arm "all" alone, on the same rows;
+  overhead  TPOT p50/p95 of each of the nine arms unmerged against the base model, batch 1: the
+            study's question (+29% TPOT p95 for o_proj+fc2 served unmerged).
+
+Shapes: "1b" is Llama 3.2 1B's (hidden 2048, 16 layers, 32 heads / 8 kv heads, vocab 128256,
+intermediate 8192, tied embeddings), bfloat16 weights and compute, sequence 2048; "tiny" is a
+seconds-long CPU run of every code path (the test suite runs it).
+
+MFU = the training step's FLOPs (lora_jax.train.accounting, the one definition used everywhere) /
+step time / peak. On a GPU or TPU the peak is the datasheet dense bf16 peak of the device found
+(`DATASHEET_BF16_PEAK`, named in the output); a device not in the table, and the CPU, use the best
+of timed 2048^3 matmuls in the compute dtype measured in this process. The measured matmul peak is
+reported beside the datasheet's either way.
+
+It imports only jax, flax, optax, numpy and lora_jax's model, LoRA, training and serving code (no
+ml-collections, clu, tensorflow-datasets or torch), so it runs on a machine that has only jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lora_jax.lora.arms import ARMS  # noqa: E402
+from lora_jax.lora.bank import AdapterBank  # noqa: E402
+from lora_jax.lora.spec import LoraSpec  # noqa: E402
+from lora_jax.model.config import ModelConfig  # noqa: E402
+from lora_jax.model.transformer import RuntimeOptions, Transformer  # noqa: E402
+from lora_jax.serve import latency  # noqa: E402
+from lora_jax.sharding import batch_sharding, make_mesh, shard_model  # noqa: E402
+from lora_jax.train import accounting  # noqa: E402
+from lora_jax.train.step import StepOptions, compile_steps, make_optimizer  # noqa: E402
+
+SECTIONS = ("train", "decode", "joint", "overhead")
+TRAIN_ARMS = {"o_proj": ("o_proj",), "o_proj+fc2": ("o_proj", "fc2"), "all": ARMS["all"]}
+RANK, ALPHA = 16, 32.0
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, matched against
+# jax's device_kind in this order (first hit wins). SXM parts; a PCIe/NVL part runs lower and is
+# named as the SXM one by device_kind only where the kind does not say.
+DATASHEET_BF16_PEAK = (
+    ("H200", 989.5e12, "NVIDIA H200 SXM datasheet: 989.5 TFLOP/s bf16 dense"),
+    ("H100 PCIe", 756e12, "NVIDIA H100 PCIe datasheet: 756 TFLOP/s bf16 dense"),
+    ("H100", 989.5e12, "NVIDIA H100 SXM datasheet: 989.5 TFLOP/s bf16 dense"),
+    ("A100", 312e12, "NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense"),
+    ("L4", 121e12, "NVIDIA L4 datasheet: 121 TFLOP/s bf16 dense"),
+    ("TPU v6 lite", 918e12, "Google TPU v6e (Trillium): 918 TFLOP/s bf16 per chip"),
+    ("TPU v5 lite", 197e12, "Google TPU v5e: 197 TFLOP/s bf16 per chip"),
+    ("TPU v5p", 459e12, "Google TPU v5p: 459 TFLOP/s bf16 per chip"),
+    ("TPU v4", 275e12, "Google TPU v4: 275 TFLOP/s bf16 per chip"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    model: ModelConfig
+    dtype: str
+    batch: int  # training rows per step
+    seq_len: int
+    joint_batch: int  # rows of the joint step (every arm sees each: K x rows through the model)
+    train_steps: int
+    prompt_len: int
+    new_tokens: int
+    decode_batches: tuple[int, ...]
+    requests: int
+    overhead_requests: int
+
+
+SHAPES = {
+    "1b": Shape(
+        ModelConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_layers=16,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=64,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        ),
+        dtype="bfloat16",
+        # Without remat a 2048-token row keeps ~11 GB of activations at this shape (the attention
+        # probabilities are most of it): 4 rows for one arm, 1 row x 9 arms for the joint step.
+        batch=4,
+        seq_len=2048,
+        joint_batch=1,
+        train_steps=8,
+        prompt_len=512,
+        new_tokens=64,
+        decode_batches=(1, 16),
+        requests=10,
+        overhead_requests=8,
+    ),
+    "tiny": Shape(
+        ModelConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+        ),
+        dtype="float32",
+        batch=2,
+        seq_len=128,
+        joint_batch=1,
+        train_steps=2,
+        prompt_len=16,
+        new_tokens=4,
+        decode_batches=(1, 2),
+        requests=2,
+        overhead_requests=1,
+    ),
+}
+
+
+def datasheet_peak(device_kind: str) -> tuple[float, str] | None:
+    """(FLOP/s, source) of the first DATASHEET_BF16_PEAK entry whose key the device kind contains."""
+    for key, flops, source in DATASHEET_BF16_PEAK:
+        if key.lower() in device_kind.lower():
+            return flops, source
+    return None
+
+
+def peak_flops(device, dtype) -> dict:
+    """{"flops", "source", "measured_matmul_flops"}: an accelerator's datasheet peak where the table
+    has it, else (and on CPU) the measured one."""
+    measured = measure_matmul(device, dtype)
+    sheet = datasheet_peak(device.device_kind) if device.platform != "cpu" else None
+    if sheet:
+        return {"flops": sheet[0], "source": sheet[1], "measured_matmul_flops": measured}
+    return {
+        "flops": measured,
+        "source": f"measured: best of 5 {np.dtype(dtype).name} 2048^3 matmuls on {device.device_kind}",
+        "measured_matmul_flops": measured,
+    }
+
+
+def measure_matmul(device, dtype, n: int = 2048) -> float:
+    if np.dtype(dtype) == np.float32:
+        return accounting.measure_matmul_peak(n, device=device)
+    x = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def options(shape: Shape, attention: str) -> RuntimeOptions:
+    dt = jnp.dtype(shape.dtype)
+    return RuntimeOptions(param_dtype=dt, compute_dtype=dt, attention_impl=attention)
+
+
+def build(cfg: ModelConfig, lora, opts: RuntimeOptions, mesh, random_b: bool = False) -> Transformer:
+    """A random model (base and adapters); random_b: B non-zero too (decoding a trained adapter)."""
+    model = Transformer(cfg, lora, opts, rngs=nnx.Rngs(0))
+    if random_b:
+        for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
+            if path[-1] == "lora_b":
+                shape = var.get_value().shape
+                var.set_value(0.01 * jax.random.normal(jax.random.key(i), shape, var.get_value().dtype))
+    shard_model(model, mesh)
+    return model
+
+
+def synthetic_batch(rows: int, seq_len: int, vocab: int, mesh) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
+    host = {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "loss_mask": np.ones((rows, seq_len), np.float32),
+        "segment_ids": np.ones((rows, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
+    }
+    return {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
+
+
+class TimedStep:
+    """One model's jitted train step (AdamW, as the trainer builds it), compiled by a first step."""
+
+    def __init__(self, model: Transformer, rows: int, seq_len: int, mesh, steps: int):
+        bank = model.lora if isinstance(model.lora, AdapterBank) else None
+        tx, schedule = make_optimizer(1e-4, 0, 1000, 0.0, 1.0, bank)
+        self.c = compile_steps(model, tx, schedule, StepOptions(loss_chunk_tokens=512), mesh)
+        self.batch = synthetic_batch(rows, seq_len, model.config.vocab_size, mesh)
+        self.lora, self.opt, self.i = self.c.lora, self.c.opt_state, 0
+        start = time.perf_counter()
+        self.run(1)
+        self.compile_s = time.perf_counter() - start
+        self.steps = steps
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.lora, self.opt, m = self.c.train_step(self.lora, self.opt, self.c.frozen, self.batch, self.i)
+            loss = float(np.asarray(m["loss"]).ravel()[0])  # blocks until the step is done
+            times.append(time.perf_counter() - start)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"step {self.i}: loss {loss}")
+            self.i += 1
+        return times
+
+
+def section_train(shape: Shape, opts, mesh, peak) -> list[dict]:
+    rows = []
+    for arm, targets in TRAIN_ARMS.items():
+        spec = LoraSpec(targets=targets, rank=RANK, alpha=ALPHA)
+        step = TimedStep(build(shape.model, spec, opts, mesh), shape.batch, shape.seq_len, mesh, shape.train_steps)
+        step_s = statistics.median(step.run(shape.train_steps))
+        flops = accounting.train_flops_per_step(shape.model, spec, shape.batch, shape.seq_len)
+        rows.append(
+            {
+                "arm": arm,
+                "step_s": step_s,
+                "tokens_per_s": shape.batch * shape.seq_len / step_s,
+                "tflop_per_step": flops / 1e12,
+                "mfu": flops / step_s / peak["flops"],
+                "of_measured_matmul_peak": flops / step_s / peak["measured_matmul_flops"],
+                "compile_s": step.compile_s,
+            }
+        )
+        del step
+    return rows
+
+
+def section_decode(shape: Shape, opts, mesh) -> list[dict]:
+    spec = LoraSpec(targets=TRAIN_ARMS["o_proj+fc2"], rank=RANK, alpha=ALPHA)
+    model = build(shape.model, spec, opts, mesh, random_b=True)
+    rows = []
+    for batch in shape.decode_batches:
+        out = latency.measure(model, batch, shape.prompt_len, shape.new_tokens, shape.requests, mesh="single")
+        for variant, stats in out["variants"].items():
+            rows.append({"arm": "o_proj+fc2", "variant": variant, "batch": batch, **stats})
+    return rows
+
+
+def section_joint(shape: Shape, opts, mesh) -> dict:
+    names = tuple(ARMS)
+    bank = AdapterBank(names, tuple(LoraSpec(targets=ARMS[n], rank=RANK, alpha=ALPHA) for n in names))
+    joint = TimedStep(build(shape.model, bank, opts, mesh), shape.joint_batch, shape.seq_len, mesh, shape.train_steps)
+    one = TimedStep(
+        build(shape.model, LoraSpec(targets=ARMS["all"], rank=RANK, alpha=ALPHA), opts, mesh),
+        shape.joint_batch,
+        shape.seq_len,
+        mesh,
+        shape.train_steps,
+    )
+    joint_s, one_s = [], []
+    for _ in range(shape.train_steps):  # interleaved: joint, one, joint, one, ...
+        joint_s += joint.run(1)
+        one_s += one.run(1)
+    j, o = statistics.median(joint_s), statistics.median(one_s)
+    return {"arms": len(names), "rows": shape.joint_batch, "joint_step_s": j, "one_arm_all_step_s": o, "ratio": j / o}
+
+
+def section_overhead(shape: Shape, opts, mesh) -> list[dict]:
+    """Each study arm unmerged against the base model at batch 1, requests interleaved base, arm."""
+    base = latency.Requests(build(shape.model, None, opts, mesh), 1, shape.prompt_len, shape.new_tokens)
+    for _ in range(2):
+        base.request()
+    rows = []
+    for name, targets in ARMS.items():
+        spec = LoraSpec(targets=targets, rank=RANK, alpha=ALPHA)
+        arm = latency.Requests(
+            build(shape.model, spec, opts, mesh, random_b=True), 1, shape.prompt_len, shape.new_tokens
+        )
+        for _ in range(2):
+            arm.request()
+        b, a = [], []
+        for _ in range(shape.overhead_requests):
+            b.append(base.request())
+            a.append(arm.request())
+        sb, sa = latency.summarize(b), latency.summarize(a)
+        rows.append(
+            {
+                "arm": name,
+                "base_tpot_ms_p50": sb["tpot_ms_p50"],
+                "base_tpot_ms_p95": sb["tpot_ms_p95"],
+                "unmerged_tpot_ms_p50": sa["tpot_ms_p50"],
+                "unmerged_tpot_ms_p95": sa["tpot_ms_p95"],
+                "overhead_p50": sa["tpot_ms_p50"] / sb["tpot_ms_p50"] - 1,
+                "overhead_p95": sa["tpot_ms_p95"] / sb["tpot_ms_p95"] - 1,
+            }
+        )
+        del arm
+    return rows
+
+
+def print_table(result: dict) -> None:
+    print(f"device {result['device']} ({result['platform']}), jax {result['jax']}, shape {result['shape']}")
+    peak = result["peak"]
+    print(
+        f"peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['source']}); measured matmul {peak['measured_matmul_flops'] / 1e12:.1f} TFLOP/s"
+    )
+    if "train" in result:
+        print(f"\ntrain ({result['dtype']}, {result['train_rows']} x {result['seq_len']}, rank {RANK})")
+        print(f"{'arm':<12}{'step s':>9}{'tok/s':>10}{'TFLOP':>8}{'MFU':>7}{'of meas.':>9}{'compile s':>10}")
+        for r in result["train"]:
+            print(
+                f"{r['arm']:<12}{r['step_s']:>9.4f}{r['tokens_per_s']:>10.0f}{r['tflop_per_step']:>8.2f}"
+                f"{r['mfu']:>7.1%}{r['of_measured_matmul_peak']:>9.1%}{r['compile_s']:>10.1f}"
+            )
+    if "decode" in result:
+        print(f"\ndecode (prompt {result['prompt_len']}, {result['new_tokens']} new tokens, greedy)")
+        print(
+            f"{'arm':<12}{'variant':<10}{'batch':>6}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}{'TPOT p95':>10}  (ms)"
+        )
+        for r in result["decode"]:
+            print(
+                f"{r['arm']:<12}{r['variant']:<10}{r['batch']:>6}{r['ttft_ms_p50']:>10.2f}{r['ttft_ms_p95']:>10.2f}"
+                f"{r['tpot_ms_p50']:>10.3f}{r['tpot_ms_p95']:>10.3f}"
+            )
+    if "joint" in result:
+        j = result["joint"]
+        print(
+            f"\njoint: {j['arms']} arms in one step {j['joint_step_s']:.4f} s; arm 'all' alone "
+            f"{j['one_arm_all_step_s']:.4f} s; ratio {j['ratio']:.2f} ({j['rows']} rows x {result['seq_len']})"
+        )
+    if "overhead" in result:
+        print("\nunmerged vs base, batch 1 (TPOT ms)")
+        print(f"{'arm':<12}{'base p50':>9}{'arm p50':>9}{'+p50':>8}{'base p95':>10}{'arm p95':>9}{'+p95':>8}")
+        for r in result["overhead"]:
+            print(
+                f"{r['arm']:<12}{r['base_tpot_ms_p50']:>9.3f}{r['unmerged_tpot_ms_p50']:>9.3f}{r['overhead_p50']:>8.1%}"
+                f"{r['base_tpot_ms_p95']:>10.3f}{r['unmerged_tpot_ms_p95']:>9.3f}{r['overhead_p95']:>8.1%}"
+            )
+
+
+def run(shape_name: str, sections, attention: str) -> dict:
+    shape = SHAPES[shape_name]
+    device = jax.devices()[0]
+    mesh = make_mesh((1, 1, 1), devices=[device])
+    opts = options(shape, attention)
+    result = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "shape": shape_name,
+        "model": _model_fields(shape.model),
+        "dtype": shape.dtype,
+        "attention_impl": attention,
+        "train_rows": shape.batch,
+        "seq_len": shape.seq_len,
+        "prompt_len": shape.prompt_len,
+        "new_tokens": shape.new_tokens,
+        "peak": peak_flops(device, shape.dtype),
+        "seconds": {},
+    }
+    run_section = {
+        "train": lambda: section_train(shape, opts, mesh, result["peak"]),
+        "decode": lambda: section_decode(shape, opts, mesh),
+        "joint": lambda: section_joint(shape, opts, mesh),
+        "overhead": lambda: section_overhead(shape, opts, mesh),
+    }
+    for name in sections:
+        start = time.perf_counter()
+        try:
+            result[name] = run_section[name]()
+        except Exception as e:  # e.g. out of device memory: the other sections still run and report
+            result.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        result["seconds"][name] = time.perf_counter() - start
+    return result
+
+
+def _model_fields(cfg: ModelConfig) -> dict:
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--attention", default="causal_blocks", help="model.attention_impl of the training steps")
+    p.add_argument("--out", default="device_suite.json")
+    args = p.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"--sections: unknown {unknown}; valid: {', '.join(SECTIONS)}")
+    start = time.perf_counter()
+    result = run(args.shape, sections, args.attention)
+    result["seconds"]["total"] = time.perf_counter() - start
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(result)
+    for name, error in result.get("errors", {}).items():
+        print(f"section {name} failed: {error}")
+    print(f"\n{result['seconds']['total']:.0f} s in all; JSON: {args.out}")
+    return 1 if result.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
