@@ -14,7 +14,8 @@ it is produced (prefill, then one jitted step per token).
 Beside our figures: the weight-read bound measured in this process (bytes of weights read per
 decode step / streaming read bandwidth), and with --peer hf (needs torch, transformers, peft: the
 test extra) Hugging Face `generate` + PEFT on the identical model (unmerged, and
-`merge_and_unload`), interleaved request by request with ours, with the ratio ours / HF.
+`merge_and_unload`), interleaved request by request with ours, with the ratio ours / HF. Before
+timing, each (arm, mode, batch) checks that ours and HF decode the same greedy ids.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ BENCH = ModelConfig(
 )
 ARMS = {"o_proj": ("o_proj",), "o_proj+fc2": ("o_proj", "fc2"), "qkv": ("qkv",), "all": ("qkv", "o_proj", "fc1", "fc2")}
 PROMPT, NEW, RANK = 128, 64, 16
+PEER_ATTENTION = "sdpa"  # transformers' default, and its fastest on CPU
+
+
+def peer_settings() -> str:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    return (
+        f"HF peer: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+        f"attn_implementation={PEER_ATTENTION!r}, generate(do_sample=False), its default dynamic KV cache"
+    )
 
 
 def percentile(xs, q):
@@ -97,6 +109,19 @@ class HFRunner:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
         self.stop = transformers.StoppingCriteriaList([Clock()])
+
+    def generated(self) -> np.ndarray:
+        """The greedy ids of one request, [batch, NEW]."""
+        with self.torch.no_grad():
+            out = self.model.generate(
+                self.tokens,
+                attention_mask=self.torch.ones_like(self.tokens),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[:, PROMPT:].numpy()
 
     def request(self) -> tuple[float, float]:
         self.times.clear()
@@ -156,7 +181,9 @@ def build_pair(targets, workdir, peer: bool, layers=()):
             max_position_embeddings=BENCH.max_position_embeddings,
         )
         transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation=PEER_ATTENTION
+    ).eval()
     modules = [m for t in targets for _, m in HF_MODULES[t]]
     lora_cfg = peft.LoraConfig(
         r=RANK, lora_alpha=32, target_modules=modules, init_lora_weights=False, layers_to_transform=list(layers) or None
@@ -183,6 +210,8 @@ def main():
     bandwidth = read_bandwidth()
     rows = []
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {PROMPT}, {NEW} new tokens, {args.requests} requests")
+    if peer:
+        print(peer_settings())
     print(f"{'arm':>10} {'mode':>9} {'b':>2} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p95':>9} {'bound':>7}  peer")
     with tempfile.TemporaryDirectory() as workdir:
         for arm in args.arms.split(","):
@@ -205,7 +234,21 @@ def main():
             json.dump({"bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
 
 
+def check_same_tokens(arm, mode, batch, ours, theirs) -> None:
+    """Ours and HF must decode the same greedy ids before either is timed (else the timings compare
+    different work); a mismatch stops the benchmark, naming the first differing position."""
+    a, b = ours.generated(), theirs.generated()
+    if a.shape != b.shape or not np.array_equal(a, b):
+        diff = np.argwhere(a != b) if a.shape == b.shape else [["shape"]]
+        raise SystemExit(
+            f"{arm} {mode} batch {batch}: our greedy ids differ from HF generate's (first at row, token "
+            f"{list(diff[0])} of {a.shape}); not timing"
+        )
+
+
 def measure(arm, mode, batch, ours, theirs, args, model, bandwidth):
+    if theirs is not None:
+        check_same_tokens(arm, mode, batch, ours, theirs)
     samples = {"ours": [], "hf": []}
     for i in range(args.warmup + args.requests):  # interleaved: ours, HF, ours, HF, ...
         for name, runner in (("ours", ours), ("hf", theirs)):

@@ -78,6 +78,13 @@ class Requests:
         self.stepper = Stepper(model, opts, batch, self.tokens.shape[1], adapter_ids=adapter_ids, mesh=mesh)
         self.new_tokens = new_tokens
 
+    def generated(self) -> np.ndarray:
+        """The ids one request produces, [batch, new_tokens] (what `request` times, untimed)."""
+        out = [self.stepper.prefill(self.tokens, self.mask, self.pixels)]
+        for _ in range(self.new_tokens - 1):
+            out.append(self.stepper.step())
+        return np.stack([np.asarray(t) for t in out], axis=1)
+
     def request(self) -> tuple[float, float]:
         """(TTFT, TPOT) of one request, seconds."""
         start = time.perf_counter()
