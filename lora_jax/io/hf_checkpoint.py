@@ -203,7 +203,7 @@ def _slice_reader(ckpt: HFCheckpoint, cfg: ModelConfig, path: tuple[str, ...]):
     if path == ("embed",):
         return lambda _, s: r("model.embed_tokens.weight", s[0], s[1])
     if path == ("lm_head",):
-        return lambda _, s: r("lm_head.weight", s[1], s[0]).T
+        return lambda _, s: r("lm_head.weight", s[0], s[1])
     if path == ("final_norm",):
         return lambda _, s: r("model.norm.weight", s[0])
     name = path[1:]
@@ -341,7 +341,7 @@ def export_merged(model: Transformer, out_dir: str, source_dir: str) -> None:
         if name == "model.embed_tokens.weight":
             return get(model.embed.get_value())
         if name == "lm_head.weight":
-            return get(model.lm_head.get_value()).T
+            return get(model.lm_head.get_value())
         if name == "model.norm.weight":
             return get(model.final_norm.get_value())
         i = int(name.split(".")[2])

@@ -29,12 +29,14 @@ def _host_rng(key: jax.Array) -> np.random.Generator:
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
-def normal(key: jax.Array, shape: tuple[int, ...], dtype, scale: float = 0.02) -> jax.Array:
-    """N(0, scale^2) of `shape` in `dtype`, drawn in float32 from `key`."""
+def normal(key: jax.Array, shape: tuple[int, ...], dtype, scale: float = 0.02, transpose: bool = False) -> jax.Array:
+    """N(0, scale^2) of `shape` in `dtype`, drawn in float32 from `key`; transpose: the draw's
+    transpose (a parameter whose layout changed keeps the values it was drawn with)."""
     if isinstance(key, jax.core.Tracer):
-        return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+        values = (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+        return values.T if transpose else values
     values = _host_rng(key).standard_normal(shape, dtype=np.float32) * np.float32(scale)
-    return jnp.asarray(values.astype(dtype))
+    return jnp.asarray((values.T if transpose else values).astype(dtype))
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
