@@ -58,7 +58,7 @@ PEER_ATTENTION = "sdpa"  # transformers' default, and its fastest on CPU
 def peer_settings() -> str:
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     return (
         f"HF peer: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
         f"attn_implementation={PEER_ATTENTION!r}, generate(do_sample=False), its default dynamic KV cache"
@@ -117,7 +117,6 @@ class HFRunner:
                 self.tokens,
                 attention_mask=self.torch.ones_like(self.tokens),
                 max_new_tokens=NEW,
-                min_new_tokens=NEW,
                 do_sample=False,
                 pad_token_id=0,
             )
@@ -131,7 +130,6 @@ class HFRunner:
                 self.tokens,
                 attention_mask=self.torch.ones_like(self.tokens),
                 max_new_tokens=NEW,
-                min_new_tokens=NEW,
                 do_sample=False,
                 stopping_criteria=self.stop,
                 pad_token_id=0,
@@ -188,6 +186,9 @@ def build_pair(targets, workdir, peer: bool, layers=()):
     lora_cfg = peft.LoraConfig(
         r=RANK, lora_alpha=32, target_modules=modules, init_lora_weights=False, layers_to_transform=list(layers) or None
     )
+    # No end-of-sequence id, as ours has none: HF then decodes NEW tokens on its own, never blocking
+    # an id that our greedy decoding may pick (min_new_tokens would block EOS).
+    hf.generation_config.eos_token_id = None
     hf = peft.get_peft_model(hf, lora_cfg).eval()
     hf.save_pretrained(adapter_dir)
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])

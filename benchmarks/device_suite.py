@@ -32,11 +32,15 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The joint step holds 9 x 2048 tokens of activations at the 1B shape: let jax take most of a GPU's
+# memory rather than its default 75% (a user's own setting wins).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,18 +61,24 @@ SECTIONS = ("train", "decode", "joint", "overhead")
 TRAIN_ARMS = {"o_proj": ("o_proj",), "o_proj+fc2": ("o_proj", "fc2"), "all": ARMS["all"]}
 RANK, ALPHA = 16, 32.0
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, matched against
-# jax's device_kind in this order (first hit wins). SXM parts; a PCIe/NVL part runs lower and is
-# named as the SXM one by device_kind only where the kind does not say.
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, matched as whole
+# words against jax's device_kind in this order (first hit wins: "H100 NVL" before "H100", "TPU v5
+# lite" (v5e) before "TPU v5" (jax's kind for a v5p)). An H100/H200 whose kind names neither NVL nor
+# PCIe is taken as the SXM part.
 DATASHEET_BF16_PEAK = (
+    ("H200 NVL", 835.5e12, "NVIDIA H200 NVL datasheet: 835.5 TFLOP/s bf16 dense"),
     ("H200", 989.5e12, "NVIDIA H200 SXM datasheet: 989.5 TFLOP/s bf16 dense"),
+    ("H100 NVL", 835.5e12, "NVIDIA H100 NVL datasheet: 835.5 TFLOP/s bf16 dense"),
     ("H100 PCIe", 756e12, "NVIDIA H100 PCIe datasheet: 756 TFLOP/s bf16 dense"),
     ("H100", 989.5e12, "NVIDIA H100 SXM datasheet: 989.5 TFLOP/s bf16 dense"),
     ("A100", 312e12, "NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense"),
+    ("L40S", 362.05e12, "NVIDIA L40S datasheet: 362 TFLOP/s bf16 dense"),
+    ("L40", 181.05e12, "NVIDIA L40 datasheet: 181 TFLOP/s bf16 dense"),
     ("L4", 121e12, "NVIDIA L4 datasheet: 121 TFLOP/s bf16 dense"),
     ("TPU v6 lite", 918e12, "Google TPU v6e (Trillium): 918 TFLOP/s bf16 per chip"),
     ("TPU v5 lite", 197e12, "Google TPU v5e: 197 TFLOP/s bf16 per chip"),
     ("TPU v5p", 459e12, "Google TPU v5p: 459 TFLOP/s bf16 per chip"),
+    ("TPU v5", 459e12, "Google TPU v5p: 459 TFLOP/s bf16 per chip"),
     ("TPU v4", 275e12, "Google TPU v4: 275 TFLOP/s bf16 per chip"),
 )
 
@@ -125,7 +135,7 @@ SHAPES = {
             head_dim=16,
             max_position_embeddings=256,
         ),
-        dtype="float32",
+        dtype="bfloat16",  # the accelerator's dtype: the tiny CPU run takes the same code path
         batch=2,
         seq_len=128,
         joint_batch=1,
@@ -142,7 +152,7 @@ SHAPES = {
 def datasheet_peak(device_kind: str) -> tuple[float, str] | None:
     """(FLOP/s, source) of the first DATASHEET_BF16_PEAK entry whose key the device kind contains."""
     for key, flops, source in DATASHEET_BF16_PEAK:
-        if key.lower() in device_kind.lower():
+        if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", device_kind, re.IGNORECASE):
             return flops, source
     return None
 
@@ -156,12 +166,15 @@ def peak_flops(device, dtype) -> dict:
         return {"flops": sheet[0], "source": sheet[1], "measured_matmul_flops": measured}
     return {
         "flops": measured,
-        "source": f"measured: best of 5 {np.dtype(dtype).name} 2048^3 matmuls on {device.device_kind}",
+        "source": f"measured: best of 5 {np.dtype(dtype).name} n^3 matmuls on {device.device_kind}",
         "measured_matmul_flops": measured,
     }
 
 
-def measure_matmul(device, dtype, n: int = 2048) -> float:
+def measure_matmul(device, dtype) -> float:
+    """Best of 5 timed n^3 matmuls: n = 2048 on CPU; 8192 on an accelerator, where a 2048^3 product
+    (~20 us on an H200) would time the launch and the sync more than the matmul."""
+    n = 2048 if device.platform == "cpu" else 8192
     if np.dtype(dtype) == np.float32:
         return accounting.measure_matmul_peak(n, device=device)
     x = jax.device_put(jnp.ones((n, n), dtype), device)
@@ -182,29 +195,37 @@ def options(shape: Shape, attention: str) -> RuntimeOptions:
     return RuntimeOptions(param_dtype=dt, compute_dtype=dt, attention_impl=attention)
 
 
-def build(cfg: ModelConfig, lora, opts: RuntimeOptions, mesh, random_b: bool = False) -> Transformer:
-    """A random model (base and adapters); random_b: B non-zero too (decoding a trained adapter)."""
-    model = Transformer(cfg, lora, opts, rngs=nnx.Rngs(0))
-    if random_b:
-        for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
-            if path[-1] == "lora_b":
-                shape = var.get_value().shape
-                var.set_value(0.01 * jax.random.normal(jax.random.key(i), shape, var.get_value().dtype))
+def build_base(cfg: ModelConfig, opts: RuntimeOptions, mesh) -> Transformer:
+    """The random base every section's models share (drawn once: at 1B a draw takes seconds)."""
+    model = Transformer(cfg, None, opts, rngs=nnx.Rngs(0))
     shard_model(model, mesh)
     return model
 
 
-def synthetic_batch(rows: int, seq_len: int, vocab: int, mesh) -> dict:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
-    host = {
+def with_adapters(base: Transformer, lora, mesh, random_b: bool = False) -> Transformer:
+    """`base`'s weights (shared, not copied) with fresh adapters `lora` (a LoraSpec or an AdapterBank):
+    A random, B zero as PEFT starts, or B random too (random_b: a trained adapter, for decoding)."""
+    model = nnx.eval_shape(lambda: Transformer(base.config, lora, base.options, rngs=nnx.Rngs(0)))
+    nnx.update(model, nnx.state(base))
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
+        shape = var.get_value().shape
+        scale = 0.0 if path[-1] == "lora_b" and not random_b else 0.01
+        var.set_value(scale * jax.random.normal(jax.random.key(i), shape, jnp.float32))
+    shard_model(model, mesh)
+    return model
+
+
+def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    """Host arrays of one training batch: random tokens, each row one whole segment, every target in
+    the loss (train_throughput.py uses it too)."""
+    tokens = np.random.default_rng(seed).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
+    return {
         "tokens": tokens,
         "targets": np.roll(tokens, -1, axis=1),
         "loss_mask": np.ones((rows, seq_len), np.float32),
         "segment_ids": np.ones((rows, seq_len), np.int32),
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
     }
-    return {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
 
 
 class TimedStep:
@@ -214,7 +235,8 @@ class TimedStep:
         bank = model.lora if isinstance(model.lora, AdapterBank) else None
         tx, schedule = make_optimizer(1e-4, 0, 1000, 0.0, 1.0, bank)
         self.c = compile_steps(model, tx, schedule, StepOptions(loss_chunk_tokens=512), mesh)
-        self.batch = synthetic_batch(rows, seq_len, model.config.vocab_size, mesh)
+        host = synthetic_batch(rows, seq_len, model.config.vocab_size)
+        self.batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
         self.lora, self.opt, self.i = self.c.lora, self.c.opt_state, 0
         start = time.perf_counter()
         self.run(1)
@@ -234,11 +256,11 @@ class TimedStep:
         return times
 
 
-def section_train(shape: Shape, opts, mesh, peak) -> list[dict]:
+def section_train(shape: Shape, base, mesh, peak) -> list[dict]:
     rows = []
     for arm, targets in TRAIN_ARMS.items():
         spec = LoraSpec(targets=targets, rank=RANK, alpha=ALPHA)
-        step = TimedStep(build(shape.model, spec, opts, mesh), shape.batch, shape.seq_len, mesh, shape.train_steps)
+        step = TimedStep(with_adapters(base, spec, mesh), shape.batch, shape.seq_len, mesh, shape.train_steps)
         step_s = statistics.median(step.run(shape.train_steps))
         flops = accounting.train_flops_per_step(shape.model, spec, shape.batch, shape.seq_len)
         rows.append(
@@ -256,9 +278,9 @@ def section_train(shape: Shape, opts, mesh, peak) -> list[dict]:
     return rows
 
 
-def section_decode(shape: Shape, opts, mesh) -> list[dict]:
+def section_decode(shape: Shape, base, mesh) -> list[dict]:
     spec = LoraSpec(targets=TRAIN_ARMS["o_proj+fc2"], rank=RANK, alpha=ALPHA)
-    model = build(shape.model, spec, opts, mesh, random_b=True)
+    model = with_adapters(base, spec, mesh, random_b=True)
     rows = []
     for batch in shape.decode_batches:
         out = latency.measure(model, batch, shape.prompt_len, shape.new_tokens, shape.requests, mesh="single")
@@ -267,42 +289,43 @@ def section_decode(shape: Shape, opts, mesh) -> list[dict]:
     return rows
 
 
-def section_joint(shape: Shape, opts, mesh) -> dict:
+def section_joint(shape: Shape, base, mesh) -> dict:
     names = tuple(ARMS)
     bank = AdapterBank(names, tuple(LoraSpec(targets=ARMS[n], rank=RANK, alpha=ALPHA) for n in names))
-    joint = TimedStep(build(shape.model, bank, opts, mesh), shape.joint_batch, shape.seq_len, mesh, shape.train_steps)
+    rows, seq, steps = shape.joint_batch, shape.seq_len, shape.train_steps
+    joint = TimedStep(with_adapters(base, bank, mesh), rows, seq, mesh, steps)
     one = TimedStep(
-        build(shape.model, LoraSpec(targets=ARMS["all"], rank=RANK, alpha=ALPHA), opts, mesh),
-        shape.joint_batch,
-        shape.seq_len,
-        mesh,
-        shape.train_steps,
+        with_adapters(base, LoraSpec(targets=ARMS["all"], rank=RANK, alpha=ALPHA), mesh), rows, seq, mesh, steps
     )
     joint_s, one_s = [], []
-    for _ in range(shape.train_steps):  # interleaved: joint, one, joint, one, ...
+    for _ in range(steps):  # interleaved: joint, one, joint, one, ...
         joint_s += joint.run(1)
         one_s += one.run(1)
     j, o = statistics.median(joint_s), statistics.median(one_s)
-    return {"arms": len(names), "rows": shape.joint_batch, "joint_step_s": j, "one_arm_all_step_s": o, "ratio": j / o}
+    return {"arms": len(names), "rows": rows, "joint_step_s": j, "one_arm_all_step_s": o, "ratio": j / o}
 
 
-def section_overhead(shape: Shape, opts, mesh) -> list[dict]:
-    """Each study arm unmerged against the base model at batch 1, requests interleaved base, arm."""
-    base = latency.Requests(build(shape.model, None, opts, mesh), 1, shape.prompt_len, shape.new_tokens)
+def section_overhead(shape: Shape, base_model, mesh) -> list[dict]:
+    """Each study arm unmerged against the base model at batch 1, requests interleaved base, arm. An
+    arm that fails is a row with its error; the others still run."""
+    base = latency.Requests(base_model, 1, shape.prompt_len, shape.new_tokens)
     for _ in range(2):
         base.request()
     rows = []
     for name, targets in ARMS.items():
-        spec = LoraSpec(targets=targets, rank=RANK, alpha=ALPHA)
-        arm = latency.Requests(
-            build(shape.model, spec, opts, mesh, random_b=True), 1, shape.prompt_len, shape.new_tokens
-        )
-        for _ in range(2):
-            arm.request()
-        b, a = [], []
-        for _ in range(shape.overhead_requests):
-            b.append(base.request())
-            a.append(arm.request())
+        try:
+            spec = LoraSpec(targets=targets, rank=RANK, alpha=ALPHA)
+            model = with_adapters(base_model, spec, mesh, random_b=True)
+            arm = latency.Requests(model, 1, shape.prompt_len, shape.new_tokens)
+            for _ in range(2):
+                arm.request()
+            b, a = [], []
+            for _ in range(shape.overhead_requests):
+                b.append(base.request())
+                a.append(arm.request())
+        except Exception as e:  # e.g. out of device memory
+            rows.append({"arm": name, "error": _error_line(e)})
+            continue
         sb, sa = latency.summarize(b), latency.summarize(a)
         rows.append(
             {
@@ -315,17 +338,27 @@ def section_overhead(shape: Shape, opts, mesh) -> list[dict]:
                 "overhead_p95": sa["tpot_ms_p95"] / sb["tpot_ms_p95"] - 1,
             }
         )
-        del arm
+        del arm, model
     return rows
 
 
-def print_table(result: dict) -> None:
+def _error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def print_header(result: dict) -> None:
     print(f"device {result['device']} ({result['platform']}), jax {result['jax']}, shape {result['shape']}")
     peak = result["peak"]
-    print(
-        f"peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['source']}); measured matmul {peak['measured_matmul_flops'] / 1e12:.1f} TFLOP/s"
-    )
-    if "train" in result:
+    print(f"peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['source']})")
+    print(f"measured matmul {peak['measured_matmul_flops'] / 1e12:.1f} TFLOP/s", flush=True)
+
+
+def print_section(result: dict, name: str) -> None:
+    """The table of one finished section (printed as soon as it finishes)."""
+    if name in result.get("errors", {}):
+        print(f"\nsection {name} failed: {result['errors'][name]}", flush=True)
+        return
+    if name == "train":
         print(f"\ntrain ({result['dtype']}, {result['train_rows']} x {result['seq_len']}, rank {RANK})")
         print(f"{'arm':<12}{'step s':>9}{'tok/s':>10}{'TFLOP':>8}{'MFU':>7}{'of meas.':>9}{'compile s':>10}")
         for r in result["train"]:
@@ -333,37 +366,41 @@ def print_table(result: dict) -> None:
                 f"{r['arm']:<12}{r['step_s']:>9.4f}{r['tokens_per_s']:>10.0f}{r['tflop_per_step']:>8.2f}"
                 f"{r['mfu']:>7.1%}{r['of_measured_matmul_peak']:>9.1%}{r['compile_s']:>10.1f}"
             )
-    if "decode" in result:
-        print(f"\ndecode (prompt {result['prompt_len']}, {result['new_tokens']} new tokens, greedy)")
-        print(
-            f"{'arm':<12}{'variant':<10}{'batch':>6}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}{'TPOT p95':>10}  (ms)"
-        )
+    elif name == "decode":
+        print(f"\ndecode (prompt {result['prompt_len']}, {result['new_tokens']} new tokens, greedy; ms)")
+        print(f"{'arm':<12}{'variant':<10}{'batch':>6}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}{'TPOT p95':>10}")
         for r in result["decode"]:
             print(
                 f"{r['arm']:<12}{r['variant']:<10}{r['batch']:>6}{r['ttft_ms_p50']:>10.2f}{r['ttft_ms_p95']:>10.2f}"
                 f"{r['tpot_ms_p50']:>10.3f}{r['tpot_ms_p95']:>10.3f}"
             )
-    if "joint" in result:
+    elif name == "joint":
         j = result["joint"]
         print(
             f"\njoint: {j['arms']} arms in one step {j['joint_step_s']:.4f} s; arm 'all' alone "
             f"{j['one_arm_all_step_s']:.4f} s; ratio {j['ratio']:.2f} ({j['rows']} rows x {result['seq_len']})"
         )
-    if "overhead" in result:
+    elif name == "overhead":
         print("\nunmerged vs base, batch 1 (TPOT ms)")
         print(f"{'arm':<12}{'base p50':>9}{'arm p50':>9}{'+p50':>8}{'base p95':>10}{'arm p95':>9}{'+p95':>8}")
         for r in result["overhead"]:
+            if "error" in r:
+                print(f"{r['arm']:<12}failed: {r['error']}")
+                continue
             print(
                 f"{r['arm']:<12}{r['base_tpot_ms_p50']:>9.3f}{r['unmerged_tpot_ms_p50']:>9.3f}{r['overhead_p50']:>8.1%}"
                 f"{r['base_tpot_ms_p95']:>10.3f}{r['unmerged_tpot_ms_p95']:>9.3f}{r['overhead_p95']:>8.1%}"
             )
+    print(f"({result['seconds'][name]:.0f} s)", flush=True)
 
 
-def run(shape_name: str, sections, attention: str) -> dict:
+def run(shape_name: str, sections, attention: str, out: str) -> dict:
+    """Runs the sections in order; after each, prints its table and rewrites `out` (a run cut short
+    by a time limit keeps what it finished)."""
+    start = time.perf_counter()
     shape = SHAPES[shape_name]
     device = jax.devices()[0]
     mesh = make_mesh((1, 1, 1), devices=[device])
-    opts = options(shape, attention)
     result = {
         "device": device.device_kind,
         "platform": device.platform,
@@ -379,19 +416,28 @@ def run(shape_name: str, sections, attention: str) -> dict:
         "peak": peak_flops(device, shape.dtype),
         "seconds": {},
     }
+    print_header(result)
+    base = build_base(shape.model, options(shape, attention), mesh)
     run_section = {
-        "train": lambda: section_train(shape, opts, mesh, result["peak"]),
-        "decode": lambda: section_decode(shape, opts, mesh),
-        "joint": lambda: section_joint(shape, opts, mesh),
-        "overhead": lambda: section_overhead(shape, opts, mesh),
+        "train": lambda: section_train(shape, base, mesh, result["peak"]),
+        "decode": lambda: section_decode(shape, base, mesh),
+        "joint": lambda: section_joint(shape, base, mesh),
+        "overhead": lambda: section_overhead(shape, base, mesh),
     }
     for name in sections:
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         try:
             result[name] = run_section[name]()
         except Exception as e:  # e.g. out of device memory: the other sections still run and report
-            result.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        result["seconds"][name] = time.perf_counter() - start
+            result.setdefault("errors", {})[name] = _error_line(e)
+        result["seconds"][name] = time.perf_counter() - t0
+        result["seconds"]["total"] = time.perf_counter() - start
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            result["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print_section(result, name)
     return result
 
 
@@ -411,16 +457,9 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"--sections: unknown {unknown}; valid: {', '.join(SECTIONS)}")
-    start = time.perf_counter()
-    result = run(args.shape, sections, args.attention)
-    result["seconds"]["total"] = time.perf_counter() - start
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print_table(result)
-    for name, error in result.get("errors", {}).items():
-        print(f"section {name} failed: {error}")
+    result = run(args.shape, sections, args.attention, args.out)
     print(f"\n{result['seconds']['total']:.0f} s in all; JSON: {args.out}")
-    return 1 if result.get("errors") else 0
+    return 1 if result.get("errors") or any("error" in r for r in result.get("overhead", [])) else 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def nbytes(tree) -> int:
 def configs_for(arms, dtype):
     out = []
     for arm in arms:
-        c = bench_config(ARMS[arm], dtype, "chunked", "none", BATCH, SEQ)
+        c = bench_config(ARMS[arm], dtype, "chunked", "none", BATCH, SEQ, scan_layers=True)
         c.arm = arm
         out.append(c)
     return out

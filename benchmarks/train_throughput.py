@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.device_suite import synthetic_batch  # noqa: E402
 from configs import base  # noqa: E402
 from lora_jax.io.peft_adapter import HF_MODULES
 from lora_jax.model.transformer import Transformer
@@ -55,18 +56,6 @@ def bench_config(targets, dtype, attention_impl, remat, batch, seq_len, scan_lay
     config.model.scan_layers = scan_layers
     config.mesh.shape = (1, 1, 1)
     return config
-
-
-def synthetic_batch(batch, seq_len, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, size=(batch, seq_len), dtype=np.int32)
-    return {
-        "tokens": tokens,
-        "targets": np.roll(tokens, -1, axis=1),
-        "loss_mask": np.ones((batch, seq_len), np.float32),
-        "segment_ids": np.ones((batch, seq_len), np.int32),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-    }
 
 
 class OursStep:
@@ -105,7 +94,7 @@ PEER_ATTENTION = "sdpa"
 def peer_settings() -> str:
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     return (
         f"PEFT peer: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
         f"attn_implementation={PEER_ATTENTION!r}, AdamW (torch), full logits + transformers' loss"

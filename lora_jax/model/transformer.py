@@ -14,6 +14,7 @@ Fused layouts keep heads whole under a tensor-parallel split of the kv-head axis
   o_proj [layers, kv_heads, q_per_kv, head_dim, embed]
   fc1    [layers, embed, 2, mlp]                               (gate, up)
   fc2    [layers, mlp, embed]
+  lm_head [vocab, embed]  (untied; as HF stores it: a decode step reads it contracting its minor axis)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from lora_jax.model.rope import apply_rope, inverse_frequencies, rope_angles
 from lora_jax.sharding import constrain
 
 RESIDUAL = ("act_batch", "act_len", "act_embed")
+CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)  # KV cache [layers, batch, slots, kv_heads, head_dim]
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -254,7 +256,7 @@ class Transformer(nnx.Module):
         """tokens/positions/segment_ids: [batch, time] int32 -> (hidden [batch, time, embed], new cache).
 
         Without a cache the keys are the tokens themselves (training, scoring). With a cache (see
-        `decode.init_cache`) the tokens' k/v are written at `cache["index"]` and queries attend to
+        `serve.generate.init_cache`) the tokens' k/v are written at `cache["index"]` and queries attend to
         every filled slot. With an AdapterBank: `adapter_ids` [batch] picks each row's adapter (-1 =
         the base); without them the rows are grouped, row b*K + k for arm k (see lora/bank.py).
         `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
@@ -482,8 +484,8 @@ def make_layer_fn(ctx: _LayerContext):
             kv_pos, kv_seg, keys, values = ctx.positions, ctx.segment_ids, k, v
         else:
             at = (idx, 0, ctx.cache["index"], 0, 0)  # this layer's slots of this call's tokens
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            k_all = constrain(jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at), CACHE_AXES)
+            v_all = constrain(jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at), CACHE_AXES)
             keys = jax.lax.dynamic_index_in_dim(k_all, idx, keepdims=False).astype(q.dtype)
             values = jax.lax.dynamic_index_in_dim(v_all, idx, keepdims=False).astype(q.dtype)
             kv_pos, kv_seg = ctx.cache["positions"], ctx.cache["segment_ids"]

@@ -26,11 +26,10 @@ from flax import nnx
 
 from lora_jax.errors import ConfigError
 from lora_jax.lora.bank import AdapterBank, check_adapter_ids
-from lora_jax.model.transformer import Transformer
+from lora_jax.model.transformer import CACHE_AXES, Transformer
 from lora_jax.sharding import constrain, partition_spec, under_mesh
 
 CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)  # [layers, batch, slots, kv_heads, head_dim]
 
 
 @dataclasses.dataclass(frozen=True)

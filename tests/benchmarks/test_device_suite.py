@@ -36,6 +36,7 @@ def test_device_suite_runs_tiny_on_cpu_without_the_run_stack(tmp_path):
 
     assert "errors" not in result, result["errors"]
     assert result["platform"] == "cpu" and result["peak"]["source"].startswith("measured")
+    assert result["dtype"] == "bfloat16"  # the accelerators' path, run on CPU
     assert [r["arm"] for r in result["train"]] == ["o_proj", "o_proj+fc2", "all"]
     for r in result["train"]:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2 and math.isclose(r["mfu"], r["of_measured_matmul_peak"])
@@ -69,5 +70,9 @@ def test_datasheet_peak_of_the_device_kind():
     assert datasheet_peak("NVIDIA H200")[0] == 989.5e12
     assert datasheet_peak("NVIDIA H100 PCIe")[0] == 756e12  # before the SXM entry's "H100"
     assert datasheet_peak("NVIDIA H100 80GB HBM3")[0] == 989.5e12
+    assert datasheet_peak("NVIDIA H100 NVL")[0] == 835.5e12
+    assert datasheet_peak("NVIDIA L40S")[0] == 362.05e12  # not L4's, whose name it contains
+    assert datasheet_peak("NVIDIA L4")[0] == 121e12
     assert datasheet_peak("TPU v5 lite")[0] == 197e12
+    assert datasheet_peak("TPU v5")[0] == 459e12  # jax's device_kind of a v5p
     assert datasheet_peak("cpu") is None

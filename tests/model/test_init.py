@@ -85,3 +85,18 @@ def test_initializer_range_scales_the_draws_and_names_itself_in_the_fingerprint(
         default = base_fingerprint(config)
         config.model.initializer_range = 0.3
         assert base_fingerprint(config) != default
+
+
+def test_the_untied_lm_head_is_stored_vocab_major_with_the_values_it_was_drawn_with():
+    """[vocab, embed] as HF stores lm_head.weight (a decode step then reads it contracting its minor
+    axis); drawn as the transpose of the [embed, vocab] draw, so a random base keeps its values."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, tie_word_embeddings=False)
+    model = Transformer(cfg, None, rngs=nnx.Rngs(0))
+    head = np.asarray(model.lm_head.get_value())
+    assert head.shape == (cfg.vocab_size, cfg.hidden_size)
+    np.testing.assert_array_equal(np.asarray(model.lm_head_kernel()), head.T)
+    key, shape = jax.random.key(7), (cfg.hidden_size, cfg.vocab_size)
+    drawn = np.asarray(initial.normal(key, shape, jnp.float32, 0.02, transpose=True))
+    np.testing.assert_array_equal(drawn, np.asarray(initial.normal(key, shape, jnp.float32, 0.02)).T)
