@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.torch_peer import ATTENTION, pin_torch  # noqa: E402
 from lora_jax.io.peft_adapter import HF_MODULES
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.config import ModelConfig
@@ -52,17 +53,6 @@ BENCH = ModelConfig(
 )
 ARMS = {"o_proj": ("o_proj",), "o_proj+fc2": ("o_proj", "fc2"), "qkv": ("qkv",), "all": ("qkv", "o_proj", "fc1", "fc2")}
 PROMPT, NEW, RANK = 128, 64, 16
-PEER_ATTENTION = "sdpa"  # transformers' default, and its fastest on CPU
-
-
-def peer_settings() -> str:
-    import torch
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
-    return (
-        f"HF peer: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-        f"attn_implementation={PEER_ATTENTION!r}, generate(do_sample=False), its default dynamic KV cache"
-    )
 
 
 def percentile(xs, q):
@@ -110,30 +100,25 @@ class HFRunner:
 
         self.stop = transformers.StoppingCriteriaList([Clock()])
 
-    def generated(self) -> np.ndarray:
-        """The greedy ids of one request, [batch, NEW]."""
+    def _generate(self, **extra):
         with self.torch.no_grad():
-            out = self.model.generate(
+            return self.model.generate(
                 self.tokens,
                 attention_mask=self.torch.ones_like(self.tokens),
                 max_new_tokens=NEW,
                 do_sample=False,
                 pad_token_id=0,
+                **extra,
             )
-        return out[:, PROMPT:].numpy()
+
+    def generated(self) -> np.ndarray:
+        """The greedy ids of one request, [batch, NEW]."""
+        return self._generate()[:, PROMPT:].numpy()
 
     def request(self) -> tuple[float, float]:
         self.times.clear()
         start = time.perf_counter()
-        with self.torch.no_grad():
-            self.model.generate(
-                self.tokens,
-                attention_mask=self.torch.ones_like(self.tokens),
-                max_new_tokens=NEW,
-                do_sample=False,
-                stopping_criteria=self.stop,
-                pad_token_id=0,
-            )
+        self._generate(stopping_criteria=self.stop)
         first, last = self.times[0], self.times[-1]
         return first - start, (last - first) / (len(self.times) - 1)
 
@@ -180,7 +165,7 @@ def build_pair(targets, workdir, peer: bool, layers=()):
         )
         transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, attn_implementation=PEER_ATTENTION
+        hf_dir, dtype=torch.float32, attn_implementation=ATTENTION
     ).eval()
     modules = [m for t in targets for _, m in HF_MODULES[t]]
     lora_cfg = peft.LoraConfig(
@@ -212,7 +197,7 @@ def main():
     rows = []
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {PROMPT}, {NEW} new tokens, {args.requests} requests")
     if peer:
-        print(peer_settings())
+        print(pin_torch("HF peer", "generate(do_sample=False), its default dynamic KV cache, no EOS id"))
     print(f"{'arm':>10} {'mode':>9} {'b':>2} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p95':>9} {'bound':>7}  peer")
     with tempfile.TemporaryDirectory() as workdir:
         for arm in args.arms.split(","):

@@ -19,7 +19,7 @@ seconds-long CPU run of every code path (the test suite runs it).
 MFU = the training step's FLOPs (lora_jax.train.accounting, the one definition used everywhere) /
 step time / peak. On a GPU or TPU the peak is the datasheet dense bf16 peak of the device found
 (`DATASHEET_BF16_PEAK`, named in the output); a device not in the table, and the CPU, use the best
-of timed 2048^3 matmuls in the compute dtype measured in this process. The measured matmul peak is
+of timed n^3 matmuls in the compute dtype measured in this process (n = 2048 on CPU, 8192 else). The measured matmul peak is
 reported beside the datasheet's either way.
 
 It imports only jax, flax, optax, numpy and lora_jax's model, LoRA, training and serving code (no
@@ -47,13 +47,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.step_timer import TimedStep, synthetic_batch  # noqa: E402
 from lora_jax.lora.arms import ARMS  # noqa: E402
 from lora_jax.lora.bank import AdapterBank  # noqa: E402
 from lora_jax.lora.spec import LoraSpec  # noqa: E402
 from lora_jax.model.config import ModelConfig  # noqa: E402
 from lora_jax.model.transformer import RuntimeOptions, Transformer  # noqa: E402
 from lora_jax.serve import latency  # noqa: E402
-from lora_jax.sharding import batch_sharding, make_mesh, shard_model  # noqa: E402
+from lora_jax.sharding import make_mesh, shard_model  # noqa: E402
 from lora_jax.train import accounting  # noqa: E402
 from lora_jax.train.step import StepOptions, compile_steps, make_optimizer  # noqa: E402
 
@@ -174,20 +175,7 @@ def peak_flops(device, dtype) -> dict:
 def measure_matmul(device, dtype) -> float:
     """Best of 5 timed n^3 matmuls: n = 2048 on CPU; 8192 on an accelerator, where a 2048^3 product
     (~20 us on an H200) would time the launch and the sync more than the matmul."""
-    n = 2048 if device.platform == "cpu" else 8192
-    if np.dtype(dtype) == np.float32:
-        return accounting.measure_matmul_peak(n, device=device)
-    x = jax.device_put(jnp.ones((n, n), dtype), device)
-    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
-    f(x).block_until_ready()
-    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return accounting.measure_matmul_peak(2048 if device.platform == "cpu" else 8192, device=device, dtype=dtype)
 
 
 def options(shape: Shape, attention: str) -> RuntimeOptions:
@@ -215,53 +203,20 @@ def with_adapters(base: Transformer, lora, mesh, random_b: bool = False) -> Tran
     return model
 
 
-def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
-    """Host arrays of one training batch: random tokens, each row one whole segment, every target in
-    the loss (train_throughput.py uses it too)."""
-    tokens = np.random.default_rng(seed).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
-    return {
-        "tokens": tokens,
-        "targets": np.roll(tokens, -1, axis=1),
-        "loss_mask": np.ones((rows, seq_len), np.float32),
-        "segment_ids": np.ones((rows, seq_len), np.int32),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-    }
-
-
-class TimedStep:
-    """One model's jitted train step (AdamW, as the trainer builds it), compiled by a first step."""
-
-    def __init__(self, model: Transformer, rows: int, seq_len: int, mesh, steps: int):
-        bank = model.lora if isinstance(model.lora, AdapterBank) else None
-        tx, schedule = make_optimizer(1e-4, 0, 1000, 0.0, 1.0, bank)
-        self.c = compile_steps(model, tx, schedule, StepOptions(loss_chunk_tokens=512), mesh)
-        host = synthetic_batch(rows, seq_len, model.config.vocab_size)
-        self.batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
-        self.lora, self.opt, self.i = self.c.lora, self.c.opt_state, 0
-        start = time.perf_counter()
-        self.run(1)
-        self.compile_s = time.perf_counter() - start
-        self.steps = steps
-
-    def run(self, steps: int) -> list[float]:
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.lora, self.opt, m = self.c.train_step(self.lora, self.opt, self.c.frozen, self.batch, self.i)
-            loss = float(np.asarray(m["loss"]).ravel()[0])  # blocks until the step is done
-            times.append(time.perf_counter() - start)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"step {self.i}: loss {loss}")
-            self.i += 1
-        return times
+def timed_step(model: Transformer, rows: int, seq_len: int, mesh) -> TimedStep:
+    """`model`'s step with AdamW (as the trainer builds it) on a synthetic batch of rows x seq_len."""
+    bank = model.lora if isinstance(model.lora, AdapterBank) else None
+    tx, schedule = make_optimizer(1e-4, 0, 1000, 0.0, 1.0, bank)
+    steps = compile_steps(model, tx, schedule, StepOptions(loss_chunk_tokens=512), mesh)
+    return TimedStep(steps, synthetic_batch(rows, seq_len, model.config.vocab_size))
 
 
 def section_train(shape: Shape, base, mesh, peak) -> list[dict]:
     rows = []
     for arm, targets in TRAIN_ARMS.items():
         spec = LoraSpec(targets=targets, rank=RANK, alpha=ALPHA)
-        step = TimedStep(with_adapters(base, spec, mesh), shape.batch, shape.seq_len, mesh, shape.train_steps)
-        step_s = statistics.median(step.run(shape.train_steps))
+        step = timed_step(with_adapters(base, spec, mesh), shape.batch, shape.seq_len, mesh)
+        step_s = statistics.median(step.times(shape.train_steps))
         flops = accounting.train_flops_per_step(shape.model, spec, shape.batch, shape.seq_len)
         rows.append(
             {
@@ -293,14 +248,12 @@ def section_joint(shape: Shape, base, mesh) -> dict:
     names = tuple(ARMS)
     bank = AdapterBank(names, tuple(LoraSpec(targets=ARMS[n], rank=RANK, alpha=ALPHA) for n in names))
     rows, seq, steps = shape.joint_batch, shape.seq_len, shape.train_steps
-    joint = TimedStep(with_adapters(base, bank, mesh), rows, seq, mesh, steps)
-    one = TimedStep(
-        with_adapters(base, LoraSpec(targets=ARMS["all"], rank=RANK, alpha=ALPHA), mesh), rows, seq, mesh, steps
-    )
+    joint = timed_step(with_adapters(base, bank, mesh), rows, seq, mesh)
+    one = timed_step(with_adapters(base, LoraSpec(targets=ARMS["all"], rank=RANK, alpha=ALPHA), mesh), rows, seq, mesh)
     joint_s, one_s = [], []
     for _ in range(steps):  # interleaved: joint, one, joint, one, ...
-        joint_s += joint.run(1)
-        one_s += one.run(1)
+        joint_s += joint.times(1)
+        one_s += one.times(1)
     j, o = statistics.median(joint_s), statistics.median(one_s)
     return {"arms": len(names), "rows": rows, "joint_step_s": j, "one_arm_all_step_s": o, "ratio": j / o}
 

@@ -29,18 +29,22 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.device_suite import synthetic_batch  # noqa: E402
+from benchmarks.step_timer import TimedStep, synthetic_batch  # noqa: E402
+from benchmarks.torch_peer import ATTENTION, pin_torch  # noqa: E402
 from configs import base  # noqa: E402
 from lora_jax.io.peft_adapter import HF_MODULES
 from lora_jax.model.transformer import Transformer
 from lora_jax.run.config import lora_spec, random_model_config, runtime_options
-from lora_jax.sharding import global_batch, make_mesh, shard_model  # noqa: E402
+from lora_jax.sharding import make_mesh, shard_model  # noqa: E402
 from lora_jax.train import accounting
 from lora_jax.train.trainer import build_trainer
 
 BENCH = dict(
     vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64
 )
+
+
+LOSS_CHUNK = 128  # sequence positions per LM-head + loss chunk (4 x 128 rows per matmul here)
 
 
 def bench_config(targets, dtype, attention_impl, remat, batch, seq_len, scan_layers=False):
@@ -52,13 +56,13 @@ def bench_config(targets, dtype, attention_impl, remat, batch, seq_len, scan_lay
     config.model.attention_impl, config.model.remat = attention_impl, remat
     config.lora.targets, config.lora.rank, config.lora.alpha, config.lora.dropout = targets, 16, 32.0, 0.0
     config.train.global_batch_size, config.data.max_seq_len, config.train.total_steps = batch, seq_len, 1000
-    config.train.loss_chunk_tokens = 128
+    config.train.loss_chunk_tokens = LOSS_CHUNK
     config.model.scan_layers = scan_layers
     config.mesh.shape = (1, 1, 1)
     return config
 
 
-class OursStep:
+class OursStep(TimedStep):
     """Our jitted train step on the bench model, compiled once; `run(n)` -> median seconds per step."""
 
     def __init__(self, config, mesh, model=None):
@@ -73,32 +77,14 @@ class OursStep:
             shard_model(model, mesh)
         self.t = build_trainer(model, config, mesh)
         b, s = config.train.global_batch_size, config.data.max_seq_len
-        self.batch = global_batch(synthetic_batch(b, s, config.model.vocab_size), self.t.batch_sharding)
-        self.lora, self.opt, self.i = self.t.lora, self.t.opt_state, 0
-        self.run(1)  # compile
+        super().__init__(self.t, synthetic_batch(b, s, config.model.vocab_size))
 
     def run(self, steps: int) -> float:
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            self.lora, self.opt, m = self.t.train_step(self.lora, self.opt, self.t.frozen, self.batch, self.i)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-            self.i += 1
-        return statistics.median(times)
-
-
-PEER_ATTENTION = "sdpa"
+        return statistics.median(self.times(steps))
 
 
 def peer_settings() -> str:
-    import torch
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
-    return (
-        f"PEFT peer: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-        f"attn_implementation={PEER_ATTENTION!r}, AdamW (torch), full logits + transformers' loss"
-    )
+    return pin_torch("PEFT peer", "AdamW (torch), full logits + transformers' loss")
 
 
 class PeftStep:
@@ -120,10 +106,10 @@ class PeftStep:
             num_key_value_heads=BENCH["num_kv_heads"],
             head_dim=BENCH["head_dim"],
             max_position_embeddings=seq_len,
-            attn_implementation=PEER_ATTENTION,
+            attn_implementation=ATTENTION,
         )
         model = transformers.LlamaForCausalLM(cfg)
-        assert model.config._attn_implementation == PEER_ATTENTION, model.config._attn_implementation
+        assert model.config._attn_implementation == ATTENTION, model.config._attn_implementation
         lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[m for t in targets for _, m in HF_MODULES[t]])
         self.torch, self.model = torch, peft.get_peft_model(model, lora).train()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
@@ -147,7 +133,9 @@ def compare_with_peft(arms, args, mesh):
     """Interleaved rounds (ours, PEFT, ours, PEFT, ...): the host drifts, so only the ratio is a claim."""
     print(f"float32, batch {args.batch} x {args.seq_len}, {args.rounds} interleaved rounds of {args.steps} steps")
     print(peer_settings())
-    print(f"ours: attention {args.attention!r}, remat {args.remat!r}, scan_layers {args.scan_layers}, loss chunk 128")
+    print(
+        f"ours: attention {args.attention!r}, remat {args.remat!r}, scan_layers {args.scan_layers}, loss chunk {LOSS_CHUNK}"
+    )
     print(f"{'arm':<14}{'ours tok/s':>11}{'PEFT tok/s':>11}{'ours/PEFT':>10}{'our MFU':>9}  per round")
     tokens = args.batch * args.seq_len
     for arm in arms:

@@ -73,11 +73,12 @@ def train_flops_per_step(cfg: ModelConfig, spec: LoraSpec | None, batch: int, se
     return train_flops_per_token(cfg, spec, seq_len) * batch * seq_len
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, device=None) -> float:
-    """FLOP/s of the best of `repeats` timed float32 n^3 matmuls on one device."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, device=None, dtype=jnp.float32) -> float:
+    """FLOP/s of the best of `repeats` timed n^3 matmuls on one device, in `dtype` with float32
+    accumulation (float32: MFU's measured peak; bfloat16: an accelerator's, benchmarks/device_suite.py)."""
     device = device or jax.devices()[0]
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
-    f = jax.jit(lambda a: a @ a)
+    x = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     f(x).block_until_ready()
     best = float("inf")
     for _ in range(max(repeats, 5)):
