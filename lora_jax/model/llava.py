@@ -123,8 +123,8 @@ class Llava(nnx.Module):
     def lora(self):
         return self.language.lora
 
-    def lm_head_kernel(self):
-        return self.language.lm_head_kernel()
+    def lm_head_weight(self):
+        return self.language.lm_head_weight()
 
     @property
     def logit_softcap(self):

@@ -1,7 +1,7 @@
 """Token-weighted cross-entropy computed in sequence chunks (never the full [B, T, vocab] logits).
 
 Each chunk's gradient with respect to the hidden states is formed in the forward pass
-(d nll / d h = ((softmax - onehot) * mask) @ W^T) and kept instead of the logits, so the backward
+(d nll / d h = ((softmax - onehot) * mask) @ W, W the [vocab, embed] head) and kept instead of the logits, so the backward
 pass neither stores nor recomputes the [B, chunk, vocab] logits. The LM head is frozen in LoRA
 training, so no gradient flows to it. With Gemma's final soft-capping the loss is on
 cap * tanh(logits / cap), and the chain rule's factor 1 - tanh² enters d nll / d h.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 
 def _chunk_forward(h, w, tgt, m, cap):
-    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bcd,vd->bcv", h, w, preferred_element_type=jnp.float32)
     if cap is not None:
         tanh = jnp.tanh(logits / cap)
         logits = cap * tanh
@@ -26,7 +26,7 @@ def _chunk_forward(h, w, tgt, m, cap):
     dlogits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tgt, logits.shape[-1], dtype=jnp.float32)
     if cap is not None:
         dlogits = dlogits * (1.0 - tanh * tanh)
-    dh = jnp.einsum("bcv,dv->bcd", (dlogits * m[..., None]).astype(h.dtype), w, preferred_element_type=jnp.float32)
+    dh = jnp.einsum("bcv,vd->bcd", (dlogits * m[..., None]).astype(h.dtype), w, preferred_element_type=jnp.float32)
     return nll, dh.astype(h.dtype)
 
 
@@ -48,10 +48,11 @@ def _chunk_nll_bwd(cap, res, g):
 _chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
 
 
-def chunked_cross_entropy(hidden_btd, lm_head_dv, targets_bt, mask_bt, chunk: int = 512, softcap: float | None = None):
+def chunked_cross_entropy(hidden_btd, lm_head_vd, targets_bt, mask_bt, chunk: int = 512, softcap: float | None = None):
     """Returns (sum of nll * mask, sum of mask) in float32.
 
-    hidden_btd: [batch, time, embed] final normed activations; lm_head_dv: [embed, vocab] (frozen);
+    hidden_btd: [batch, time, embed] final normed activations; lm_head_vd: [vocab, embed] (frozen,
+    as stored: see Transformer.lm_head_weight);
     softcap: the model's final logit soft-capping (None: none).
     Peak memory is [batch, chunk, vocab] whatever the sequence length.
     """
@@ -64,7 +65,7 @@ def chunked_cross_entropy(hidden_btd, lm_head_dv, targets_bt, mask_bt, chunk: in
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
         mask_bt = jnp.pad(mask_bt, ((0, 0), (0, pad)))
     n = (t + pad) // chunk
-    w = lm_head_dv.astype(hidden_btd.dtype)
+    w = lm_head_vd.astype(hidden_btd.dtype)
 
     def step(total, xs):
         return total + _chunk_nll(xs[0], w, xs[1], xs[2], softcap), None

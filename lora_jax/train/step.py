@@ -104,7 +104,7 @@ def batch_loss_sums(graphdef, lora, frozen, batch, chunk, key):
     hidden, _ = model.hidden_states(
         batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key, **images
     )
-    w, cap = model.lm_head_kernel(), model.logit_softcap
+    w, cap = model.lm_head_weight(), model.logit_softcap
     return chunked_cross_entropy(hidden, w, batch["targets"], batch["loss_mask"], chunk, cap)
 
 
@@ -117,7 +117,7 @@ def _bank_loss_sums(model, batch, chunk, key):
     tokens, positions, segments = (jnp.repeat(batch[n], k, axis=0) for n in ("tokens", "positions", "segment_ids"))
     hidden, _ = model.hidden_states(tokens, positions, segments, dropout_key=key)
     hidden = hidden.reshape((b, k) + hidden.shape[1:])
-    w, targets, mask = model.lm_head_kernel(), batch["targets"], batch["loss_mask"]
+    w, targets, mask = model.lm_head_weight(), batch["targets"], batch["loss_mask"]
     cap = model.logit_softcap
     nll = jnp.stack([chunked_cross_entropy(hidden[:, a], w, targets, mask, chunk, cap)[0] for a in range(k)])
     return nll, jnp.sum(mask.astype(jnp.float32))

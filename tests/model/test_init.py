@@ -96,7 +96,7 @@ def test_the_untied_lm_head_is_stored_vocab_major_with_the_values_it_was_drawn_w
     model = Transformer(cfg, None, rngs=nnx.Rngs(0))
     head = np.asarray(model.lm_head.get_value())
     assert head.shape == (cfg.vocab_size, cfg.hidden_size)
-    np.testing.assert_array_equal(np.asarray(model.lm_head_kernel()), head.T)
+    np.testing.assert_array_equal(np.asarray(model.lm_head_weight()), head)
     key, shape = jax.random.key(7), (cfg.hidden_size, cfg.vocab_size)
     drawn = np.asarray(initial.normal(key, shape, jnp.float32, 0.02, transpose=True))
     np.testing.assert_array_equal(drawn, np.asarray(initial.normal(key, shape, jnp.float32, 0.02)).T)

@@ -13,12 +13,12 @@ def test_chunked_loss_and_gradient_equal_the_full_softmax_cross_entropy(cap):
     and by hand (the factor 1 - tanh²) in the chunked loss; logits of about ±4 make the cap bite."""
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.normal(size=(2, 37, 16)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(16, 53)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(53, 16)), jnp.float32)  # [vocab, embed]
     tgt = jnp.asarray(rng.integers(0, 53, size=(2, 37)))
     mask = jnp.asarray(rng.random((2, 37)) > 0.3, jnp.float32)
 
     def full(h):
-        logits = jnp.einsum("btd,dv->btv", h, w)
+        logits = jnp.einsum("btd,vd->btv", h, w)
         logits = logits if cap is None else cap * jnp.tanh(logits / cap)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
         return jnp.sum(nll * mask)
