@@ -253,7 +253,16 @@ class Transformer(nnx.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def hidden_states(
-        self, tokens, positions=None, segment_ids=None, *, cache=None, dropout_key=None, adapter_ids=None, embeds=None
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        *,
+        cache=None,
+        dropout_key=None,
+        adapter_ids=None,
+        embeds=None,
+        layer_params=None,
     ):
         """tokens/positions/segment_ids: [batch, time] int32 -> (hidden [batch, time, embed], new cache).
 
@@ -263,6 +272,9 @@ class Transformer(nnx.Module):
         the base); without them the rows are grouped, row b*K + k for arm k (see lora/bank.py).
         `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
         features in the image placeholders' places, llava.py).
+        `layer_params`: the decoder layers' arrays as one dict per layer (`split_layers`), used instead
+        of the stacked ones with the layers unrolled. Decoding takes them: a layer's slice of a stacked
+        weight is a copy XLA makes at every step, which reads each weight twice per token.
         """
         cfg, opts = self.config, self.options
         b, t = tokens.shape
@@ -277,7 +289,10 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        self.check_length(t if cache is None else cache["k"].shape[2])
+        per_layer_cache = cache is not None and isinstance(cache["k"], (tuple, list))
+        if per_layer_cache and layer_params is None:
+            raise ValueError("a cache of one array per layer (init_cache(per_layer=True)) needs layer_params")
+        self.check_length(t if cache is None else cache["positions"].shape[1])
         cdt = opts.compute_dtype
         h = self.embed_tokens(tokens) if embeds is None else embeds
         h = constrain(h.astype(cdt), RESIDUAL)
@@ -309,8 +324,7 @@ class Transformer(nnx.Module):
             adapter_ids=adapter_ids,
             local_rope=local_rope,
         )
-        params = self.layers.arrays()
-        xs = {"params": params, "layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
+        xs = {"layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
         if len(cfg.window_kinds) > 1:  # layers of several window kinds: each picks its own (make_layer_fn)
             xs["kind"] = jnp.asarray([cfg.window_kind_of_layer(i) for i in range(cfg.num_layers)], jnp.int32)
         # With a cache the stacked k/v [layers, ...] are carried through the layers and each layer writes
@@ -323,11 +337,22 @@ class Transformer(nnx.Module):
         elif opts.remat == "dots":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-        if opts.scan_layers:
-            carry, _ = jax.lax.scan(body, carry, xs)
+        if layer_params is not None:  # unrolled over per-layer arrays (decoding: see split_layers)
+            ks, vs = (list(cache["k"]), list(cache["v"])) if per_layer_cache else (None, None)
+            for i, p in enumerate(layer_params):
+                xs_i = dict(jax.tree.map(lambda x, i=i: x[i], xs), params=p)
+                if per_layer_cache:  # layer i reads and writes its own cache arrays: no slice of a stack
+                    (h, ks[i], vs[i]), _ = body((h, ks[i], vs[i]), xs_i)
+                    carry = (h, tuple(ks), tuple(vs))
+                else:
+                    carry, _ = body(carry, xs_i)
         else:
-            for i in range(cfg.num_layers):
-                carry, _ = body(carry, jax.tree.map(lambda x, i=i: x[i], xs))
+            xs["params"] = self.layers.arrays()
+            if opts.scan_layers:
+                carry, _ = jax.lax.scan(body, carry, xs)
+            else:
+                for i in range(cfg.num_layers):
+                    carry, _ = body(carry, jax.tree.map(lambda x, i=i: x[i], xs))
         new_cache = None
         if cache is not None:
             h, k_all, v_all = carry
@@ -458,6 +483,17 @@ def _attend(ctx: _LayerContext, kind, q, keys, values, kv_pos, kv_seg):
     return jax.lax.switch(kind, branches, q, keys, values)
 
 
+PER_LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", None, None)  # one layer's cache [batch, kv_heads, slots, head_dim]
+
+
+def _write_head_major(cache, new, at):
+    """new [batch, time, kv_heads, head_dim] into a head-major layer cache at `at`. Head-major, the
+    attention's score and value matmuls read the cache as stored; [slots, kv_heads] order made XLA
+    transpose the layer's whole cache twice per decode step."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+    return constrain(jax.lax.dynamic_update_slice(cache, new, at), PER_LAYER_CACHE_AXES)
+
+
 def make_layer_fn(ctx: _LayerContext):
     """The scan body: one decoder layer, (carry, per-layer xs) -> (carry, nothing). carry is h, or with
     a KV cache (h, k, v) with k/v the stacked [layers, batch, slots, kv_heads, head_dim] caches."""
@@ -485,11 +521,17 @@ def make_layer_fn(ctx: _LayerContext):
         if ctx.cache is None:
             kv_pos, kv_seg, keys, values = ctx.positions, ctx.segment_ids, k, v
         else:
-            at = (idx, 0, ctx.cache["index"], 0, 0)  # this layer's slots of this call's tokens
-            k_all = constrain(jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at), CACHE_AXES)
-            v_all = constrain(jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at), CACHE_AXES)
-            keys = jax.lax.dynamic_index_in_dim(k_all, idx, keepdims=False).astype(q.dtype)
-            values = jax.lax.dynamic_index_in_dim(v_all, idx, keepdims=False).astype(q.dtype)
+            if k_all.ndim == 4:  # this layer's own cache arrays, head-major [batch, kv_heads, slots, head_dim]
+                at = (0, 0, ctx.cache["index"], 0)
+                k_all = _write_head_major(k_all, k, at)
+                v_all = _write_head_major(v_all, v, at)
+                keys, values = (jnp.swapaxes(x, 1, 2).astype(q.dtype) for x in (k_all, v_all))
+            else:  # the stacked caches [layers, ...]: this layer's slots of this call's tokens
+                at = (idx, 0, ctx.cache["index"], 0, 0)
+                k_all = constrain(jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at), CACHE_AXES)
+                v_all = constrain(jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at), CACHE_AXES)
+                keys = jax.lax.dynamic_index_in_dim(k_all, idx, keepdims=False).astype(q.dtype)
+                values = jax.lax.dynamic_index_in_dim(v_all, idx, keepdims=False).astype(q.dtype)
             kv_pos, kv_seg = ctx.cache["positions"], ctx.cache["segment_ids"]
         attn = _attend(ctx, kind, q, keys, values, kv_pos, kv_seg)
         attn = constrain(attn, ("act_batch", "act_len", "act_kv_heads", None, None))
@@ -508,6 +550,15 @@ def make_layer_fn(ctx: _LayerContext):
         return (h if ctx.cache is None else (h, k_all, v_all)), None
 
     return layer
+
+
+def split_layers(model) -> tuple[dict, ...]:
+    """The decoder layers' arrays, one dict per layer (`hidden_states(layer_params=...)`): sliced once
+    here, outside any jit, so a decode step reads each weight in place. They are copies: the weights'
+    memory twice while both are held. A Llava gives its language model's."""
+    model = getattr(model, "language", model)
+    stacked = model.layers.arrays()
+    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(model.config.num_layers))
 
 
 def _fold_lora(model: Transformer, sign: float) -> None:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from lora_jax.errors import ConfigError
 from lora_jax.lora.bank import AdapterBank, check_adapter_ids
-from lora_jax.model.transformer import CACHE_AXES, Transformer
+from lora_jax.model.transformer import CACHE_AXES, PER_LAYER_CACHE_AXES, Transformer, split_layers
 from lora_jax.sharding import constrain, partition_spec, under_mesh
 
 CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -86,9 +86,13 @@ def sample(logits: jax.Array, key: jax.Array, opts: GenerationOptions) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _last_logits(model: Transformer, tokens, positions, segment_ids, cache, adapter_ids=None, pixels=None):
-    images = {} if pixels is None else {"pixels": pixels}  # LLaVA's prefill: the rows' images
-    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids, **images)
+def _last_logits(
+    model: Transformer, tokens, positions, segment_ids, cache, adapter_ids=None, pixels=None, layer_params=None
+):
+    extra = {} if pixels is None else {"pixels": pixels}  # LLaVA's prefill: the rows' images
+    if layer_params is not None:
+        extra["layer_params"] = layer_params
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids, **extra)
     return model.logits_from_hidden(h[:, -1:])[:, 0], cache
 
 
@@ -197,10 +201,13 @@ def cache_shardings(cache: dict, mesh) -> dict:
     """k/v by CACHE_AXES (kv heads over "tensor", rows over data x fsdp); the slot metadata by rows."""
 
     def sharding(name, x):
-        axes = CACHE_AXES if name in ("k", "v") else ("act_batch", None)[: x.ndim]
+        if name in ("k", "v"):
+            axes = CACHE_AXES if x.ndim == 5 else PER_LAYER_CACHE_AXES
+        else:
+            axes = ("act_batch", None)[: x.ndim]
         return jax.sharding.NamedSharding(mesh, partition_spec(axes, x.shape, mesh))
 
-    return {name: sharding(name, x) for name, x in cache.items()}
+    return {name: jax.tree.map(lambda x, name=name: sharding(name, x), v) for name, v in cache.items()}
 
 
 def check_row_adapters(model: Transformer, adapter_ids, rows: int):
@@ -237,9 +244,10 @@ class Stepper:
         check_request(model, prompt_len, opts)
         self.adapter_ids = check_row_adapters(model, adapter_ids, batch)
         self.graphdef, self.params = nnx.split(model)
+        self.layers = split_layers(model)
         self.opts, self.key = opts, jax.random.key(seed)
         dtype = CACHE_DTYPES.get(opts.cache_dtype)
-        self.cache0 = init_cache(model, batch, prompt_len + opts.max_new_tokens, dtype)
+        self.cache0 = init_cache(model, batch, prompt_len + opts.max_new_tokens, dtype, per_layer=True)
         prefill_fn, step_fn = self._prefill_fn, self._step_fn
         if mesh is not None:
             self.cache0 = jax.device_put(self.cache0, cache_shardings(self.cache0, mesh))
@@ -247,22 +255,24 @@ class Stepper:
         self._prefill = jax.jit(prefill_fn)
         self._step = jax.jit(step_fn, donate_argnums=(1,))
 
-    def _prefill_fn(self, params, cache, tokens, mask, key, ids, pixels):
+    def _prefill_fn(self, params, cache, tokens, mask, key, ids, pixels, layers):
         model = nnx.merge(self.graphdef, params)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits, cache = _last_logits(model, tokens, positions, mask, cache, ids, pixels)
+        logits, cache = _last_logits(model, tokens, positions, mask, cache, ids, pixels, layers)
         tok = sample(logits, jax.random.fold_in(key, 0), self.opts)
         return tok, cache, positions[:, -1] + 1
 
-    def _step_fn(self, params, cache, tok, pos, i, key, ids):
+    def _step_fn(self, params, cache, tok, pos, i, key, ids, layers):
         model = nnx.merge(self.graphdef, params)
-        logits, cache = _last_logits(model, tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache, ids)
+        logits, cache = _last_logits(
+            model, tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache, ids, layer_params=layers
+        )
         return sample(logits, jax.random.fold_in(key, i), self.opts), cache, pos + 1
 
     def prefill(self, tokens, mask, pixels=None) -> jax.Array:
         """pixels: a Llava's images per row [batch, images, H, W, 3] (the prefill runs the tower)."""
         tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-        self._prefill_args = (self.params, self.cache0, tokens, mask, self.key, self.adapter_ids, pixels)
+        self._prefill_args = (self.params, self.cache0, tokens, mask, self.key, self.adapter_ids, pixels, self.layers)
         self.tok, self.cache, self.pos = self._prefill(*self._prefill_args)
         self.i = 1
         return self.tok
@@ -270,7 +280,7 @@ class Stepper:
     def compiled(self) -> dict[str, jax.stages.Compiled]:
         """{"prefill", "step"}: the executables `prefill` and `step` run, lowered with the arguments of
         the last prefill and of the next step (call after `prefill`); e.g. to read their HLO."""
-        step_args = (self.params, self.cache, self.tok, self.pos, self.i, self.key, self.adapter_ids)
+        step_args = (self.params, self.cache, self.tok, self.pos, self.i, self.key, self.adapter_ids, self.layers)
         return {
             "prefill": self._prefill.lower(*self._prefill_args).compile(),
             "step": self._step.lower(*step_args).compile(),
@@ -278,7 +288,7 @@ class Stepper:
 
     def step(self) -> jax.Array:
         self.tok, self.cache, self.pos = self._step(
-            self.params, self.cache, self.tok, self.pos, self.i, self.key, self.adapter_ids
+            self.params, self.cache, self.tok, self.pos, self.i, self.key, self.adapter_ids, self.layers
         )
         self.i += 1
         return self.tok
@@ -349,18 +359,25 @@ def complete(
     return texts
 
 
-def init_cache(model: Transformer, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(model: Transformer, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
     """An empty cache: k/v [layers, batch, max_len, kv_heads, head_dim]; slot positions/segments [batch, max_len].
 
-    Segment 0 marks an empty slot, so it is never attended to.
+    Segment 0 marks an empty slot, so it is never attended to. per_layer: k/v as one array per layer,
+    head-major [batch, kv_heads, max_len, head_dim] (decoding with `split_layers`: a layer then reads its cache
+    in place, where a slice of the stack is a copy).
     """
     cfg = model.config
     model.check_length(max_len)
     dtype = dtype or model.options.compute_dtype
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+        layer_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        k = v = tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers))
+    else:
+        k = v = jnp.zeros(shape, dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": k,
+        "v": v,
         "positions": jnp.zeros((batch, max_len), jnp.int32),
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
