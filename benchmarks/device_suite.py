@@ -113,8 +113,9 @@ SHAPES = {
             tie_word_embeddings=True,
         ),
         dtype="bfloat16",
-        # Without remat a 2048-token row keeps ~11 GB of activations at this shape (the attention
-        # probabilities are most of it): 4 rows for one arm, 1 row x 9 arms for the joint step.
+        # Without remat a 2048-token row keeps ~7 GB of activations at this shape, by estimate (the
+        # causal blocks' float32 attention probabilities, ~4.4 GB, are most of it): 4 rows for one
+        # arm, 1 row x 9 arms for the joint step.
         batch=4,
         seq_len=2048,
         joint_batch=1,

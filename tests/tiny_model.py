@@ -39,11 +39,13 @@ def set_keys(config, changes: dict):
     return config
 
 
-def forward_with_cache(model, tokens, positions, segment_ids, cache):
+def forward_with_cache(model, tokens, positions, segment_ids, cache, layer_params=None):
     """Runs tokens [batch, time] through the model, writing their k/v into the cache.
 
     Returns (float32 logits [batch, time, vocab], new cache). Prefill is a call with the whole
-    (left-padded, segment 0 on padding) prompt; each decode step a call with time = 1.
+    (left-padded, segment 0 on padding) prompt; each decode step a call with time = 1. layer_params:
+    per-layer arrays (`split_layers`, with a cache of `init_cache(per_layer=True)`), as the Stepper decodes.
     """
-    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache)
+    extra = {} if layer_params is None else {"layer_params": layer_params}
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, **extra)
     return model.logits_from_hidden(h), cache

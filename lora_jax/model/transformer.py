@@ -41,6 +41,7 @@ from lora_jax.sharding import constrain
 
 RESIDUAL = ("act_batch", "act_len", "act_embed")
 CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)  # KV cache [layers, batch, slots, kv_heads, head_dim]
+PER_LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", None, None)  # one layer's cache [batch, kv_heads, slots, head_dim]
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -273,8 +274,9 @@ class Transformer(nnx.Module):
         `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
         features in the image placeholders' places, llava.py).
         `layer_params`: the decoder layers' arrays as one dict per layer (`split_layers`), used instead
-        of the stacked ones with the layers unrolled. Decoding takes them: a layer's slice of a stacked
-        weight is a copy XLA makes at every step, which reads each weight twice per token.
+        of the stacked ones with the layers unrolled; the cache may then be per layer too. The timed
+        decoding (`serve.generate.Stepper`) takes them: on XLA:CPU a layer's slice of a stacked weight
+        or cache is a copy made at every step, so each weight was read twice per token.
         """
         cfg, opts = self.config, self.options
         b, t = tokens.shape
@@ -292,6 +294,9 @@ class Transformer(nnx.Module):
         per_layer_cache = cache is not None and isinstance(cache["k"], (tuple, list))
         if per_layer_cache and layer_params is None:
             raise ValueError("a cache of one array per layer (init_cache(per_layer=True)) needs layer_params")
+        for name, n in (("layer_params", layer_params), ("the per-layer cache", per_layer_cache and cache["k"])):
+            if n and len(n) != cfg.num_layers:
+                raise ValueError(f"{name} holds {len(n)} layers; the model has {cfg.num_layers}")
         self.check_length(t if cache is None else cache["positions"].shape[1])
         cdt = opts.compute_dtype
         h = self.embed_tokens(tokens) if embeds is None else embeds
@@ -327,8 +332,9 @@ class Transformer(nnx.Module):
         xs = {"layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
         if len(cfg.window_kinds) > 1:  # layers of several window kinds: each picks its own (make_layer_fn)
             xs["kind"] = jnp.asarray([cfg.window_kind_of_layer(i) for i in range(cfg.num_layers)], jnp.int32)
-        # With a cache the stacked k/v [layers, ...] are carried through the layers and each layer writes
-        # only its new tokens into them (in place); as scanned outputs every step rewrote the whole cache.
+        # With a cache the k/v (stacked [layers, ...], or one array per layer) are carried through the
+        # layers and each layer writes only its new tokens into them (in place); as scanned outputs every
+        # step rewrote the whole cache.
         carry = h if cache is None else (h, cache["k"], cache["v"])
 
         body = make_layer_fn(ctx)
@@ -340,7 +346,9 @@ class Transformer(nnx.Module):
         if layer_params is not None:  # unrolled over per-layer arrays (decoding: see split_layers)
             ks, vs = (list(cache["k"]), list(cache["v"])) if per_layer_cache else (None, None)
             for i, p in enumerate(layer_params):
-                xs_i = dict(jax.tree.map(lambda x, i=i: x[i], xs), params=p)
+                xs_i = {"layer": xs["layer"][i], "params": p}
+                if "kind" in xs:  # a Python int: the layer's own window branch only, no lax.switch
+                    xs_i["kind"] = cfg.window_kind_of_layer(i)
                 if per_layer_cache:  # layer i reads and writes its own cache arrays: no slice of a stack
                     (h, ks[i], vs[i]), _ = body((h, ks[i], vs[i]), xs_i)
                     carry = (h, tuple(ks), tuple(vs))
@@ -352,7 +360,10 @@ class Transformer(nnx.Module):
                 carry, _ = jax.lax.scan(body, carry, xs)
             else:
                 for i in range(cfg.num_layers):
-                    carry, _ = body(carry, jax.tree.map(lambda x, i=i: x[i], xs))
+                    xs_i = jax.tree.map(lambda x, i=i: x[i], xs)
+                    if "kind" in xs:
+                        xs_i["kind"] = cfg.window_kind_of_layer(i)
+                    carry, _ = body(carry, xs_i)
         new_cache = None
         if cache is not None:
             h, k_all, v_all = carry
@@ -478,12 +489,9 @@ def _attend(ctx: _LayerContext, kind, q, keys, values, kv_pos, kv_seg):
         return run
 
     branches = [branch(w) for w in cfg.window_kinds]
-    if len(branches) == 1:
-        return branches[0](q, keys, values)
+    if len(branches) == 1 or isinstance(kind, int):  # one kind, or the layers unrolled: a static pick
+        return branches[0 if len(branches) == 1 else kind](q, keys, values)
     return jax.lax.switch(kind, branches, q, keys, values)
-
-
-PER_LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", None, None)  # one layer's cache [batch, kv_heads, slots, head_dim]
 
 
 def _write_head_major(cache, new, at):
@@ -496,7 +504,9 @@ def _write_head_major(cache, new, at):
 
 def make_layer_fn(ctx: _LayerContext):
     """The scan body: one decoder layer, (carry, per-layer xs) -> (carry, nothing). carry is h, or with
-    a KV cache (h, k, v) with k/v the stacked [layers, batch, slots, kv_heads, head_dim] caches."""
+    a KV cache (h, k, v): k/v the stacked [layers, batch, slots, kv_heads, head_dim] caches, or (layers
+    unrolled over `layer_params`) this layer's own head-major [batch, kv_heads, slots, head_dim] ones.
+    xs["kind"], the layer's window kind, is traced under the scan and a Python int when unrolled."""
     cfg = ctx.cfg
     g = cfg.q_per_kv
     gemma, eps = cfg.gemma_norms, cfg.rms_norm_eps
@@ -515,7 +525,7 @@ def make_layer_fn(ctx: _LayerContext):
         cos, sin = ctx.cos, ctx.sin
         if ctx.local_rope is not None:
             flags = [w is not None for w in cfg.window_kinds]
-            local = flags[0] if kind is None else jnp.asarray(flags)[kind]
+            local = flags[0] if kind is None else flags[kind] if isinstance(kind, int) else jnp.asarray(flags)[kind]
             cos, sin = (jnp.where(local, lo, gl) for lo, gl in zip(ctx.local_rope, (cos, sin)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None:
@@ -552,13 +562,33 @@ def make_layer_fn(ctx: _LayerContext):
     return layer
 
 
-def split_layers(model) -> tuple[dict, ...]:
-    """The decoder layers' arrays, one dict per layer (`hidden_states(layer_params=...)`): sliced once
-    here, outside any jit, so a decode step reads each weight in place. They are copies: the weights'
-    memory twice while both are held. A Llava gives its language model's."""
-    model = getattr(model, "language", model)
-    stacked = model.layers.arrays()
-    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(model.config.num_layers))
+def split_layers(*models) -> list[tuple[dict, ...]]:
+    """Each model's decoder-layer arrays, one dict per layer (`hidden_states(layer_params=...)`), sliced
+    here, outside any jit, so that a decode step reads each weight in place. A Llava gives its language
+    model's. The slices are copies: while they are held, the layer weights take their memory twice.
+    An array the models share (the same object: `serve.latency.variants` gives base, unmerged and
+    merged one frozen base) is sliced once, for all of them. A slice keeps the stacked array's
+    sharding less its layer axis (tensor-parallel serving stays tensor-parallel)."""
+    memo: dict[int, tuple[jax.Array, list[jax.Array]]] = {}
+
+    def per_layer(x, n):
+        if id(x) not in memo:  # the entry holds x, so its id is not reused while memo lives
+            slices = [x[i] for i in range(n)]
+            if isinstance(x.sharding, jax.sharding.NamedSharding):
+                spec = jax.sharding.PartitionSpec(*tuple(x.sharding.spec)[1:])
+                slices = jax.device_put(slices, jax.sharding.NamedSharding(x.sharding.mesh, spec))
+            memo[id(x)] = (x, slices)
+        return memo[id(x)][1]
+
+    out = []
+    for model in models:
+        model = getattr(model, "language", model)
+        n = model.config.num_layers
+        stacked = jax.tree.map(lambda x, n=n: per_layer(x, n), model.layers.arrays())
+        out.append(
+            tuple(jax.tree.map(lambda xs, i=i: xs[i], stacked, is_leaf=lambda x: isinstance(x, list)) for i in range(n))
+        )
+    return out
 
 
 def _fold_lora(model: Transformer, sign: float) -> None:

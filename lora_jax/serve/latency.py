@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lora_jax.model.transformer import Transformer, merge_lora
+from lora_jax.model.transformer import Transformer, merge_lora, split_layers
 from lora_jax.serve.generate import GenerationOptions, Stepper
 from lora_jax.sharding import mesh_sizes, resharded, serving_mesh
 
@@ -57,10 +57,12 @@ class Requests:
         seed: int = 0,
         adapter_ids=None,
         mesh: Mesh | None = None,
+        layers=None,
     ):
         """adapter_ids: a bank model's adapter per row (generate.py). mesh: decode there (e.g.
         `sharding.serving_mesh`): the weights are resharded onto it (no copy when already there);
-        None = where the model's arrays are."""
+        None = where the model's arrays are. layers: the model's per-layer arrays (`split_layers`),
+        None = split here."""
         opts = GenerationOptions(max_new_tokens=new_tokens)
         if mesh is not None:
             model = resharded(model, mesh)
@@ -75,7 +77,9 @@ class Requests:
             self.mask = np.ones_like(self.tokens)
             shape = (batch, 1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels)
             self.pixels = rng.normal(size=shape).astype(np.float32)
-        self.stepper = Stepper(model, opts, batch, self.tokens.shape[1], adapter_ids=adapter_ids, mesh=mesh)
+        self.stepper = Stepper(
+            model, opts, batch, self.tokens.shape[1], adapter_ids=adapter_ids, mesh=mesh, layers=layers
+        )
         self.new_tokens = new_tokens
 
     def generated(self) -> np.ndarray:
@@ -114,15 +118,18 @@ def _nbytes(x) -> int:
 
 def serving_bytes(model: Transformer, batch: int, max_len: int) -> int:
     """Device bytes `measure` holds at once: every weight, the merged variant's copies of the adapted
-    kernels, and the three variants' KV caches ([layers, batch, max_len, kv_heads, head_dim], k and v).
-    Shapes only: `model` may be abstract (nnx.eval_shape)."""
+    kernels, the per-layer slices the Steppers decode from (`split_layers`: every decoder-layer array
+    once, shared by the variants, and the merged kernels' own), and the three variants' KV caches
+    ([layers, batch, max_len, kv_heads, head_dim], k and v). Shapes only: `model` may be abstract
+    (nnx.eval_shape)."""
     language = getattr(model, "language", model)
     targets = language.lora.targets if language.lora else ()
     merged = sum(_nbytes(getattr(language.layers, t).kernel.get_value()) for t in targets)
+    layers = sum(_nbytes(a) for a in jax.tree.leaves(language.layers.arrays()))
     cfg = model.config
     itemsize = np.dtype(model.options.compute_dtype).itemsize
     cache = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
-    return sum(_nbytes(a) for a in jax.tree.leaves(nnx.state(model))) + merged + 3 * cache
+    return sum(_nbytes(a) for a in jax.tree.leaves(nnx.state(model))) + layers + 2 * merged + 3 * cache
 
 
 def prepare(model: Transformer, batch: int, prompt_len: int, new_tokens: int, mesh: str = "auto"):
@@ -131,8 +138,12 @@ def prepare(model: Transformer, batch: int, prompt_len: int, new_tokens: int, me
     These are the executables `measure` times."""
     need = serving_bytes(model, batch, prompt_len + new_tokens)
     serve = serving_mesh(mesh, model.config.num_kv_heads, need)
-    served = resharded(model, serve)
-    return serve, {name: Requests(m, batch, prompt_len, new_tokens, mesh=serve) for name, m in variants(served).items()}
+    served = variants(resharded(model, serve))
+    splits = split_layers(*served.values())  # one set of frozen slices for the three
+    return serve, {
+        name: Requests(m, batch, prompt_len, new_tokens, mesh=serve, layers=layers)
+        for (name, m), layers in zip(served.items(), splits)
+    }
 
 
 def measure(

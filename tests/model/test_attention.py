@@ -82,6 +82,32 @@ def test_traced_window_and_bf16():
     assert float(jnp.abs(out.astype(jnp.float32) - full).max()) < 0.05
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_causal_blocks_in_bfloat16_follow_the_float32_reference(window):
+    """The hand-written backward in bfloat16 (probabilities and dS cast to the inputs' dtype for the
+    matmuls): outputs and gradients within bfloat16 rounding of the float32 reference."""
+    q, k, v, pos, seg = (x[:, :32] for x in _packed_inputs(4))
+    ct = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+
+    def grads(fn, *qkv, **kw):
+        def loss(*a):
+            return (fn(*a, pos, pos, seg, seg, window=window, scale=0.3, **kw).astype(jnp.float32) * ct).sum()
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(*qkv)
+
+    ref_out = reference_attention(q, k, v, pos, pos, seg, seg, window=window, scale=0.3)
+    bf_in = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    bf_out = causal_block_attention(*bf_in, pos, pos, seg, seg, window=window, scale=0.3, block=8)
+    assert bf_out.dtype == jnp.bfloat16
+    assert float(jnp.abs(bf_out.astype(jnp.float32) - ref_out).max()) < 0.03 * float(jnp.abs(ref_out).max())
+    _, ref = grads(reference_attention, q, k, v)
+    _, bf = grads(causal_block_attention, *bf_in, block=8)
+    for a, b in zip(ref, bf):
+        assert b.dtype == jnp.bfloat16
+        scale = float(jnp.abs(a).max())
+        assert float(jnp.abs(b.astype(jnp.float32) - a).max()) < 0.03 * scale
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="valid: causal_blocks, chunked, xla"):
         get_attention_impl("flash9")

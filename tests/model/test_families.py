@@ -16,7 +16,7 @@ from lora_jax.lora.spec import LoraSpec
 from lora_jax.model import attention as attention_lib
 from lora_jax.model.config import ModelConfig, RopeConfig
 from lora_jax.model.transformer import RuntimeOptions, Transformer
-from lora_jax.serve.generate import GenerationOptions, generate
+from lora_jax.serve.generate import GenerationOptions, Stepper, generate
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir, with_random_b
 
@@ -173,7 +173,8 @@ def test_the_compiled_step_of_sliding_layers_skips_the_blocks_outside_the_window
 )
 def test_our_adapter_loads_in_peft_and_greedy_decoding_is_token_for_token(variant, targets, mesh, tmp_path):
     """The prompt (14 tokens) and its 10 new tokens run past gemma's window of 8. On gemma3_mm the
-    vision tower has q/k/v_proj of its own: target_modules must leave it alone."""
+    vision tower has q/k/v_proj of its own: target_modules must leave it alone. Both decoding paths:
+    `generate` (stacked weights and cache under the layer scan) and the timed `Stepper`."""
     import peft
     import torch
 
@@ -202,6 +203,10 @@ def test_our_adapter_loads_in_peft_and_greedy_decoding_is_token_for_token(varian
         )[:, prompt.shape[1] :].numpy()
     out, _ = generate(model, prompt, np.ones_like(prompt), GenerationOptions(max_new_tokens=n))
     np.testing.assert_array_equal(out, ref)
+    # The timed decoding (Stepper): per-layer weights and head-major per-layer caches, layers unrolled.
+    stepper = Stepper(model, GenerationOptions(max_new_tokens=n), prompt.shape[0], prompt.shape[1])
+    steps = [stepper.prefill(prompt, np.ones_like(prompt))] + [stepper.step() for _ in range(n - 1)]
+    np.testing.assert_array_equal(np.stack(steps, axis=1), ref)
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "gemma3", "gemma3_mm"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lora_jax.io.hf_checkpoint import load_hf_model
-from lora_jax.model.transformer import RuntimeOptions
+from lora_jax.model.transformer import RuntimeOptions, split_layers
 from lora_jax.serve.generate import GenerationOptions, generate, init_cache
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
@@ -49,18 +49,21 @@ def test_logits_match_transformers_with_and_without_cache(variant, mesh):
     for impl in ("xla", "chunked", "causal_blocks"):
         model = load_hf_model(d, None, RuntimeOptions(attention_impl=impl), mesh)
         np.testing.assert_allclose(_logits(model, TOKENS), ref, atol=1e-4, err_msg=f"{variant}/{impl}")
-    # prefill 20 tokens, then one token per step
-    cache = init_cache(model, 2, 40)
+    # prefill 20 tokens, then one token per step: with the stacked weights and cache under the layer
+    # scan (generate), and with per-layer weights and head-major per-layer caches, unrolled (the Stepper)
     pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
     step = jax.jit(forward_with_cache)
-    out, cache = step(model, jnp.asarray(TOKENS[:, :20]), pos[:, :20], jnp.ones((2, 20), jnp.int32), cache)
-    outs = [out]
-    for t in range(20, 32):
-        out, cache = step(
-            model, jnp.asarray(TOKENS[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache
-        )
-        outs.append(out)
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), ref, atol=1e-4)
+    for per_layer in (False, True):
+        layers = split_layers(model)[0] if per_layer else None
+        cache = init_cache(model, 2, 40, per_layer=per_layer)
+        prompt = (jnp.asarray(TOKENS[:, :20]), pos[:, :20], jnp.ones((2, 20), jnp.int32))
+        out, cache = step(model, *prompt, cache, layers)
+        outs = [out]
+        for t in range(20, 32):
+            token = (jnp.asarray(TOKENS[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32))
+            out, cache = step(model, *token, cache, layers)
+            outs.append(out)
+        np.testing.assert_allclose(np.concatenate(outs, axis=1), ref, atol=1e-4, err_msg=f"per_layer={per_layer}")
 
 
 def test_sliding_window_is_really_applied(mesh):

@@ -187,6 +187,13 @@ def test_the_timed_decode_gathers_no_kernel_on_its_serving_mesh(fsdp_run, measur
         for variant, runner in runners.items():
             kernel = runner.stepper.params["layers"]["qkv"]["kernel"].get_value()
             assert kernel.sharding.mesh == serve and kernel.sharding.spec[2] == ("tensor" if tensor > 1 else None)
+            # what the step reads: each layer's own slice and head-major cache, kv heads still over "tensor"
+            heads = "tensor" if tensor > 1 else None
+            for layer, cache_k in zip(runner.stepper.layers, runner.stepper.cache0["k"]):
+                assert (
+                    layer["qkv"]["kernel"].sharding.mesh == serve and layer["qkv"]["kernel"].sharding.spec[1] == heads
+                )
+                assert cache_k.sharding.mesh == serve and cache_k.sharding.spec[1] == heads
             # one executable each: the one every request ran, and the one compiled() gives back
             assert (runner.stepper._prefill._cache_size(), runner.stepper._step._cache_size()) == (1, 1), variant
             if variant == "unmerged":
@@ -248,13 +255,15 @@ def test_the_serving_mesh_rule(monkeypatch):
     free_60 = Device({"bytes_limit": 100, "bytes_in_use": 40})
     assert sharding.fits_one_device(free_60, 60) and not sharding.fits_one_device(free_60, 61)
     assert sharding.fits_one_device(Device(None), 10**15)  # no memory stats (CPU): fits
-    # What "auto" weighs: every weight, the merged copies of the adapted kernels, three KV caches.
+    # What "auto" weighs: every weight, the merged copies of the adapted kernels, the per-layer slices
+    # the Steppers decode from (the decoder layers' arrays once, the merged kernels' once more), three KV caches.
     spec = LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8)
     model = nnx.eval_shape(lambda: Transformer(TINY, spec, RuntimeOptions(), rngs=nnx.Rngs(0)))
     weights = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(model)))  # all float32
     merged = 4 * TINY.num_layers * (TINY.num_heads * TINY.head_dim + TINY.intermediate_size) * TINY.hidden_size
     cache = 2 * TINY.num_layers * 3 * 20 * TINY.num_kv_heads * TINY.head_dim * 4
-    assert latency.serving_bytes(model, 3, 20) == weights + merged + 3 * cache
+    layers = sum(v.get_value().size * 4 for path, v in nnx.to_flat_state(nnx.state(model)) if path[0] == "layers")
+    assert latency.serving_bytes(model, 3, 20) == weights + layers + 2 * merged + 3 * cache
 
 
 def test_a_llava_and_a_bank_reshard_onto_the_serving_mesh():
