@@ -273,8 +273,8 @@ class Transformer(nnx.Module):
         the base); without them the rows are grouped, row b*K + k for arm k (see lora/bank.py).
         `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
         features in the image placeholders' places, llava.py).
-        `layer_params`: the decoder layers' arrays as one dict per layer (`split_layers`), used instead
-        of the stacked ones with the layers unrolled; the cache may then be per layer too. The timed
+        `layer_params`: the decoder layers' arrays as one dict per layer (`serve.layer_arrays`), used
+        instead of the stacked ones with the layers unrolled; the cache may then be per layer too. The timed
         decoding (`serve.generate.Stepper`) takes them: on XLA:CPU a layer's slice of a stacked weight
         or cache is a copy made at every step, so each weight was read twice per token.
         """
@@ -343,7 +343,7 @@ class Transformer(nnx.Module):
         elif opts.remat == "dots":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-        if layer_params is not None:  # unrolled over per-layer arrays (decoding: see split_layers)
+        if layer_params is not None:  # unrolled over per-layer arrays (decoding: serve/layer_arrays.py)
             ks, vs = (list(cache["k"]), list(cache["v"])) if per_layer_cache else (None, None)
             for i, p in enumerate(layer_params):
                 xs_i = {"layer": xs["layer"][i], "params": p}
@@ -560,35 +560,6 @@ def make_layer_fn(ctx: _LayerContext):
         return (h if ctx.cache is None else (h, k_all, v_all)), None
 
     return layer
-
-
-def split_layers(*models) -> list[tuple[dict, ...]]:
-    """Each model's decoder-layer arrays, one dict per layer (`hidden_states(layer_params=...)`), sliced
-    here, outside any jit, so that a decode step reads each weight in place. A Llava gives its language
-    model's. The slices are copies: while they are held, the layer weights take their memory twice.
-    An array the models share (the same object: `serve.latency.variants` gives base, unmerged and
-    merged one frozen base) is sliced once, for all of them. A slice keeps the stacked array's
-    sharding less its layer axis (tensor-parallel serving stays tensor-parallel)."""
-    memo: dict[int, tuple[jax.Array, list[jax.Array]]] = {}
-
-    def per_layer(x, n):
-        if id(x) not in memo:  # the entry holds x, so its id is not reused while memo lives
-            slices = [x[i] for i in range(n)]
-            if isinstance(x.sharding, jax.sharding.NamedSharding):
-                spec = jax.sharding.PartitionSpec(*tuple(x.sharding.spec)[1:])
-                slices = jax.device_put(slices, jax.sharding.NamedSharding(x.sharding.mesh, spec))
-            memo[id(x)] = (x, slices)
-        return memo[id(x)][1]
-
-    out = []
-    for model in models:
-        model = getattr(model, "language", model)
-        n = model.config.num_layers
-        stacked = jax.tree.map(lambda x, n=n: per_layer(x, n), model.layers.arrays())
-        out.append(
-            tuple(jax.tree.map(lambda xs, i=i: xs[i], stacked, is_leaf=lambda x: isinstance(x, list)) for i in range(n))
-        )
-    return out
 
 
 def _fold_lora(model: Transformer, sign: float) -> None:

@@ -26,7 +26,8 @@ from flax import nnx
 
 from lora_jax.errors import ConfigError
 from lora_jax.lora.bank import AdapterBank, check_adapter_ids
-from lora_jax.model.transformer import CACHE_AXES, PER_LAYER_CACHE_AXES, Transformer, split_layers
+from lora_jax.model.transformer import CACHE_AXES, PER_LAYER_CACHE_AXES, Transformer
+from lora_jax.serve.layer_arrays import split_layers
 from lora_jax.sharding import constrain, partition_spec, under_mesh
 
 CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}

@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lora_jax.model.transformer import Transformer, merge_lora, split_layers
+from lora_jax.model.transformer import Transformer, merge_lora
 from lora_jax.serve.generate import GenerationOptions, Stepper
+from lora_jax.serve.layer_arrays import split_layers
 from lora_jax.sharding import mesh_sizes, resharded, serving_mesh
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from lora_jax.io.hf_checkpoint import load_hf_model
-from lora_jax.model.transformer import RuntimeOptions, split_layers
+from lora_jax.model.transformer import RuntimeOptions
 from lora_jax.serve.generate import GenerationOptions, generate, init_cache
+from lora_jax.serve.layer_arrays import split_layers
 from lora_jax.sharding import make_mesh
 from tests.hf_reference import hf_logits, saved_hf_dir
 from tests.tiny_model import forward_with_cache
