@@ -46,8 +46,12 @@ def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, s
     mask = attention_mask(q_pos, kv_pos, q_seg, kv_seg, window)
     probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
     probs = probs * jnp.any(mask, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+    # The value matmul head-major, result [b, kv, g, t, d]: per (b, kv) one [g*t, s] @ [s, d] matmul.
+    # Asked for [b, t, kv, g, d] directly, XLA:CPU oriented a bfloat16 prefill over a head-major
+    # per-layer cache as a lone bf16 x bf16 -> f32 dot, which its runtime cannot execute.
+    vh = jnp.swapaxes(v, 1, 2)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)
 
 
 def causal_block_schedule(t: int, block: int, window) -> list[tuple[int, int, int]]:
