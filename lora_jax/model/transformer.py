@@ -294,9 +294,12 @@ class Transformer(nnx.Module):
         per_layer_cache = cache is not None and isinstance(cache["k"], (tuple, list))
         if per_layer_cache and layer_params is None:
             raise ValueError("a cache of one array per layer (init_cache(per_layer=True)) needs layer_params")
-        for name, n in (("layer_params", layer_params), ("the per-layer cache", per_layer_cache and cache["k"])):
-            if n and len(n) != cfg.num_layers:
-                raise ValueError(f"{name} holds {len(n)} layers; the model has {cfg.num_layers}")
+        counts = {"layer_params": layer_params}
+        if per_layer_cache:
+            counts.update({"the per-layer cache's k": cache["k"], "the per-layer cache's v": cache["v"]})
+        for name, seq in counts.items():
+            if seq is not None and len(seq) != cfg.num_layers:
+                raise ValueError(f"{name} holds {len(seq)} layers; the model has {cfg.num_layers}")
         self.check_length(t if cache is None else cache["positions"].shape[1])
         cdt = opts.compute_dtype
         h = self.embed_tokens(tokens) if embeds is None else embeds
@@ -346,7 +349,7 @@ class Transformer(nnx.Module):
         if layer_params is not None:  # unrolled over per-layer arrays (decoding: serve/layer_arrays.py)
             ks, vs = (list(cache["k"]), list(cache["v"])) if per_layer_cache else (None, None)
             for i, p in enumerate(layer_params):
-                xs_i = {"layer": xs["layer"][i], "params": p}
+                xs_i = {"layer": i, "params": p}  # Python ints: the layer's scale and window are static
                 if "kind" in xs:  # a Python int: the layer's own window branch only, no lax.switch
                     xs_i["kind"] = cfg.window_kind_of_layer(i)
                 if per_layer_cache:  # layer i reads and writes its own cache arrays: no slice of a stack
@@ -360,7 +363,7 @@ class Transformer(nnx.Module):
                 carry, _ = jax.lax.scan(body, carry, xs)
             else:
                 for i in range(cfg.num_layers):
-                    xs_i = jax.tree.map(lambda x, i=i: x[i], xs)
+                    xs_i = {"layer": xs["layer"][i], "params": jax.tree.map(lambda x, i=i: x[i], xs["params"])}
                     if "kind" in xs:
                         xs_i["kind"] = cfg.window_kind_of_layer(i)
                     carry, _ = body(carry, xs_i)
@@ -469,7 +472,8 @@ def _project(x, p, target: str, n_in: int, ctx: _LayerContext, layer):
 def _attend(ctx: _LayerContext, kind, q, keys, values, kv_pos, kv_seg):
     """Attention with the layer's window. Layers of one window kind share a branch compiled with that
     window as a Python int, so a kernel can leave out the key blocks outside it (a traced window
-    could only mask them); with several kinds the scan's per-layer `kind` picks the branch."""
+    could only mask them); with several kinds the scan's per-layer `kind` picks the branch, and an
+    unrolled layer's `kind` (a Python int) picks it statically."""
     cfg = ctx.cfg
 
     def branch(window):
@@ -526,7 +530,10 @@ def make_layer_fn(ctx: _LayerContext):
         if ctx.local_rope is not None:
             flags = [w is not None for w in cfg.window_kinds]
             local = flags[0] if kind is None else flags[kind] if isinstance(kind, int) else jnp.asarray(flags)[kind]
-            cos, sin = (jnp.where(local, lo, gl) for lo, gl in zip(ctx.local_rope, (cos, sin)))
+            if isinstance(local, bool):
+                cos, sin = ctx.local_rope if local else (cos, sin)
+            else:
+                cos, sin = (jnp.where(local, lo, gl) for lo, gl in zip(ctx.local_rope, (cos, sin)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None:
             kv_pos, kv_seg, keys, values = ctx.positions, ctx.segment_ids, k, v

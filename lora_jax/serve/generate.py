@@ -212,6 +212,18 @@ def cache_shardings(cache: dict, mesh) -> dict:
     return {name: jax.tree.map(lambda x, name=name: sharding(name, x), v) for name, v in cache.items()}
 
 
+def check_layer_arrays(model: Transformer, layers) -> None:
+    """`layers` must be this model's per-layer arrays (`split_layers`): one dict per layer, with its
+    structure and shapes. A split of another variant would decode silently without (or with other)
+    adapters."""
+    stacked = getattr(model, "language", model).layers.arrays()
+    want = jax.tree.map(lambda x: x.shape[1:], stacked)
+    if len(layers) != getattr(model, "language", model).config.num_layers or any(
+        jax.tree.map(lambda x: x.shape, layer) != want for layer in layers
+    ):
+        raise ValueError("layers are not this model's per-layer arrays (split_layers(model))")
+
+
 def check_row_adapters(model: Transformer, adapter_ids, rows: int):
     """Per-row adapter ids for a bank model (checked: one per row, each in [-1, K)); None otherwise."""
     bank = model.lora if isinstance(model.lora, AdapterBank) else None
@@ -254,6 +266,7 @@ class Stepper:
         self.adapter_ids = check_row_adapters(model, adapter_ids, batch)
         self.graphdef, self.params = nnx.split(model)
         self.layers = split_layers(model)[0] if layers is None else layers
+        check_layer_arrays(model, self.layers)
         self.opts, self.key = opts, jax.random.key(seed)
         dtype = CACHE_DTYPES.get(opts.cache_dtype)
         self.cache0 = init_cache(model, batch, prompt_len + opts.max_new_tokens, dtype, per_layer=True)
@@ -381,9 +394,9 @@ def init_cache(model: Transformer, batch: int, max_len: int, dtype=None, per_lay
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     if per_layer:
         layer_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        k = v = tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers))
+        k, v = (tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers)) for _ in "kv")
     else:
-        k = v = jnp.zeros(shape, dtype)
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers: a step may donate both
     return {
         "k": k,
         "v": v,

@@ -10,8 +10,8 @@ the base weights.
 Where: on a serving mesh (`eval.latency.mesh`, rule in sharding.py), not on the training mesh. The
 model's weights are copied onto it (`sharding.resharded`), so a decode token never communicates over
 the whole training mesh (gathering FSDP shards of the kernels, or all-reducing partial activations
-over every device, as XLA chose on CPU): "auto" decodes on one device when the three variants' weights and
-KV caches fit it, else tensor-parallel over the kv heads; "single" and "tensor" force either. The
+over every device, as XLA chose on CPU): "auto" decodes on one device when what `serving_bytes` counts
+(the variants' weights, the per-layer slices they decode from, their KV caches) fits it, else tensor-parallel over the kv heads; "single" and "tensor" force either. The
 result records the device kind, the serving mesh's device count and its axis sizes.
 """
 
@@ -120,9 +120,9 @@ def _nbytes(x) -> int:
 def serving_bytes(model: Transformer, batch: int, max_len: int) -> int:
     """Device bytes `measure` holds at once: every weight, the merged variant's copies of the adapted
     kernels, the per-layer slices the Steppers decode from (`split_layers`: every decoder-layer array
-    once, shared by the variants, and the merged kernels' own), and the three variants' KV caches
-    ([layers, batch, max_len, kv_heads, head_dim], k and v). Shapes only: `model` may be abstract
-    (nnx.eval_shape)."""
+    once, shared by the variants, and the merged kernels' own), and two KV caches per variant (k and
+    v, layers x batch x max_len x kv_heads x head_dim: the empty one each prefill starts from, and
+    the live one). Shapes only: `model` may be abstract (nnx.eval_shape)."""
     language = getattr(model, "language", model)
     targets = language.lora.targets if language.lora else ()
     merged = sum(_nbytes(getattr(language.layers, t).kernel.get_value()) for t in targets)
@@ -130,14 +130,15 @@ def serving_bytes(model: Transformer, batch: int, max_len: int) -> int:
     cfg = model.config
     itemsize = np.dtype(model.options.compute_dtype).itemsize
     cache = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
-    return sum(_nbytes(a) for a in jax.tree.leaves(nnx.state(model))) + layers + 2 * merged + 3 * cache
+    return sum(_nbytes(a) for a in jax.tree.leaves(nnx.state(model))) + layers + 2 * merged + 6 * cache
 
 
 def prepare(model: Transformer, batch: int, prompt_len: int, new_tokens: int, mesh: str = "auto"):
     """(serving Mesh, {"base"|"unmerged"|"merged": Requests}): `model` copied onto the serving mesh that
     `mesh` ("auto" | "single" | "tensor" | "tensor:N", see sharding.py) picks, and its variants there.
     These are the executables `measure` times."""
-    need = serving_bytes(model, batch, prompt_len + new_tokens)
+    images = model.llava_config.tokens_per_image if hasattr(model, "llava_config") else 0  # Requests' placeholders
+    need = serving_bytes(model, batch, images + prompt_len + new_tokens)
     serve = serving_mesh(mesh, model.config.num_kv_heads, need)
     served = variants(resharded(model, serve))
     splits = split_layers(*served.values())  # one set of frozen slices for the three

@@ -24,8 +24,11 @@ def split_layers(*models) -> list[tuple[dict, ...]]:
         if id(x) not in memo:  # the entry holds x, so its id is not reused while memo lives
             slices = [x[i] for i in range(n)]
             if isinstance(x.sharding, jax.sharding.NamedSharding):
-                spec = jax.sharding.PartitionSpec(*tuple(x.sharding.spec)[1:])
-                slices = jax.device_put(slices, jax.sharding.NamedSharding(x.sharding.mesh, spec))
+                spec = tuple(x.sharding.spec)
+                if spec and spec[0] is not None:  # sharding.py never shards "layers"; a rule that did would
+                    raise ValueError(f"the layer axis is sharded ({spec[0]!r}): slices would gather it")
+                sharding = x.sharding.update(spec=jax.sharding.PartitionSpec(*spec[1:]))  # memory kind kept
+                slices = jax.device_put(slices, sharding)
             memo[id(x)] = (x, slices)
         return memo[id(x)][1]
 

@@ -256,14 +256,35 @@ def test_the_serving_mesh_rule(monkeypatch):
     assert sharding.fits_one_device(free_60, 60) and not sharding.fits_one_device(free_60, 61)
     assert sharding.fits_one_device(Device(None), 10**15)  # no memory stats (CPU): fits
     # What "auto" weighs: every weight, the merged copies of the adapted kernels, the per-layer slices
-    # the Steppers decode from (the decoder layers' arrays once, the merged kernels' once more), three KV caches.
+    # the Steppers decode from (the decoder layers' arrays once, the merged kernels' once more), two KV
+    # caches per variant (each Stepper's empty one and its live one).
     spec = LoraSpec(targets=("o_proj", "fc2"), rank=4, alpha=8)
     model = nnx.eval_shape(lambda: Transformer(TINY, spec, RuntimeOptions(), rngs=nnx.Rngs(0)))
     weights = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(model)))  # all float32
     merged = 4 * TINY.num_layers * (TINY.num_heads * TINY.head_dim + TINY.intermediate_size) * TINY.hidden_size
     cache = 2 * TINY.num_layers * 3 * 20 * TINY.num_kv_heads * TINY.head_dim * 4
     layers = sum(v.get_value().size * 4 for path, v in nnx.to_flat_state(nnx.state(model)) if path[0] == "layers")
-    assert latency.serving_bytes(model, 3, 20) == weights + layers + 2 * merged + 3 * cache
+    assert latency.serving_bytes(model, 3, 20) == weights + layers + 2 * merged + 6 * cache
+
+
+def test_the_variants_decode_from_one_frozen_split_and_a_cache_has_two_buffers():
+    """What serving_bytes counts: base, unmerged and merged share the slices of the frozen base;
+    merged has its own only for its merged kernels. A Stepper refuses another model's split."""
+    from lora_jax.serve.generate import GenerationOptions, Stepper, init_cache
+    from lora_jax.serve.layer_arrays import split_layers
+
+    v = latency.variants(_adapted())
+    base, unmerged, merged = split_layers(v["base"], v["unmerged"], v["merged"])
+    for i in range(TINY.num_layers):
+        assert base[i]["qkv"]["kernel"] is unmerged[i]["qkv"]["kernel"] is merged[i]["qkv"]["kernel"]
+        assert base[i]["attn_norm"] is merged[i]["attn_norm"]
+        assert merged[i]["o_proj"]["kernel"] is not unmerged[i]["o_proj"]["kernel"]
+        assert unmerged[i]["o_proj"]["lora_a"].shape[-1] == 4 and "lora_a" not in base[i]["o_proj"]
+    with pytest.raises(ValueError, match="not this model's per-layer arrays"):
+        Stepper(v["unmerged"], GenerationOptions(max_new_tokens=2), 1, 4, layers=base)
+    for per_layer in (False, True):  # k and v are separate buffers (a step donates both)
+        cache = init_cache(v["base"], 1, 8, per_layer=per_layer)
+        assert all(k is not w for k, w in zip(jax.tree.leaves(cache["k"]), jax.tree.leaves(cache["v"])))
 
 
 def test_a_llava_and_a_bank_reshard_onto_the_serving_mesh():
