@@ -273,10 +273,8 @@ class Transformer(nnx.Module):
         the base); without them the rows are grouped, row b*K + k for arm k (see lora/bank.py).
         `embeds` [batch, time, embed]: the input embeddings to use instead of the tokens' (LLaVA: image
         features in the image placeholders' places, llava.py).
-        `layer_params`: the decoder layers' arrays as one dict per layer (`serve.layer_arrays`), used
-        instead of the stacked ones with the layers unrolled; the cache may then be per layer too. The timed
-        decoding (`serve.generate.Stepper`) takes them: on XLA:CPU a layer's slice of a stacked weight
-        or cache is a copy made at every step, so each weight was read twice per token.
+        `layer_params`: one dict of arrays per layer (`serve.layer_arrays`), the layers then unrolled
+        and the cache may be per layer: the Stepper's decoding (on XLA:CPU a slice of the stacks is a copy).
         """
         cfg, opts = self.config, self.options
         b, t = tokens.shape
@@ -335,9 +333,8 @@ class Transformer(nnx.Module):
         xs = {"layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
         if len(cfg.window_kinds) > 1:  # layers of several window kinds: each picks its own (make_layer_fn)
             xs["kind"] = jnp.asarray([cfg.window_kind_of_layer(i) for i in range(cfg.num_layers)], jnp.int32)
-        # With a cache the k/v (stacked [layers, ...], or one array per layer) are carried through the
-        # layers and each layer writes only its new tokens into them (in place); as scanned outputs every
-        # step rewrote the whole cache.
+        # With a cache the k/v (stacked, or per layer) are carried through the layers, each writing only
+        # its new tokens in place; as scanned outputs every step rewrote the whole cache.
         carry = h if cache is None else (h, cache["k"], cache["v"])
 
         body = make_layer_fn(ctx)
