@@ -526,10 +526,10 @@ def make_layer_fn(ctx: _LayerContext):
         cos, sin = ctx.cos, ctx.sin
         if ctx.local_rope is not None:
             flags = [w is not None for w in cfg.window_kinds]
-            local = flags[0] if kind is None else flags[kind] if isinstance(kind, int) else jnp.asarray(flags)[kind]
-            if isinstance(local, bool):
-                cos, sin = ctx.local_rope if local else (cos, sin)
+            if kind is None or isinstance(kind, int):  # the layer's window kind is known: a static pick
+                cos, sin = ctx.local_rope if flags[kind or 0] else (cos, sin)
             else:
+                local = jnp.asarray(flags)[kind]
                 cos, sin = (jnp.where(local, lo, gl) for lo, gl in zip(ctx.local_rope, (cos, sin)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None:

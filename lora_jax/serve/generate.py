@@ -90,10 +90,10 @@ def sample(logits: jax.Array, key: jax.Array, opts: GenerationOptions) -> jax.Ar
 def _last_logits(
     model: Transformer, tokens, positions, segment_ids, cache, adapter_ids=None, pixels=None, layer_params=None
 ):
-    extra = {} if pixels is None else {"pixels": pixels}  # LLaVA's prefill: the rows' images
-    if layer_params is not None:
-        extra["layer_params"] = layer_params
-    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids, **extra)
+    images = {} if pixels is None else {"pixels": pixels}  # LLaVA's prefill: the rows' images
+    h, cache = model.hidden_states(
+        tokens, positions, segment_ids, cache=cache, adapter_ids=adapter_ids, layer_params=layer_params, **images
+    )
     return model.logits_from_hidden(h[:, -1:])[:, 0], cache
 
 
@@ -216,11 +216,9 @@ def check_layer_arrays(model: Transformer, layers) -> None:
     """`layers` must be this model's per-layer arrays (`split_layers`): one dict per layer, with its
     structure and shapes. A split of another variant would decode silently without (or with other)
     adapters."""
-    stacked = getattr(model, "language", model).layers.arrays()
-    want = jax.tree.map(lambda x: x.shape[1:], stacked)
-    if len(layers) != getattr(model, "language", model).config.num_layers or any(
-        jax.tree.map(lambda x: x.shape, layer) != want for layer in layers
-    ):
+    language = getattr(model, "language", model)
+    want = jax.tree.map(lambda x: x.shape[1:], language.layers.arrays())
+    if len(layers) != language.config.num_layers or any(jax.tree.map(lambda x: x.shape, lay) != want for lay in layers):
         raise ValueError("layers are not this model's per-layer arrays (split_layers(model))")
 
 
