@@ -88,6 +88,40 @@ def test_logits_match_transformers_llava(tmp_path, kind):
     assert np.abs(ref).max() > 0.1
 
 
+def test_greedy_decoding_with_images_is_transformers_token_for_token(tmp_path):
+    """Rows of one and of two images, decoded greedily by transformers' `generate`, by our `generate`
+    (stacked weights and cache under the layer scan) and by the timed Stepper (per-layer weights and
+    caches, layers unrolled; its prefill runs the tower)."""
+    import torch
+
+    from lora_jax.serve.generate import GenerationOptions, Stepper, generate
+
+    hf, d = tiny_llava_dir(tmp_path, "siglip")
+    ours = load_llava(d, None, RuntimeOptions(), one_device())
+    n, new = ours.llava_config.tokens_per_image, 8
+    rng = np.random.default_rng(3)
+    text = lambda k: list(rng.integers(1, 290, k))  # noqa: E731
+    ids = np.array(
+        [text(5) + [IMAGE_TOKEN] * n + text(n + 3), text(3) + [IMAGE_TOKEN] * n + text(4) + [IMAGE_TOKEN] * n + text(1)]
+    )
+    pixels = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False
+        )
+    ref = out[:, ids.shape[1] :].numpy()
+    per_row = np.zeros((2, 2, 32, 32, 3), np.float32)
+    per_row[0, 0], per_row[1, 0], per_row[1, 1] = (p.transpose(1, 2, 0) for p in pixels)
+    mask, opts = np.ones_like(ids), GenerationOptions(max_new_tokens=new)
+    np.testing.assert_array_equal(np.asarray(generate(ours, ids, mask, opts, pixels=per_row)[0]), ref)
+    stepper = Stepper(ours, opts, 2, ids.shape[1])
+    steps = [np.asarray(stepper.prefill(ids, mask, pixels=per_row))] + [
+        np.asarray(stepper.step()) for _ in range(new - 1)
+    ]
+    np.testing.assert_array_equal(np.stack(steps, axis=1), ref)
+    assert len({tuple(r) for r in ref}) == 2  # the rows decode differently: each saw its own images
+
+
 @needs_fixtures
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 def test_preprocessing_matches_transformers_on_a_real_image(tmp_path, kind):
