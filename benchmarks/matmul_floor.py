@@ -1,15 +1,18 @@
-"""The train step's matmul floor: every dot_general of our LoRA train step, run alone, on XLA and on torch.
+"""The train step's matmul floor: every dot_general of our LoRA train step, timed alone, on XLA and torch.
 
     python benchmarks/matmul_floor.py [--arms o_proj,all] [--rounds 3] [--steps 4]
+    XLA_FLAGS="--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot" python benchmarks/matmul_floor.py
 
 Per arm, in interleaved rounds in one process (the host drifts, so only ratios are claims):
 - our whole train step and PEFT's (the pinned peer of train_throughput.py), on the bench model;
-- "XLA dots": every dot_general of our step's jaxpr, counted as often as it runs (scan bodies times
-  their length), in one jitted program, each call with its own operands: what our step's matmuls
-  cost on XLA:CPU with nothing else around them;
-- "torch dots": the same matmuls (same shapes, same contractions) through torch.einsum.
-It then prints the step time that 1.15x PEFT's throughput needs and how much of it the XLA dots
-alone take. If they take nearly all of it, no change outside the matmuls can reach that speed.
+- "XLA dots": every dot_general of our step's jaxpr, counted as often as it runs (a scan body's dots
+  times its length), each distinct one timed alone (median of 5 jitted calls, operands resident, its
+  output written fresh each call) and summed over its count: what the step's matmuls cost at XLA's
+  own per-shape rates, with nothing around them and no cache misses on their inputs;
+- "torch dots": the same matmuls (shapes, contractions) timed alike through torch.einsum.
+It prints the step time that 1.15x PEFT's throughput needs, the MFU that needs (against the
+float32 2048^3 matmul peak measured in this process, as train_throughput.py's MFU), and what the
+dots alone leave of that time for everything else.
 """
 
 from __future__ import annotations
@@ -32,28 +35,36 @@ from jax.extend import core as jex_core  # noqa: E402
 Dot = tuple
 
 
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(sub, jex_core.ClosedJaxpr):
+                yield sub.jaxpr
+            elif isinstance(sub, jex_core.Jaxpr):
+                yield sub
+
+
 def step_dots(fn, *args) -> collections.Counter:
     """Every dot_general that `fn(*args)` runs, with how many times it runs (a scan body's dots count
-    `length` times). A while loop has no static trip count: it is refused rather than miscounted."""
-    dots: collections.Counter = collections.Counter()
+    `length` times). A while loop (no static trip count) or a cond (no static branch) around dots is
+    refused rather than miscounted."""
 
-    def walk(jaxpr, times):
+    def walk(jaxpr, times, dots):
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             if name == "dot_general":
                 lhs, rhs = eqn.invars
                 dots[(lhs.aval.shape, rhs.aval.shape, str(lhs.aval.dtype), eqn.params["dimension_numbers"])] += times
-            if name == "while":
-                raise ValueError("a while loop in the step: its dots' trip count is not static")
             inner = times * eqn.params["length"] if name == "scan" else times
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        walk(sub.jaxpr, inner)
-                    elif isinstance(sub, jex_core.Jaxpr):
-                        walk(sub, inner)
+            found = collections.Counter()
+            for sub in _sub_jaxprs(eqn):
+                walk(sub, inner, found)
+            if found and name in ("while", "cond"):
+                raise ValueError(f"dots under a {name} in the step: how often they run is not static")
+            dots.update(found)
 
-    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+    dots: collections.Counter = collections.Counter()
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, dots)
     return dots
 
 
@@ -80,41 +91,58 @@ def einsum_spec(dot: Dot) -> str:
     return f"{''.join(a)},{''.join(b)}->{''.join(out)}"
 
 
-class DotsAlone:
-    """The given dots, each call with its own random float32 operands, on XLA (one jitted program) and
-    on torch (einsum per call); `xla()` and `torch()` -> seconds for all of them once."""
+class DotAlone:
+    """One dot on random float32 operands, on XLA (jitted `lax.dot_general`) and on torch (einsum)."""
 
-    def __init__(self, dots: collections.Counter, seed: int = 0):
+    def __init__(self, dot: Dot, seed: int = 0):
         import torch
 
+        if dot[2] != "float32":
+            raise ValueError(f"float32 dots only (the bench step's), got {dot[2]}")
         rng = np.random.default_rng(seed)
-        self.calls = [d for d, n in dots.items() for _ in range(n)]
-        host = [(rng.standard_normal(d[0], np.float32), rng.standard_normal(d[1], np.float32)) for d in self.calls]
-        self.jax_ops = jax.device_put(host)
-        self.torch_ops = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in host]
-        self.specs = [einsum_spec(d) for d in self.calls]
-        numbers = [d[3] for d in self.calls]
-        self._run = jax.jit(lambda ops: [jax.lax.dot_general(a, b, n) for (a, b), n in zip(ops, numbers)])
-        self.xla()
-        self.torch()
+        a, b = (rng.standard_normal(shape, np.float32) for shape in dot[:2])
+        self.jax_ops = jax.device_put((a, b))
+        self.torch_ops = (torch.from_numpy(a), torch.from_numpy(b))
+        self.spec, numbers = einsum_spec(dot), dot[3]
+        self._xla = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers))
 
-    def xla(self) -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(self._run(self.jax_ops))
-        return time.perf_counter() - start
+    def xla(self):
+        return self._xla(*self.jax_ops)
 
-    def torch(self) -> float:
+    def torch(self):
         import torch
 
-        start = time.perf_counter()
-        for spec, (a, b) in zip(self.specs, self.torch_ops):
-            torch.einsum(spec, a, b)
-        return time.perf_counter() - start
+        return torch.einsum(self.spec, *self.torch_ops)
+
+    def seconds(self, repeats: int = 5) -> tuple[float, float]:
+        """(XLA, torch): the median of `repeats` calls each, after one untimed call."""
+
+        def median(call, wait):
+            wait(call())
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                wait(call())
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        return median(self.xla, jax.block_until_ready), median(self.torch, lambda x: x)
+
+
+def floor_seconds(dots: collections.Counter, repeats: int = 5) -> tuple[float, float]:
+    """(XLA, torch): each distinct dot's median time, summed over how often the step runs it."""
+    xla = torch = 0.0
+    for dot, n in dots.items():
+        x, t = DotAlone(dot).seconds(repeats)
+        xla, torch = xla + n * x, torch + n * t
+    return xla, torch
 
 
 def main():
     from benchmarks.train_throughput import OursStep, PeftStep, bench_config, peer_settings
+    from lora_jax.run.config import lora_spec, random_model_config
     from lora_jax.sharding import make_mesh
+    from lora_jax.train import accounting
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--arms", default="o_proj,all")
@@ -123,35 +151,31 @@ def main():
     args = ap.parse_args()
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     print(peer_settings())
-    print("float32, batch 4 x 512; seconds, medians over rounds; the dots are timed 3x per round")
-    print(
-        f"{'arm':<10}{'ours':>7}{'PEFT':>7}{'XLA dots':>10}{'torch dots':>11}{'dots GF':>9}{'1.15x PEFT':>11}  XLA dots / 1.15x"
-    )
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; float32, batch 4 x 512; seconds, medians of the rounds")
     for arm in args.arms.split(","):
         targets = ("qkv", "o_proj", "fc1", "fc2") if arm == "all" else tuple(arm.split("+"))
-        ours = OursStep(bench_config(targets, "float32", "causal_blocks", "none", 4, 512), mesh)
+        config = bench_config(targets, "float32", "causal_blocks", "none", 4, 512)
+        ours = OursStep(config, mesh)
         dots = step_dots(ours.c.train_step, ours.lora, ours.opt, ours.c.frozen, ours.batch, 0)
         flops = sum(dot_flops(d) * n for d, n in dots.items())
-        alone = DotsAlone(dots)
+        counted = accounting.train_flops_per_step(random_model_config(config), lora_spec(config), 4, 512)
         peft = PeftStep(targets, 4, 512)
         rounds = []
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             o, p = ours.run(args.steps), peft.run(args.steps)
-            x = statistics.median(alone.xla() for _ in range(3))
-            t = statistics.median(alone.torch() for _ in range(3))
-            rounds.append((o, p, x, t))
-        o, p, x, t = (statistics.median(c) for c in zip(*rounds))
+            x, t = floor_seconds(dots)
+            rounds.append((o, p, x, t, accounting.measure_matmul_peak()))
+            print(f"  {arm} round {r}: ours {o:.3f}  PEFT {p:.3f}  XLA dots {x:.3f}  torch dots {t:.3f}", flush=True)
+        o, p, x, t, peak = (statistics.median(c) for c in zip(*rounds))
         need = p / 1.15
         print(
-            f"{arm:<10}{o:>7.3f}{p:>7.3f}{x:>10.3f}{t:>11.3f}{flops / 1e9:>9.1f}{need:>11.3f}  {x / need:.2f}",
+            f"{arm}: {sum(dots.values())} dots, {flops / 1e9:.1f} GFLOP (accounting's MFU count: {counted / 1e9:.1f}); "
+            f"XLA {flops / x / 1e9:.0f} GFLOP/s, torch {flops / t / 1e9:.0f}, peak {peak / 1e9:.0f}\n"
+            f"  ours {o:.3f} s (MFU {counted / o / peak:.1%}), PEFT {p:.3f} s; 1.15x PEFT needs {need:.3f} s "
+            f"(MFU {counted / need / peak:.1%}); the XLA dots alone take {x:.3f} s, {x / need:.0%} of it, leaving "
+            f"{need - x:.3f} s for the rest (ours takes {o - x:.3f} s more than its dots alone)",
             flush=True,
         )
-        print(
-            f"{'':<10}{sum(dots.values())} dots; XLA {flops / x / 1e9:.0f} GFLOP/s, torch {flops / t / 1e9:.0f}; "
-            f"our step minus its dots {o - x:.3f} s; 1.15x PEFT leaves {need - x:.3f} s beside the dots",
-            flush=True,
-        )
-        del alone, peft, ours
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ Per token:
              + input-gradient backward (= forward's matmul term, 2 x forward's attention term)
              + LoRA weight-gradient terms (2 x LoRA params)
 MFU = achieved FLOP/s / the best of >= 5 timed float32 2048^3 matmuls in the same process.
-Under the layer scan a train step's dots are exactly this count, plus the masked score entries its
-attention kernel computes anyway (`xla`: half of every score matrix; `causal_blocks`: half of each
-diagonal block); tests/benchmarks/test_matmul_floor.py counts them. With the layers unrolled,
-autodiff also skips layer 0's input gradients upstream of its first adapter (nothing below needs
-them), which this count keeps. On the bench model's unrolled causal-block step
-(benchmarks/train_throughput.py) the count is 0.8% below (`qkv`) to 2.6% above (`fc2`) the dots
-that run; `o_proj` 0.5% above.
+Under the layer scan, a train step on the plain LoRA path (`fused_lora_matmul=False`; the fused
+float32 path forms each adapted W + s·A·B per call instead) runs exactly this count's dots, plus
+the masked score entries its attention kernel computes anyway (`xla`: half of every score matrix;
+`causal_blocks`: half of each diagonal block); tests/benchmarks/test_matmul_floor.py counts them.
+With the layers unrolled, autodiff also skips layer 0's input gradients upstream of its first
+adapter (nothing below needs them), which this count keeps. On the bench model's unrolled, fused,
+causal-block step (benchmarks/train_throughput.py) the count is 0.8% below (`qkv`) to 2.6% above
+(`fc2`) the dots that run; `o_proj` 0.5% above.
 """
 
 from __future__ import annotations

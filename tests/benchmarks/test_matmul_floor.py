@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks.matmul_floor import dot_flops, einsum_spec, step_dots
+from benchmarks.matmul_floor import DotAlone, dot_flops, einsum_spec, step_dots
 from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.config import ModelConfig
@@ -33,8 +33,8 @@ CFG = ModelConfig(
 B, T, RANK = 2, 32, 4
 
 
-def counted_step_flops(targets, scan_layers: bool) -> int:
-    """FLOPs of the dots of a jitted-to-be train step (loss in 2 chunks), from its jaxpr."""
+def tiny_step_dots(targets, scan_layers: bool):
+    """The dots of a train step of CFG (loss in 2 chunks, the plain LoRA path), from its jaxpr."""
     spec = LoraSpec(targets=targets, rank=RANK, alpha=8)
     opts = RuntimeOptions(scan_layers=scan_layers, fused_lora_matmul=False, attention_impl="xla")
     model = nnx.eval_shape(lambda: Transformer(CFG, spec, opts, rngs=nnx.Rngs(0)))
@@ -44,8 +44,11 @@ def counted_step_flops(targets, scan_layers: bool) -> int:
     ints = jax.ShapeDtypeStruct((B, T), jnp.int32)
     batch = {n: ints for n in ("tokens", "targets", "segment_ids", "positions")}
     batch["loss_mask"] = jax.ShapeDtypeStruct((B, T), jnp.float32)
-    dots = step_dots(step, lora, jax.eval_shape(tx.init, lora), frozen, batch, 0)
-    return sum(dot_flops(d) * n for d, n in dots.items())
+    return step_dots(step, lora, jax.eval_shape(tx.init, lora), frozen, batch, 0)
+
+
+def counted_step_flops(targets, scan_layers: bool) -> int:
+    return sum(dot_flops(d) * n for d, n in tiny_step_dots(targets, scan_layers).items())
 
 
 def accounted_flops(targets) -> float:
@@ -86,9 +89,26 @@ def test_einsum_spec_is_the_dot_general():
     assert dot_flops((a.shape, b.shape, "float32", numbers)) == 2 * 3 * 5 * 6 * 4 * 2
 
 
-def test_a_while_loop_is_refused_not_miscounted():
+def test_each_of_a_steps_dots_computes_the_same_on_xla_and_torch():
+    """What the floor times on each side is the same product, for every dot of a real step."""
+    torch = pytest.importorskip("torch")
+    dots = tiny_step_dots(TARGETS, scan_layers=True)
+    assert len(dots) > 10 and any(d[3][1][0] for d in dots)  # batched (attention) dots among them
+    for dot in dots:
+        alone = DotAlone(dot)
+        with torch.no_grad():
+            want = np.asarray(alone.xla())
+            np.testing.assert_allclose(alone.torch().numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_while_loop_or_a_cond_is_refused_not_miscounted():
     def f(x):
         return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ c[0], c[1] + 1), (x, 0))[0]
 
-    with pytest.raises(ValueError, match="while loop"):
+    with pytest.raises(ValueError, match="under a while"):
         step_dots(f, jnp.ones((4, 4)))
+    with pytest.raises(ValueError, match="under a cond"):
+        step_dots(lambda x, p: jax.lax.cond(p, lambda: x @ x, lambda: x), jnp.ones((4, 4)), True)
+    # a cond without dots is counted through (its dots: none)
+    count = step_dots(lambda x, p: jax.lax.cond(p, lambda: x + 1, lambda: x) @ x, jnp.ones((4, 4)), True)
+    assert sum(count.values()) == 1

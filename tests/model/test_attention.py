@@ -140,6 +140,7 @@ def test_chunked_attention_with_the_kv_cache_matches_the_reference():
     "impl, remat, scan",
     [
         ("causal_blocks", "none", True),
+        ("causal_blocks", "none", False),
         ("causal_blocks", "dots", True),
         ("causal_blocks", "full", False),
         ("chunked", "dots", True),
@@ -182,6 +183,7 @@ def test_model_lora_gradients_through_each_kernel_and_remat_equal_the_reference(
 
     ref = lora_grads(RuntimeOptions(attention_impl="xla"))
     got = lora_grads(RuntimeOptions(attention_impl="small", remat=remat, scan_layers=scan))
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
     for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
         assert float(jnp.max(jnp.abs(r))) > 1e-3, path  # every leaf has a real gradient
         np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.max(jnp.abs(r))), rtol=0, err_msg=str(path))

@@ -104,22 +104,31 @@ def test_greedy_decoding_with_images_is_transformers_token_for_token(tmp_path):
     ids = np.array(
         [text(5) + [IMAGE_TOKEN] * n + text(n + 3), text(3) + [IMAGE_TOKEN] * n + text(4) + [IMAGE_TOKEN] * n + text(1)]
     )
-    pixels = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False
-        )
-    ref = out[:, ids.shape[1] :].numpy()
-    per_row = np.zeros((2, 2, 32, 32, 3), np.float32)
-    per_row[0, 0], per_row[1, 0], per_row[1, 1] = (p.transpose(1, 2, 0) for p in pixels)
     mask, opts = np.ones_like(ids), GenerationOptions(max_new_tokens=new)
-    np.testing.assert_array_equal(np.asarray(generate(ours, ids, mask, opts, pixels=per_row)[0]), ref)
     stepper = Stepper(ours, opts, 2, ids.shape[1])
-    steps = [np.asarray(stepper.prefill(ids, mask, pixels=per_row))] + [
-        np.asarray(stepper.step()) for _ in range(new - 1)
-    ]
-    np.testing.assert_array_equal(np.stack(steps, axis=1), ref)
-    assert len({tuple(r) for r in ref}) == 2  # the rows decode differently: each saw its own images
+
+    def decode(pixels):
+        """pixels [3 images, 3, 32, 32] (torch layout, row-major over the batch) -> transformers' new
+        ids, after checking that our generate and the Stepper decode the same."""
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False
+            )
+        ref = out[:, ids.shape[1] :].numpy()
+        per_row = np.zeros((2, 2, 32, 32, 3), np.float32)
+        per_row[0, 0], per_row[1, 0], per_row[1, 1] = (p.transpose(1, 2, 0) for p in pixels)
+        np.testing.assert_array_equal(np.asarray(generate(ours, ids, mask, opts, pixels=per_row)[0]), ref)
+        steps = [np.asarray(stepper.prefill(ids, mask, pixels=per_row))]
+        steps += [np.asarray(stepper.step()) for _ in range(new - 1)]
+        np.testing.assert_array_equal(np.stack(steps, axis=1), ref)
+        return ref
+
+    pixels = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
+    first = decode(pixels)
+    pixels[2] = rng.normal(size=(3, 32, 32))  # row 1's second image, another
+    second = decode(pixels)
+    np.testing.assert_array_equal(second[0], first[0])  # row 0: the same prompt and image
+    assert not np.array_equal(second[1], first[1])  # row 1 decodes from its images
 
 
 @needs_fixtures
