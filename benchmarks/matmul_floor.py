@@ -9,7 +9,9 @@ Per arm, in interleaved rounds in one process (the host drifts, so only ratios a
   times its length), each distinct one timed alone (median of 5 jitted calls, operands resident, its
   output written fresh each call) and summed over its count: what the step's matmuls cost at XLA's
   own per-shape rates, with nothing around them and no cache misses on their inputs;
-- "torch dots": the same matmuls (shapes, contractions) timed alike through torch.einsum.
+- "torch dots": the same matmuls (shapes, contractions) timed alike through torch.einsum;
+- our dots inside our step: a profile of our step, and the wall time during which one of its dots
+  runs (this needs TensorFlow's profiler protos, as in the test environment).
 It prints the step time that 1.15x PEFT's throughput needs, the MFU that needs (against the
 float32 2048^3 matmul peak measured in this process, as train_throughput.py's MFU), and what the
 dots alone leave of that time for everything else.
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import math
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,11 +134,67 @@ class DotAlone:
         return median(self.xla, jax.block_until_ready), median(self.torch, lambda x: x)
 
 
-def floor_seconds(dots: collections.Counter, repeats: int = 5) -> tuple[float, float]:
-    """(XLA, torch): each distinct dot's median time, summed over how often the step runs it."""
+def instructions_with_dots(hlo_text: str) -> set[str]:
+    """Names of the compiled module's instructions that run a dot: a `dot` itself, or a fusion (e.g.
+    a YNNPACK fusion) whose computation holds one. Profiler events carry these names."""
+    computation, with_dot, calls = None, set(), {}
+    for line in hlo_text.splitlines():
+        if match := re.match(r"^(?:ENTRY )?%(\S+) \(", line):
+            computation = match.group(1)
+        elif match := re.match(r"^\s*(?:ROOT )?%(\S+) = .*? (dot|fusion)\(", line):
+            if match.group(2) == "dot":
+                with_dot.add(computation)
+                calls[match.group(1)] = None
+            elif called := re.search(r"calls=%([^,\s}]+)", line):
+                calls[match.group(1)] = called.group(1)
+    return {name for name, called in calls.items() if called is None or called in with_dot}
+
+
+def _union_seconds(intervals) -> float:
+    total, end = 0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total, end = total + stop - start, stop
+        elif stop > end:
+            total, end = total + stop - end, stop
+    return total / 1e12
+
+
+def traced_seconds(ours, steps: int, workdir: str) -> tuple[float, float]:
+    """(step, dots) seconds per step, from a profile of `steps` of our steps: the step as the runtime
+    timed it, and the wall time during which at least one of its dots was running (XLA:CPU's worker
+    threads: a dot that splits over both cores counts once). Reads the profile with TensorFlow's
+    XPlane proto."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with jax.profiler.trace(workdir):
+        ours.times(steps)
+    compiled = ours.c.train_step.lower(ours.lora, ours.opt, ours.c.frozen, ours.batch, 0).compile()
+    dot_ops = instructions_with_dots(compiled.as_text())
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    step_s, dots = [], []
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name, start = names.get(event.metadata_id, ""), line.timestamp_ns * 1000 + event.offset_ps
+                if name.startswith("ThunkExecutor::Execute (wait"):  # one whole step, on the client thread
+                    step_s.append(event.duration_ps / 1e12)
+                elif name in dot_ops:
+                    dots.append((start, start + event.duration_ps))
+    if len(step_s) != steps or not dots:
+        raise RuntimeError(f"the profile in {workdir} has {len(step_s)} steps (expected {steps}), {len(dots)} dots")
+    return statistics.median(step_s), _union_seconds(dots) / steps
+
+
+def floor_seconds(alone: dict, dots: collections.Counter, repeats: int = 5) -> tuple[float, float]:
+    """(XLA, torch): each distinct dot's median time, summed over how often the step runs it. alone:
+    {dot: DotAlone}, built once (each DotAlone compiles its dot on first use)."""
     xla = torch = 0.0
     for dot, n in dots.items():
-        x, t = DotAlone(dot).seconds(repeats)
+        x, t = alone[dot].seconds(repeats)
         xla, torch = xla + n * x, torch + n * t
     return xla, torch
 
@@ -159,21 +220,27 @@ def main():
         dots = step_dots(ours.c.train_step, ours.lora, ours.opt, ours.c.frozen, ours.batch, 0)
         flops = sum(dot_flops(d) * n for d, n in dots.items())
         counted = accounting.train_flops_per_step(random_model_config(config), lora_spec(config), 4, 512)
+        alone = {dot: DotAlone(dot) for dot in dots}
         peft = PeftStep(targets, 4, 512)
         rounds = []
         for r in range(args.rounds):
             o, p = ours.run(args.steps), peft.run(args.steps)
-            x, t = floor_seconds(dots)
+            x, t = floor_seconds(alone, dots)
             rounds.append((o, p, x, t, accounting.measure_matmul_peak()))
-            print(f"  {arm} round {r}: ours {o:.3f}  PEFT {p:.3f}  XLA dots {x:.3f}  torch dots {t:.3f}", flush=True)
+            print(f"  {arm} round {r}: ours {o:.3f}  PEFT {p:.3f}  XLA dots alone {x:.3f}  torch {t:.3f}", flush=True)
         o, p, x, t, peak = (statistics.median(c) for c in zip(*rounds))
+        with tempfile.TemporaryDirectory() as workdir:
+            traced_step, in_step = traced_seconds(ours, args.steps, workdir)
         need = p / 1.15
         print(
-            f"{arm}: {sum(dots.values())} dots, {flops / 1e9:.1f} GFLOP (accounting's MFU count: {counted / 1e9:.1f}); "
-            f"XLA {flops / x / 1e9:.0f} GFLOP/s, torch {flops / t / 1e9:.0f}, peak {peak / 1e9:.0f}\n"
-            f"  ours {o:.3f} s (MFU {counted / o / peak:.1%}), PEFT {p:.3f} s; 1.15x PEFT needs {need:.3f} s "
-            f"(MFU {counted / need / peak:.1%}); the XLA dots alone take {x:.3f} s, {x / need:.0%} of it, leaving "
-            f"{need - x:.3f} s for the rest (ours takes {o - x:.3f} s more than its dots alone)",
+            f"{arm}: {sum(dots.values())} dots, {flops / 1e9:.1f} GFLOP (accounting's MFU count {counted / 1e9:.1f}); "
+            f"float32 peak {peak / 1e9:.0f} GFLOP/s\n"
+            f"  ours {o:.3f} s (MFU {counted / o / peak:.1%}), PEFT {p:.3f} s; "
+            f"1.15x PEFT needs {need:.3f} s (MFU {counted / need / peak:.1%})\n"
+            f"  our dots inside our step (profiled, a {traced_step:.3f} s step): {in_step:.3f} s; alone: "
+            f"XLA {x:.3f} s ({flops / x / 1e9:.0f} GFLOP/s), torch {t:.3f} s ({flops / t / 1e9:.0f} GFLOP/s)\n"
+            f"  beside its dots our step spends {traced_step - in_step:.3f} s; 1.15x PEFT would leave "
+            f"{need - in_step:.3f} s for that",
             flush=True,
         )
 

@@ -6,6 +6,8 @@ causal-half) score matrices are added. With the layers unrolled, autodiff leaves
 gradients upstream of its first adapter (nothing below needs them), and the count shows exactly those.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,18 @@ def test_a_while_loop_or_a_cond_is_refused_not_miscounted():
     # a cond without dots is counted through (its dots: none)
     count = step_dots(lambda x, p: jax.lax.cond(p, lambda: x + 1, lambda: x) @ x, jnp.ones((4, 4)), True)
     assert sum(count.values()) == 1
+
+
+def test_the_profiled_dots_are_the_instructions_that_hold_one():
+    from benchmarks.matmul_floor import _union_seconds, instructions_with_dots
+
+    x = jnp.ones((64, 64))
+    hlo = jax.jit(lambda a: jnp.tanh(a @ a.T) @ a + jnp.exp(a)).lower(x).compile().as_text()
+    names = instructions_with_dots(hlo)
+    executed = re.findall(r"^\s*(?:ROOT )?%(\S+) = ", hlo.split("ENTRY")[1], re.M)
+    with_dots = [n for n in executed if n in names]
+    assert len(with_dots) == 2  # the two products (on XLA:CPU: YNNPACK fusions), not the tanh or exp
+    assert not any("tanh" in n or "exp" in n for n in with_dots), executed
+    assert not instructions_with_dots(jax.jit(lambda a: jnp.exp(a) + 1).lower(x).compile().as_text())
+    # overlapping intervals (picoseconds) count once: [0, 3) u [2, 5) u [7, 8) = 6
+    assert _union_seconds([(2, 5), (0, 3), (7, 8)]) * 1e12 == pytest.approx(6)
