@@ -10,7 +10,7 @@ MFU = achieved FLOP/s / the best of >= 5 timed float32 2048^3 matmuls in the sam
 Under the layer scan, a train step on the plain LoRA path (`fused_lora_matmul=False`; the fused
 float32 path forms each adapted W + s·A·B per call instead) runs exactly this count's dots, plus
 the masked score entries its attention kernel computes anyway (`xla`: half of every score matrix;
-`causal_blocks`: half of each diagonal block); tests/benchmarks/test_matmul_floor.py counts them.
+`causal_blocks`: half of each diagonal block); tests/benchmarks/test_step_matmuls.py counts them.
 With the layers unrolled, autodiff also skips layer 0's input gradients upstream of its first
 adapter (nothing below needs them), which this count keeps. On the bench model's unrolled, fused,
 causal-block step (benchmarks/train_throughput.py) the count is 0.8% below (`qkv`) to 2.6% above

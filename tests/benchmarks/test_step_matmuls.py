@@ -1,4 +1,4 @@
-"""benchmarks/matmul_floor.py counts the train step's matmuls exactly, and runs them as they are written.
+"""benchmarks/step_matmuls.py counts the train step's matmuls exactly, and runs them as they are written.
 
 The count is checked against lora_jax.train.accounting's training-step FLOPs, exactly: under the layer
 scan every layer runs the whole backward, so the two agree once the `xla` attention's full (not
@@ -6,15 +6,13 @@ causal-half) score matrices are added. With the layers unrolled, autodiff leaves
 gradients upstream of its first adapter (nothing below needs them), and the count shows exactly those.
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks.matmul_floor import DotAlone, dot_flops, einsum_spec, step_dots
+from benchmarks.step_matmuls import DotAlone, dot_flops, einsum_spec, step_dots
 from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
 from lora_jax.model.config import ModelConfig
@@ -117,15 +115,31 @@ def test_a_while_loop_or_a_cond_is_refused_not_miscounted():
 
 
 def test_the_profiled_dots_are_the_instructions_that_hold_one():
-    from benchmarks.matmul_floor import _union_seconds, instructions_with_dots
+    from benchmarks.step_matmuls import _union_seconds, dot_instructions
 
     x = jnp.ones((64, 64))
     hlo = jax.jit(lambda a: jnp.tanh(a @ a.T) @ a + jnp.exp(a)).lower(x).compile().as_text()
-    names = instructions_with_dots(hlo)
-    executed = re.findall(r"^\s*(?:ROOT )?%(\S+) = ", hlo.split("ENTRY")[1], re.M)
-    with_dots = [n for n in executed if n in names]
-    assert len(with_dots) == 2  # the two products (on XLA:CPU: YNNPACK fusions), not the tanh or exp
-    assert not any("tanh" in n or "exp" in n for n in with_dots), executed
-    assert not instructions_with_dots(jax.jit(lambda a: jnp.exp(a) + 1).lower(x).compile().as_text())
+    dots, executed = dot_instructions(hlo)
+    assert len(executed) == 2  # the two products (on XLA:CPU: YNNPACK fusions), not the tanh or exp
+    assert not any(dots[n] for n in executed)  # holding nothing but the product
+    assert not dot_instructions(jax.jit(lambda a: jnp.exp(a) + 1).lower(x).compile().as_text())[0]
+    # a dot fused with other work is reported with that work
+    hlo = jax.jit(lambda a: (jnp.exp(a) @ a.T).sum()).lower(x).compile().as_text()
+    dots, executed = dot_instructions(hlo)
+    assert len(executed) == 1 and {"exponential", "reduce"} <= dots[executed.pop()]
     # overlapping intervals (picoseconds) count once: [0, 3) u [2, 5) u [7, 8) = 6
     assert _union_seconds([(2, 5), (0, 3), (7, 8)]) * 1e12 == pytest.approx(6)
+
+
+def test_a_profile_finds_every_dot_of_every_execution_loop_bodies_included(tmp_path):
+    pytest.importorskip("tensorflow")
+    from benchmarks.step_matmuls import traced_seconds
+
+    def f(x, w):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)[0] @ w
+
+    x, w = jnp.ones((128, 128)) * 0.01, jnp.ones((128, 128)) * 0.01
+    fn = jax.jit(f)
+    hlo = fn.lower(x, w).compile().as_text()
+    step, dots, mixed = traced_seconds(lambda: fn(x, w).block_until_ready(), hlo, 2, str(tmp_path))
+    assert 0 < dots <= step and not mixed

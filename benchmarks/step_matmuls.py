@@ -1,20 +1,21 @@
-"""The train step's matmul floor: every dot_general of our LoRA train step, timed alone, on XLA and torch.
+"""The train step's matmuls: how long they run inside our LoRA train step, and alone on XLA and torch.
 
-    python benchmarks/matmul_floor.py [--arms o_proj,all] [--rounds 3] [--steps 4]
-    XLA_FLAGS="--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot" python benchmarks/matmul_floor.py
+    python benchmarks/step_matmuls.py [--arms o_proj,all] [--rounds 3] [--steps 4]
+    XLA_FLAGS="--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot" python benchmarks/step_matmuls.py
 
-Per arm, in interleaved rounds in one process (the host drifts, so only ratios are claims):
-- our whole train step and PEFT's (the pinned peer of train_throughput.py), on the bench model;
-- "XLA dots": every dot_general of our step's jaxpr, counted as often as it runs (a scan body's dots
-  times its length), each distinct one timed alone (median of 5 jitted calls, operands resident, its
-  output written fresh each call) and summed over its count: what the step's matmuls cost at XLA's
-  own per-shape rates, with nothing around them and no cache misses on their inputs;
-- "torch dots": the same matmuls (shapes, contractions) timed alike through torch.einsum;
-- our dots inside our step: a profile of our step, and the wall time during which one of its dots
-  runs (this needs TensorFlow's profiler protos, as in the test environment).
-It prints the step time that 1.15x PEFT's throughput needs, the MFU that needs (against the
-float32 2048^3 matmul peak measured in this process, as train_throughput.py's MFU), and what the
-dots alone leave of that time for everything else.
+Per arm (bench model, float32, batch 4 x 512), in interleaved rounds in one process (the host drifts,
+so only ratios are claims):
+- our whole train step and PEFT's (the pinned peer of train_throughput.py);
+- "alone": every dot_general of our step's jaxpr, counted as often as it runs (a scan body's dots
+  times its length), each distinct one timed alone (median of 5 calls, operands resident, its output
+  written fresh each call) and summed over its count, on XLA (jitted `lax.dot_general`) and on
+  torch (`torch.einsum`, the same shapes and contractions): the two libraries' per-shape rates;
+- "inside our step": a profile of our step and the wall time during which at least one of its dots
+  runs (needs TensorFlow's profiler protos, as the test environment has). Dots that overlap each
+  other or other work count once, so this can be below the "alone" sum.
+It prints the step time that 1.15x PEFT's throughput needs, the MFU that needs (against the float32
+2048^3 matmul peak measured in this process, as train_throughput.py's MFU), and the time our step
+spends with no dot running beside what 1.15x PEFT would leave for it.
 """
 
 from __future__ import annotations
@@ -134,23 +135,38 @@ class DotAlone:
         return median(self.xla, jax.block_until_ready), median(self.torch, lambda x: x)
 
 
-def instructions_with_dots(hlo_text: str) -> set[str]:
-    """Names of the compiled module's instructions that run a dot: a `dot` itself, or a fusion (e.g.
-    a YNNPACK fusion) whose computation holds one. Profiler events carry these names."""
-    computation, with_dot, calls = None, set(), {}
+# Ops that only move or reshape data: a dot fusion holding nothing else is a matmul.
+LAYOUT_OPS = {"parameter", "bitcast", "transpose", "copy", "reshape", "broadcast", "constant", "slice", "convert"}
+
+
+def dot_instructions(hlo_text: str) -> tuple[dict[str, set[str]], set[str]]:
+    """({name: other ops}, executed): the compiled module's instructions that run a dot (a `dot`, or a
+    fusion, e.g. a YNNPACK one, whose computation holds one), each with the non-layout ops fused with
+    it (work a profile would count as the dot's); and which of them the runtime runs itself (not
+    inside a fusion), so that a profile shows events named after them."""
+    computation, ops, calls, home = None, collections.defaultdict(set), {}, {}
     for line in hlo_text.splitlines():
         if match := re.match(r"^(?:ENTRY )?%(\S+) \(", line):
             computation = match.group(1)
-        elif match := re.match(r"^\s*(?:ROOT )?%(\S+) = .*? (dot|fusion)\(", line):
-            if match.group(2) == "dot":
-                with_dot.add(computation)
-                calls[match.group(1)] = None
-            elif called := re.search(r"calls=%([^,\s}]+)", line):
-                calls[match.group(1)] = called.group(1)
-    return {name for name, called in calls.items() if called is None or called in with_dot}
+        elif match := re.match(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][\w-]*)\(", line):
+            name, opcode = match.groups()
+            ops[computation].add(opcode)
+            home[name] = computation
+            if opcode == "dot":
+                calls[name] = None
+            elif opcode == "fusion" and (called := re.search(r"calls=%([^,\s}]+)", line)):
+                calls[name] = called.group(1)
+    fused = {c for c in calls.values() if c is not None}
+    dots = {
+        n: set() if c is None else ops[c] - LAYOUT_OPS - {"dot"}
+        for n, c in calls.items()
+        if c is None or "dot" in ops[c]
+    }
+    return dots, {n for n in dots if home[n] not in fused}
 
 
 def _union_seconds(intervals) -> float:
+    """Picosecond intervals -> seconds covered by at least one of them."""
     total, end = 0, None
     for start, stop in sorted(intervals):
         if end is None or start > end:
@@ -160,36 +176,42 @@ def _union_seconds(intervals) -> float:
     return total / 1e12
 
 
-def traced_seconds(ours, steps: int, workdir: str) -> tuple[float, float]:
-    """(step, dots) seconds per step, from a profile of `steps` of our steps: the step as the runtime
-    timed it, and the wall time during which at least one of its dots was running (XLA:CPU's worker
-    threads: a dot that splits over both cores counts once). Reads the profile with TensorFlow's
-    XPlane proto."""
+def traced_seconds(run, hlo_text: str, steps: int, workdir: str) -> tuple[float, float, dict[str, set[str]]]:
+    """Profiles `steps` calls of `run` (one execution of the compiled module `hlo_text`, waited for)
+    and returns, per step: the call's median seconds, the wall time during which at least one of the
+    module's dots was running (on any thread: a dot split over both cores, or two dots at once, count
+    once), and the dot fusions that also computed something else, with those ops (their time counts
+    as the dots'). Reads the profile with TensorFlow's XPlane proto."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+    dot_ops, executed = dot_instructions(hlo_text)
+    step_s = []
     with jax.profiler.trace(workdir):
-        ours.times(steps)
-    compiled = ours.c.train_step.lower(ours.lora, ours.opt, ours.c.frozen, ours.batch, 0).compile()
-    dot_ops = instructions_with_dots(compiled.as_text())
+        for _ in range(steps):
+            start = time.perf_counter()
+            run()
+            step_s.append(time.perf_counter() - start)
     space = xplane_pb2.XSpace()
     with open(glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
         space.ParseFromString(f.read())
-    step_s, dots = [], []
+    dots, seen = [], collections.Counter()
     for plane in space.planes:
         names = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
             for event in line.events:
-                name, start = names.get(event.metadata_id, ""), line.timestamp_ns * 1000 + event.offset_ps
-                if name.startswith("ThunkExecutor::Execute (wait"):  # one whole step, on the client thread
-                    step_s.append(event.duration_ps / 1e12)
-                elif name in dot_ops:
+                name = names.get(event.metadata_id, "")
+                if name in dot_ops:  # events carry the instruction's name
+                    start = line.timestamp_ns * 1000 + event.offset_ps
                     dots.append((start, start + event.duration_ps))
-    if len(step_s) != steps or not dots:
-        raise RuntimeError(f"the profile in {workdir} has {len(step_s)} steps (expected {steps}), {len(dots)} dots")
-    return statistics.median(step_s), _union_seconds(dots) / steps
+                    seen[name] += 1
+    missing = sorted(n for n in executed if seen[n] < steps)
+    if missing:
+        raise RuntimeError(f"the profile in {workdir} lacks dots of the module ({len(missing)}, e.g. {missing[:3]})")
+    mixed = {n: o for n, o in dot_ops.items() if o and seen[n]}
+    return statistics.median(step_s), _union_seconds(dots) / steps, mixed
 
 
-def floor_seconds(alone: dict, dots: collections.Counter, repeats: int = 5) -> tuple[float, float]:
+def alone_seconds(alone: dict, dots: collections.Counter, repeats: int = 5) -> tuple[float, float]:
     """(XLA, torch): each distinct dot's median time, summed over how often the step runs it. alone:
     {dot: DotAlone}, built once (each DotAlone compiles its dot on first use)."""
     xla = torch = 0.0
@@ -225,24 +247,27 @@ def main():
         rounds = []
         for r in range(args.rounds):
             o, p = ours.run(args.steps), peft.run(args.steps)
-            x, t = floor_seconds(alone, dots)
+            x, t = alone_seconds(alone, dots)
             rounds.append((o, p, x, t, accounting.measure_matmul_peak()))
             print(f"  {arm} round {r}: ours {o:.3f}  PEFT {p:.3f}  XLA dots alone {x:.3f}  torch {t:.3f}", flush=True)
         o, p, x, t, peak = (statistics.median(c) for c in zip(*rounds))
         with tempfile.TemporaryDirectory() as workdir:
-            traced_step, in_step = traced_seconds(ours, args.steps, workdir)
+            hlo = ours.c.train_step.lower(ours.lora, ours.opt, ours.c.frozen, ours.batch, 0).compile().as_text()
+            traced_step, in_step, mixed = traced_seconds(lambda: ours.times(1), hlo, args.steps, workdir)
         need = p / 1.15
         print(
             f"{arm}: {sum(dots.values())} dots, {flops / 1e9:.1f} GFLOP (accounting's MFU count {counted / 1e9:.1f}); "
             f"float32 peak {peak / 1e9:.0f} GFLOP/s\n"
             f"  ours {o:.3f} s (MFU {counted / o / peak:.1%}), PEFT {p:.3f} s; "
             f"1.15x PEFT needs {need:.3f} s (MFU {counted / need / peak:.1%})\n"
-            f"  our dots inside our step (profiled, a {traced_step:.3f} s step): {in_step:.3f} s; alone: "
+            f"  inside our step (a profile): a dot runs during {in_step:.3f} s of {traced_step:.3f} s; alone: "
             f"XLA {x:.3f} s ({flops / x / 1e9:.0f} GFLOP/s), torch {t:.3f} s ({flops / t / 1e9:.0f} GFLOP/s)\n"
-            f"  beside its dots our step spends {traced_step - in_step:.3f} s; 1.15x PEFT would leave "
+            f"  no dot runs during {traced_step - in_step:.3f} s of our step; 1.15x PEFT would leave "
             f"{need - in_step:.3f} s for that",
             flush=True,
         )
+        if mixed:
+            print(f"  (dot fusions that also compute, counted as dots: {sorted(mixed.items())[:5]})")
 
 
 if __name__ == "__main__":
