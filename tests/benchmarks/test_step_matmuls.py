@@ -6,6 +6,8 @@ causal-half) score matrices are added. With the layers unrolled, autodiff leaves
 gradients upstream of its first adapter (nothing below needs them), and the count shows exactly those.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,21 +17,12 @@ from flax import nnx
 from benchmarks.step_matmuls import DotAlone, dot_flops, einsum_spec, step_dots
 from lora_jax.lora.arms import TARGETS
 from lora_jax.lora.spec import LoraSpec
-from lora_jax.model.config import ModelConfig
 from lora_jax.model.transformer import RuntimeOptions, Transformer
 from lora_jax.train import accounting
 from lora_jax.train.step import StepOptions, make_optimizer, make_train_step
+from tests.tiny_model import TINY
 
-CFG = ModelConfig(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-)
+CFG = dataclasses.replace(TINY, num_layers=3)
 B, T, RANK = 2, 32, 4
 
 
