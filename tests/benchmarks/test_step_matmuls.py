@@ -71,7 +71,8 @@ def test_unrolled_autodiff_skips_layer_0_input_gradients_below_its_first_adapter
 
 
 def test_einsum_spec_is_the_dot_general():
-    torch = pytest.importorskip("torch")
+    import torch
+
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 5, 2, 4), np.float32), rng.standard_normal((4, 6, 3, 2), np.float32)
     numbers = (((3, 2), (0, 3)), ((0,), (2,)))  # contract a's 3 and 2 with b's 0 and 3; batch a0 = b2
@@ -84,7 +85,8 @@ def test_einsum_spec_is_the_dot_general():
 
 def test_each_of_a_steps_dots_computes_the_same_on_xla_and_torch():
     """What the floor times on each side is the same product, for every dot of a real step."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     dots = tiny_step_dots(TARGETS, scan_layers=True)
     assert len(dots) > 10 and any(d[3][1][0] for d in dots)  # batched (attention) dots among them
     for dot in dots:
@@ -125,7 +127,6 @@ def test_the_profiled_dots_are_the_instructions_that_hold_one():
 
 
 def test_a_profile_finds_every_dot_of_every_execution_loop_bodies_included(tmp_path):
-    pytest.importorskip("tensorflow")
     from benchmarks.step_matmuls import traced_seconds
 
     def f(x, w):
