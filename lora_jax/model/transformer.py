@@ -343,27 +343,22 @@ class Transformer(nnx.Module):
         elif opts.remat == "dots":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-        if layer_params is not None:  # unrolled over per-layer arrays (decoding: serve/layer_arrays.py)
+        if layer_params is None and opts.scan_layers:
+            carry, _ = jax.lax.scan(body, carry, dict(xs, params=self.layers.arrays()))
+        else:  # unrolled, over per-layer arrays (decoding: serve/layer_arrays.py) or slices of the stacks
+            stacked = self.layers.arrays() if layer_params is None else None
             ks, vs = (list(cache["k"]), list(cache["v"])) if per_layer_cache else (None, None)
-            for i, p in enumerate(layer_params):
+            for i in range(cfg.num_layers):
+                p = layer_params[i] if stacked is None else jax.tree.map(lambda x, i=i: x[i], stacked)
                 xs_i = {"layer": i, "params": p}  # Python ints: the layer's scale and window are static
-                if "kind" in xs:  # a Python int: the layer's own window branch only, no lax.switch
+                if "kind" in xs:  # the layer's own window branch only, no lax.switch
                     xs_i["kind"] = cfg.window_kind_of_layer(i)
                 if per_layer_cache:  # layer i reads and writes its own cache arrays: no slice of a stack
                     (h, ks[i], vs[i]), _ = body((h, ks[i], vs[i]), xs_i)
-                    carry = (h, tuple(ks), tuple(vs))
                 else:
                     carry, _ = body(carry, xs_i)
-        else:
-            xs["params"] = self.layers.arrays()
-            if opts.scan_layers:
-                carry, _ = jax.lax.scan(body, carry, xs)
-            else:
-                for i in range(cfg.num_layers):
-                    xs_i = {"layer": xs["layer"][i], "params": jax.tree.map(lambda x, i=i: x[i], xs["params"])}
-                    if "kind" in xs:
-                        xs_i["kind"] = cfg.window_kind_of_layer(i)
-                    carry, _ = body(carry, xs_i)
+            if per_layer_cache:
+                carry = (h, tuple(ks), tuple(vs))
         new_cache = None
         if cache is not None:
             h, k_all, v_all = carry
