@@ -46,6 +46,5 @@ def forward_with_cache(model, tokens, positions, segment_ids, cache, layer_param
     (left-padded, segment 0 on padding) prompt; each decode step a call with time = 1. layer_params:
     per-layer arrays (`split_layers`, with a cache of `init_cache(per_layer=True)`), as the Stepper decodes.
     """
-    extra = {} if layer_params is None else {"layer_params": layer_params}
-    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, **extra)
+    h, cache = model.hidden_states(tokens, positions, segment_ids, cache=cache, layer_params=layer_params)
     return model.logits_from_hidden(h), cache
